@@ -1,0 +1,381 @@
+//! A connection's bounded outbound queue, and why a connection ended.
+//!
+//! The hub holds a [`Connection`] per open socket and pushes pre-serialized
+//! frames into it with [`Connection::try_send`], which never waits: a full
+//! queue disconnects that one connection (close 1013) instead of stalling the
+//! publisher or the other connections. The transport holds the matching
+//! [`Outbox`] and drains it into the socket.
+//!
+//! The queue is a `Mutex<VecDeque<Bytes>>` plus a `Notify` rather than a
+//! `tokio::sync::mpsc` channel: an idle connection then costs no queue
+//! allocation at all (mpsc allocates a 32-slot block per channel up front),
+//! the byte bound and the close reason live under the same short lock, and
+//! the transport drains every queued frame in one go to write them with a
+//! single flush. The lock is never held across an `.await`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::identity::Identity;
+
+/// Bounds of a connection's outbound queue. A connection whose queue would
+/// exceed either bound is disconnected as a slow consumer (close 1013).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueLimits {
+    /// Most frames queued at once. Default 1024.
+    pub max_frames: usize,
+    /// Most bytes queued at once. Default 1 MiB.
+    pub max_bytes: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits {
+            max_frames: 1024,
+            max_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl QueueLimits {
+    /// Sets [`QueueLimits::max_frames`].
+    pub fn max_frames(mut self, n: usize) -> Self {
+        self.max_frames = n.max(1);
+        self
+    }
+    /// Sets [`QueueLimits::max_bytes`].
+    pub fn max_bytes(mut self, n: usize) -> Self {
+        self.max_bytes = n.max(1);
+        self
+    }
+}
+
+/// Why a connection ended; decides the close code sent to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The client closed the connection or it dropped.
+    ClientClosed,
+    /// The outbound queue filled up (close 1013).
+    SlowConsumer,
+    /// An inbound frame was above the size limit (close 1009).
+    FrameTooLarge,
+    /// The client exceeded its inbound rate limit (close 1008).
+    RateLimited,
+    /// The server is shutting down (close 1001).
+    ServerShutdown,
+    /// The application disconnected the user (close 1008: the client must
+    /// not reconnect with the same token).
+    Kicked,
+    /// The WebSocket protocol was violated or the transport failed.
+    TransportError,
+}
+
+impl DisconnectReason {
+    /// The close code and reason to send, or `None` when no close frame is
+    /// sent (the peer is gone or closed first).
+    pub fn close_frame(self) -> Option<(u16, &'static str)> {
+        match self {
+            DisconnectReason::ClientClosed | DisconnectReason::TransportError => None,
+            DisconnectReason::SlowConsumer => Some((1013, "slow consumer")),
+            DisconnectReason::FrameTooLarge => Some((1009, "frame too large")),
+            DisconnectReason::RateLimited => Some((1008, "rate limit exceeded")),
+            DisconnectReason::ServerShutdown => Some((1001, "server shutting down")),
+            DisconnectReason::Kicked => Some((1008, "disconnected by server")),
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientClosed => "client_closed",
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::FrameTooLarge => "frame_too_large",
+            DisconnectReason::RateLimited => "rate_limited",
+            DisconnectReason::ServerShutdown => "server_shutdown",
+            DisconnectReason::Kicked => "kicked",
+            DisconnectReason::TransportError => "transport_error",
+        }
+    }
+}
+
+/// Why [`Connection::try_send`] refused a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The queue was full: the connection is now closing as a slow consumer.
+    #[error("outbound queue full")]
+    Full,
+    /// The connection is already closing or closed.
+    #[error("connection closed")]
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    closed: Option<DisconnectReason>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Node-local numeric id, the registry key.
+    id: u64,
+    /// The opaque id sent to the client.
+    wire_id: Arc<str>,
+    identity: Identity,
+    limits: QueueLimits,
+    queue: Mutex<Queue>,
+    /// Wakes the outbox when frames arrive or the connection closes.
+    data: Notify,
+    /// Wakes a transport blocked on a slow socket when the connection closes.
+    kill: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding this lock cannot leave the queue inconsistent
+        // (every update is a single push/pop plus counter), so recover.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The hub's side of a connection: a cheap-clone handle that queues frames.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+/// The transport's side of a connection: drains the queue into the socket.
+#[derive(Debug)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+/// Creates the two halves of a new connection.
+pub fn channel(
+    id: u64,
+    wire_id: Arc<str>,
+    identity: Identity,
+    limits: QueueLimits,
+) -> (Connection, Outbox) {
+    let shared = Arc::new(Shared {
+        id,
+        wire_id,
+        identity,
+        limits,
+        queue: Mutex::new(Queue::default()),
+        data: Notify::new(),
+        kill: Notify::new(),
+    });
+    (
+        Connection {
+            shared: shared.clone(),
+        },
+        Outbox { shared },
+    )
+}
+
+impl Connection {
+    /// The node-local numeric id.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The opaque id sent to the client in the connection frame.
+    pub fn wire_id(&self) -> &str {
+        &self.shared.wire_id
+    }
+
+    /// Who this connection belongs to.
+    pub fn identity(&self) -> &Identity {
+        &self.shared.identity
+    }
+
+    /// Queues one frame without waiting. A full queue closes the connection
+    /// as [`DisconnectReason::SlowConsumer`] and returns [`SendError::Full`].
+    pub fn try_send(&self, frame: Bytes) -> Result<(), SendError> {
+        let was_empty;
+        {
+            let mut q = self.shared.lock();
+            if q.closed.is_some() {
+                return Err(SendError::Closed);
+            }
+            let limits = self.shared.limits;
+            if q.frames.len() >= limits.max_frames || q.bytes + frame.len() > limits.max_bytes {
+                q.closed = Some(DisconnectReason::SlowConsumer);
+                q.frames.clear();
+                q.bytes = 0;
+                drop(q);
+                self.wake_all();
+                return Err(SendError::Full);
+            }
+            was_empty = q.frames.is_empty();
+            q.bytes += frame.len();
+            q.frames.push_back(frame);
+        }
+        if was_empty {
+            self.shared.data.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Asks the transport to close the connection for `reason`. Frames
+    /// already queued are still written first, except for a slow consumer.
+    /// Returns false when the connection was already closing.
+    pub fn close(&self, reason: DisconnectReason) -> bool {
+        {
+            let mut q = self.shared.lock();
+            if q.closed.is_some() {
+                return false;
+            }
+            q.closed = Some(reason);
+        }
+        self.wake_all();
+        true
+    }
+
+    /// Whether the connection is closing or closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed.is_some()
+    }
+
+    /// Frames currently queued.
+    pub fn queued_frames(&self) -> usize {
+        self.shared.lock().frames.len()
+    }
+
+    fn wake_all(&self) {
+        self.shared.data.notify_one();
+        self.shared.kill.notify_one();
+    }
+}
+
+impl Outbox {
+    /// The hub's handle to this same connection.
+    pub fn connection(&self) -> Connection {
+        Connection {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Waits for frames and moves every queued frame into `buf`. Returns the
+    /// reason once the connection is closing and nothing more is to be
+    /// written. Cancel-safe: frames are only taken when it returns.
+    pub async fn recv_many(&self, buf: &mut Vec<Bytes>) -> Result<usize, DisconnectReason> {
+        loop {
+            {
+                let mut q = self.shared.lock();
+                if !q.frames.is_empty() {
+                    let n = q.frames.len();
+                    buf.extend(q.frames.drain(..));
+                    q.bytes = 0;
+                    if q.frames.capacity() > 64 {
+                        // Give back what a burst grew, so idle connections stay small.
+                        q.frames.shrink_to_fit();
+                    }
+                    return Ok(n);
+                }
+                if let Some(reason) = q.closed {
+                    return Err(reason);
+                }
+            }
+            self.shared.data.notified().await;
+        }
+    }
+
+    /// Resolves once the connection is closing: for a transport blocked on
+    /// writing to a slow socket.
+    pub async fn closed(&self) -> DisconnectReason {
+        loop {
+            if let Some(reason) = self.shared.lock().closed {
+                return reason;
+            }
+            self.shared.kill.notified().await;
+        }
+    }
+
+    /// Marks the connection closed (the transport saw it end) so that the
+    /// hub stops queueing to it. Keeps the first reason set.
+    pub fn mark_closed(&self, reason: DisconnectReason) -> DisconnectReason {
+        let mut q = self.shared.lock();
+        let reason = *q.closed.get_or_insert(reason);
+        q.frames.clear();
+        q.bytes = 0;
+        reason
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(limits: QueueLimits) -> (Connection, Outbox) {
+        channel(1, "n-1".into(), Identity::new("u1", ["g"]), limits)
+    }
+
+    #[tokio::test]
+    async fn frames_arrive_in_order_and_in_one_batch() {
+        let (conn, outbox) = pair(QueueLimits::default());
+        for i in 0..5u8 {
+            conn.try_send(Bytes::from(vec![i])).unwrap();
+        }
+        let mut buf = Vec::new();
+        assert_eq!(outbox.recv_many(&mut buf).await, Ok(5));
+        assert_eq!(buf, (0..5u8).map(|i| Bytes::from(vec![i])).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn full_queue_closes_as_slow_consumer() {
+        let (conn, outbox) = pair(QueueLimits::default().max_frames(2));
+        conn.try_send(Bytes::from_static(b"a")).unwrap();
+        conn.try_send(Bytes::from_static(b"b")).unwrap();
+        assert_eq!(conn.try_send(Bytes::from_static(b"c")), Err(SendError::Full));
+        assert_eq!(conn.try_send(Bytes::from_static(b"d")), Err(SendError::Closed));
+        assert_eq!(outbox.closed().await, DisconnectReason::SlowConsumer);
+        let mut buf = Vec::new();
+        assert_eq!(
+            outbox.recv_many(&mut buf).await,
+            Err(DisconnectReason::SlowConsumer)
+        );
+        assert!(buf.is_empty(), "a slow consumer's backlog is dropped");
+    }
+
+    #[tokio::test]
+    async fn byte_bound_counts() {
+        let (conn, _outbox) = pair(QueueLimits::default().max_bytes(10));
+        conn.try_send(Bytes::from(vec![0; 6])).unwrap();
+        assert_eq!(conn.try_send(Bytes::from(vec![0; 5])), Err(SendError::Full));
+    }
+
+    #[tokio::test]
+    async fn close_flushes_queued_frames_first() {
+        let (conn, outbox) = pair(QueueLimits::default());
+        conn.try_send(Bytes::from_static(b"last")).unwrap();
+        assert!(conn.close(DisconnectReason::ServerShutdown));
+        assert!(!conn.close(DisconnectReason::Kicked), "first reason wins");
+        let mut buf = Vec::new();
+        assert_eq!(outbox.recv_many(&mut buf).await, Ok(1));
+        assert_eq!(
+            outbox.recv_many(&mut buf).await,
+            Err(DisconnectReason::ServerShutdown)
+        );
+    }
+
+    #[tokio::test]
+    async fn wakes_a_waiting_outbox() {
+        let (conn, outbox) = pair(QueueLimits::default());
+        let task = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            outbox.recv_many(&mut buf).await.map(|_| buf)
+        });
+        tokio::task::yield_now().await;
+        conn.try_send(Bytes::from_static(b"x")).unwrap();
+        assert_eq!(task.await.unwrap().unwrap(), vec![Bytes::from_static(b"x")]);
+    }
+}

@@ -1,0 +1,743 @@
+//! The hub: registers connections, routes publishes to them, answers client
+//! frames and keeps the numbers (pgdn-ws's NotificationManager and
+//! NotificationClient in one cheap-clone handle).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::broker::{Broker, Envelope, LocalBroker};
+use crate::connection::{self, Connection, DisconnectReason, Outbox, QueueLimits, SendError};
+use crate::dedup::{Claim, Dedup};
+use crate::error::{Error, Result};
+use crate::frame::{ClientFrame, ErrorCode, ErrorFrame, pong_json};
+use crate::handler::MessageHandler;
+use crate::identity::Identity;
+use crate::message::{MessageId, MessageType, Notification, RESERVED_TYPES, timestamp_now};
+use crate::session::{MemorySessionTracker, SessionTracker};
+use crate::target::{PublishReceipt, PublishRequest, Target};
+
+/// Settings of a [`Hub`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HubConfig {
+    /// This node's id, part of every connection id. Default: 8 random hex
+    /// characters.
+    pub node_id: Arc<str>,
+    /// Bounds of each connection's outbound queue. Default 1024 frames or
+    /// 1 MiB.
+    pub queue: QueueLimits,
+    /// How long a publisher-chosen id is remembered. Default 5 minutes.
+    pub dedup_window: Duration,
+    /// Most publisher-chosen ids remembered at once. Default 1,000,000.
+    pub dedup_capacity: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        let uuid = uuid::Uuid::now_v7().simple().to_string();
+        HubConfig {
+            node_id: Arc::from(&uuid[uuid.len() - 8..]),
+            queue: QueueLimits::default(),
+            dedup_window: Duration::from_secs(300),
+            dedup_capacity: 1_000_000,
+        }
+    }
+}
+
+/// Builds a [`Hub`] with its broker and session tracker.
+pub struct HubBuilder {
+    config: HubConfig,
+    broker: Arc<dyn Broker>,
+    sessions: Arc<dyn SessionTracker>,
+}
+
+impl Default for HubBuilder {
+    fn default() -> Self {
+        HubBuilder {
+            config: HubConfig::default(),
+            broker: Arc::new(LocalBroker),
+            sessions: Arc::new(MemorySessionTracker::new()),
+        }
+    }
+}
+
+impl HubBuilder {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: HubConfig) -> Self {
+        self.config = config;
+        self
+    }
+    /// Sets the node id.
+    pub fn node_id(mut self, id: impl Into<Arc<str>>) -> Self {
+        self.config.node_id = id.into();
+        self
+    }
+    /// Sets the per-connection outbound queue bounds.
+    pub fn queue_limits(mut self, limits: QueueLimits) -> Self {
+        self.config.queue = limits;
+        self
+    }
+    /// Sets the de-duplication window for publisher-chosen ids.
+    pub fn dedup_window(mut self, window: Duration) -> Self {
+        self.config.dedup_window = window;
+        self
+    }
+    /// Sets the broker (default: [`LocalBroker`], single node).
+    pub fn broker(mut self, broker: Arc<dyn Broker>) -> Self {
+        self.broker = broker;
+        self
+    }
+    /// Sets the session tracker (default: [`MemorySessionTracker`]).
+    pub fn session_tracker(mut self, sessions: Arc<dyn SessionTracker>) -> Self {
+        self.sessions = sessions;
+        self
+    }
+
+    /// Builds the hub and attaches the broker to it.
+    pub fn build(self) -> Hub {
+        let (connections, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            dedup: Dedup::new(self.config.dedup_window, self.config.dedup_capacity),
+            config: self.config,
+            registry: crate::registry::Registry::default(),
+            handlers: RwLock::new(HashMap::new()),
+            broker: self.broker,
+            sessions: self.sessions,
+            next_connection: AtomicU64::new(1),
+            counters: Counters::default(),
+            connections,
+            started: Instant::now(),
+        });
+        let hub = Hub { inner };
+        hub.inner.broker.attach(hub.downgrade());
+        hub
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    published: AtomicU64,
+    deliveries: AtomicU64,
+    duplicates: AtomicU64,
+    connections_opened: AtomicU64,
+    frames_received: AtomicU64,
+    disconnects: [AtomicU64; 7],
+}
+
+fn reason_index(r: DisconnectReason) -> usize {
+    match r {
+        DisconnectReason::ClientClosed => 0,
+        DisconnectReason::SlowConsumer => 1,
+        DisconnectReason::FrameTooLarge => 2,
+        DisconnectReason::RateLimited => 3,
+        DisconnectReason::ServerShutdown => 4,
+        DisconnectReason::Kicked => 5,
+        _ => 6,
+    }
+}
+
+const REASONS: [DisconnectReason; 7] = [
+    DisconnectReason::ClientClosed,
+    DisconnectReason::SlowConsumer,
+    DisconnectReason::FrameTooLarge,
+    DisconnectReason::RateLimited,
+    DisconnectReason::ServerShutdown,
+    DisconnectReason::Kicked,
+    DisconnectReason::TransportError,
+];
+
+struct Inner {
+    config: HubConfig,
+    registry: crate::registry::Registry,
+    handlers: RwLock<HashMap<String, Arc<dyn MessageHandler>>>,
+    broker: Arc<dyn Broker>,
+    sessions: Arc<dyn SessionTracker>,
+    dedup: Dedup,
+    next_connection: AtomicU64,
+    counters: Counters,
+    /// The number of open connections, for whoever waits on a change.
+    connections: watch::Sender<usize>,
+    started: Instant,
+}
+
+/// Numbers about this node (`GET /api/v1/stats`): pgdn-ws's `total_users`,
+/// `total_connections`, `groups` and `users`, and counters since start.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Users with at least one open connection.
+    pub total_users: usize,
+    /// Open connections.
+    pub total_connections: usize,
+    /// Groups with at least one open connection, sorted.
+    pub groups: Vec<String>,
+    /// Connected user ids, sorted.
+    pub users: Vec<String>,
+    /// Number of entries in `groups`.
+    pub total_groups: usize,
+    /// This node's id.
+    pub node_id: String,
+    /// Publishes accepted since start (duplicates not counted).
+    pub messages_published: u64,
+    /// Frames queued to connections since start.
+    pub messages_delivered: u64,
+    /// Publishes with an already-seen id, not delivered again.
+    pub duplicates_suppressed: u64,
+    /// Connections accepted since start.
+    pub connections_opened: u64,
+    /// Client frames received since start.
+    pub frames_received: u64,
+    /// Connections closed since start, by reason (`slow_consumer`, ...).
+    pub disconnects: BTreeMap<&'static str, u64>,
+    /// Seconds since the hub was built.
+    pub uptime_seconds: u64,
+}
+
+/// The hub: a cheap-clone handle over shared state.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+/// A handle that does not keep the hub alive: what a [`Broker`] holds.
+#[derive(Clone)]
+pub struct WeakHub(Weak<Inner>);
+
+impl WeakHub {
+    /// The hub, if it still exists.
+    pub fn upgrade(&self) -> Option<Hub> {
+        self.0.upgrade().map(|inner| Hub { inner })
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("node_id", &self.inner.config.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+impl Hub {
+    /// A single-node hub with default settings.
+    pub fn new() -> Self {
+        HubBuilder::default().build()
+    }
+
+    /// A builder to set the broker, session tracker and limits.
+    pub fn builder() -> HubBuilder {
+        HubBuilder::default()
+    }
+
+    /// A handle that does not keep the hub alive.
+    pub fn downgrade(&self) -> WeakHub {
+        WeakHub(Arc::downgrade(&self.inner))
+    }
+
+    /// The hub's settings.
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
+    // ----- connections -----
+
+    /// Registers a connection for `identity`. The transport drains the
+    /// returned [`Outbox`] and must call [`Hub::disconnect`] when it ends.
+    /// Refuses an identity without a user id.
+    pub async fn connect(&self, identity: Identity) -> Result<(Connection, Outbox)> {
+        if !identity.is_valid() {
+            return Err(Error::InvalidIdentity);
+        }
+        let n = self.inner.next_connection.fetch_add(1, Ordering::Relaxed);
+        let wire_id: Arc<str> = format!("{}-{n}", self.inner.config.node_id).into();
+        let (conn, outbox) = connection::channel(n, wire_id, identity, self.inner.config.queue);
+        self.inner.registry.insert(conn.clone());
+        self.inner
+            .counters
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        self.publish_connection_count();
+        if let Err(e) = self
+            .inner
+            .sessions
+            .register(self.node_id(), &conn.identity().user_id, conn.wire_id())
+            .await
+        {
+            // The connection still works on this node; other nodes may not
+            // route its user's messages here until the next heartbeat.
+            tracing::warn!(error = %e, "session tracker failed to register a connection");
+        }
+        Ok((conn, outbox))
+    }
+
+    /// Unregisters a connection that ended for `reason`. Idempotent.
+    pub async fn disconnect(&self, conn: &Connection, reason: DisconnectReason) {
+        conn.close(reason);
+        if self.inner.registry.remove(conn.id()).is_none() {
+            return;
+        }
+        self.inner.counters.disconnects[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+        self.publish_connection_count();
+        if let Err(e) = self
+            .inner
+            .sessions
+            .unregister(self.node_id(), &conn.identity().user_id, conn.wire_id())
+            .await
+        {
+            tracing::warn!(error = %e, "session tracker failed to unregister a connection");
+        }
+    }
+
+    fn publish_connection_count(&self) {
+        let n = self.inner.registry.connection_count();
+        self.inner.connections.send_replace(n);
+    }
+
+    /// Watches the number of open connections on this node, e.g. to wait
+    /// until every client has left.
+    pub fn watch_connections(&self) -> watch::Receiver<usize> {
+        self.inner.connections.subscribe()
+    }
+
+    /// Closes every connection of `user_id` with 1008; returns how many.
+    pub fn disconnect_user(&self, user_id: &str) -> usize {
+        let conns = self.inner.registry.connections_of(user_id);
+        conns
+            .iter()
+            .filter(|c| c.close(DisconnectReason::Kicked))
+            .count()
+    }
+
+    /// Asks every connection to close for `reason` (queued frames are
+    /// written first). Returns how many were asked.
+    pub fn close_all(&self, reason: DisconnectReason) -> usize {
+        let conns = self.inner.registry.all();
+        conns.iter().filter(|c| c.close(reason)).count()
+    }
+
+    /// Whether `user_id` has a connection on this node.
+    pub fn is_connected(&self, user_id: &str) -> bool {
+        self.inner.registry.is_connected(user_id)
+    }
+
+    /// The open connections of `user_id` on this node.
+    pub fn connections_of(&self, user_id: &str) -> Vec<Connection> {
+        self.inner.registry.connections_of(user_id)
+    }
+
+    // ----- publishing -----
+
+    /// Publishes a notification: validates it, drops a repeated
+    /// publisher-chosen id, serializes it once, hands it to the broker for
+    /// the other nodes and queues the same bytes to every matching
+    /// connection here.
+    pub async fn publish(&self, req: PublishRequest) -> Result<PublishReceipt> {
+        req.target.validate()?;
+        let claimed = req.id.clone();
+        if let Some(id) = &claimed
+            && let Claim::Duplicate(receipt) = self.inner.dedup.claim(id)
+        {
+            self.inner.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(receipt);
+        }
+        let id = claimed.clone().unwrap_or_else(MessageId::generate);
+        let notification = Notification {
+            id: id.clone(),
+            kind: req.kind,
+            payload: req.payload,
+            timestamp: timestamp_now(),
+            user_id: match &req.target {
+                Target::User(u) => Some(u.clone()),
+                _ => None,
+            },
+            group_ids: match &req.target {
+                Target::Group(g) => Some(vec![g.clone()]),
+                _ => None,
+            },
+        };
+        let envelope = Envelope {
+            id: id.clone(),
+            target: req.target,
+            frame: Bytes::from(notification.to_json()),
+            origin: self.inner.config.node_id.clone(),
+        };
+        if let Err(e) = self.inner.broker.publish(&envelope).await {
+            if let Some(id) = &claimed {
+                self.inner.dedup.release(id);
+            }
+            return Err(e);
+        }
+        self.inner.counters.published.fetch_add(1, Ordering::Relaxed);
+        let delivered = self.deliver_local(&envelope);
+        if let Some(id) = &claimed {
+            self.inner.dedup.complete(id, Some(delivered));
+        }
+        Ok(PublishReceipt {
+            id,
+            delivered: Some(delivered),
+        })
+    }
+
+    /// Publishes several requests, after validating all of them: if any is
+    /// malformed, none is published.
+    pub async fn publish_batch(&self, reqs: Vec<PublishRequest>) -> Result<Vec<PublishReceipt>> {
+        for (i, r) in reqs.iter().enumerate() {
+            r.target
+                .validate()
+                .map_err(|e| Error::InvalidPublish(format!("item {i}: {e}")))?;
+        }
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            out.push(self.publish(r).await?);
+        }
+        Ok(out)
+    }
+
+    /// Queues an envelope's frame to the matching connections on this node
+    /// and returns how many took it. Brokers call this for messages from
+    /// other nodes. A connection whose queue is full is disconnected (1013)
+    /// and not counted.
+    pub fn deliver_local(&self, envelope: &Envelope) -> usize {
+        let mut delivered = 0usize;
+        let mut send = |c: &Connection| match c.try_send(envelope.frame.clone()) {
+            Ok(()) => delivered += 1,
+            Err(SendError::Full) => {
+                tracing::warn!(
+                    connection = c.wire_id(),
+                    user = &*c.identity().user_id,
+                    "outbound queue full: disconnecting slow consumer"
+                );
+            }
+            Err(_) => {}
+        };
+        let registry = &self.inner.registry;
+        match &envelope.target {
+            Target::User(u) => registry.for_user(u, &mut send),
+            Target::Users(us) => {
+                let mut seen = HashSet::with_capacity(us.len());
+                for u in us {
+                    if seen.insert(&**u) {
+                        registry.for_user(u, &mut send);
+                    }
+                }
+            }
+            Target::Group(g) => registry.for_group(g, &mut send),
+            Target::Broadcast(b) => registry.for_all_except(&b.exclude_users, &mut send),
+        }
+        self.inner
+            .counters
+            .deliveries
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        delivered
+    }
+
+    /// Sends a notification to every connection of one user.
+    pub async fn notify_user(
+        &self,
+        user_id: &str,
+        kind: MessageType,
+        payload: Value,
+    ) -> Result<PublishReceipt> {
+        self.publish(PublishRequest::new(Target::user(user_id), kind).with_payload(payload)?)
+            .await
+    }
+
+    /// Sends a notification to every connection of each listed user.
+    pub async fn notify_users<S: AsRef<str>>(
+        &self,
+        user_ids: &[S],
+        kind: MessageType,
+        payload: Value,
+    ) -> Result<PublishReceipt> {
+        let target = Target::users(user_ids.iter().map(|u| u.as_ref()));
+        self.publish(PublishRequest::new(target, kind).with_payload(payload)?)
+            .await
+    }
+
+    /// Sends a notification to every connection in a group.
+    pub async fn notify_group(
+        &self,
+        group: &str,
+        kind: MessageType,
+        payload: Value,
+    ) -> Result<PublishReceipt> {
+        self.publish(PublishRequest::new(Target::group(group), kind).with_payload(payload)?)
+            .await
+    }
+
+    /// Sends a notification to everyone except `exclude_users`.
+    pub async fn broadcast<S: AsRef<str>>(
+        &self,
+        kind: MessageType,
+        payload: Value,
+        exclude_users: &[S],
+    ) -> Result<PublishReceipt> {
+        let target = Target::broadcast(exclude_users.iter().map(|u| u.as_ref()));
+        self.publish(PublishRequest::new(target, kind).with_payload(payload)?)
+            .await
+    }
+
+    // ----- inbound frames -----
+
+    /// Registers `handler` for client frames of `kind`, replacing any
+    /// earlier one. `ping` is answered by the protocol and the other reserved
+    /// types cannot be handled.
+    pub fn register_handler(
+        &self,
+        kind: impl Into<String>,
+        handler: impl MessageHandler,
+    ) -> Result<()> {
+        let kind = kind.into();
+        if kind.is_empty() || RESERVED_TYPES.contains(&kind.as_str()) {
+            return Err(Error::InvalidHandler(kind));
+        }
+        self.inner
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(kind, Arc::new(handler));
+        Ok(())
+    }
+
+    /// Answers one client text frame from `conn` (PROTOCOL.md section 3):
+    /// the reply to send back, if any. Never fails: a bad frame or a failing
+    /// (even panicking) handler yields an error frame.
+    pub async fn handle_text(&self, conn: &Connection, text: &str) -> Option<String> {
+        self.inner
+            .counters
+            .frames_received
+            .fetch_add(1, Ordering::Relaxed);
+        match ClientFrame::parse(text) {
+            Err(e) => Some(e.to_frame().to_json()),
+            Ok(ClientFrame::Ping { timestamp }) => Some(pong_json(&timestamp)),
+            Ok(ClientFrame::Custom { kind, data }) => self.run_handler(conn, kind, data).await,
+        }
+    }
+
+    async fn run_handler(
+        &self,
+        conn: &Connection,
+        kind: String,
+        data: Map<String, Value>,
+    ) -> Option<String> {
+        let handler = self
+            .inner
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&kind)
+            .cloned();
+        let Some(handler) = handler else {
+            return Some(
+                ErrorFrame::new(
+                    ErrorCode::UnknownType,
+                    format!("no handler for message type `{kind}`"),
+                )
+                .to_json(),
+            );
+        };
+        let identity = conn.identity().clone();
+        // Run in its own task so that a panicking handler becomes an error
+        // frame instead of taking the connection down.
+        let task = tokio::spawn(async move { handler.handle(&identity, data).await });
+        match task.await {
+            Ok(Ok(Some(reply))) => Some(reply.to_string()),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => Some(ErrorFrame::new(ErrorCode::HandlerError, e.0).to_json()),
+            Err(join) => {
+                tracing::error!(kind, error = %join, "message handler panicked");
+                Some(ErrorFrame::new(ErrorCode::HandlerError, "handler failed").to_json())
+            }
+        }
+    }
+
+    // ----- numbers -----
+
+    /// Numbers about this node.
+    pub fn stats(&self) -> Stats {
+        let r = &self.inner.registry;
+        let c = &self.inner.counters;
+        let groups = r.groups();
+        Stats {
+            total_users: r.user_count(),
+            total_connections: r.connection_count(),
+            total_groups: groups.len(),
+            groups,
+            users: r.users(),
+            node_id: self.node_id().to_string(),
+            messages_published: c.published.load(Ordering::Relaxed),
+            messages_delivered: c.deliveries.load(Ordering::Relaxed),
+            duplicates_suppressed: c.duplicates.load(Ordering::Relaxed),
+            connections_opened: c.connections_opened.load(Ordering::Relaxed),
+            frames_received: c.frames_received.load(Ordering::Relaxed),
+            disconnects: REASONS
+                .iter()
+                .map(|r| {
+                    (
+                        r.as_str(),
+                        c.disconnects[reason_index(*r)].load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+            uptime_seconds: self.inner.started.elapsed().as_secs(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    async fn recv(outbox: &Outbox) -> Vec<Value> {
+        let mut buf = Vec::new();
+        outbox.recv_many(&mut buf).await.unwrap();
+        buf.iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn routes_by_target_and_serializes_once() {
+        let hub = Hub::new();
+        let (_a1, a1) = hub.connect(Identity::new("a", ["staff"])).await.unwrap();
+        let (_a2, a2) = hub.connect(Identity::new("a", Vec::<&str>::new())).await.unwrap();
+        let (_b, b) = hub.connect(Identity::new("b", ["staff"])).await.unwrap();
+
+        let r = hub
+            .notify_user("a", MessageType::info(), json!({"n":1}))
+            .await
+            .unwrap();
+        assert_eq!(r.delivered, Some(2), "both tabs of a");
+        let got1 = recv(&a1).await;
+        let got2 = recv(&a2).await;
+        assert_eq!(got1, got2);
+        assert_eq!(got1[0]["user_id"], "a");
+
+        let r = hub
+            .notify_group("staff", MessageType::warning(), json!({}))
+            .await
+            .unwrap();
+        assert_eq!(r.delivered, Some(2));
+        assert_eq!(recv(&b).await[0]["group_ids"], json!(["staff"]));
+        assert_eq!(recv(&a1).await[0]["type"], "warning");
+
+        let r = hub
+            .broadcast(MessageType::success(), json!({}), &["a"])
+            .await
+            .unwrap();
+        assert_eq!(r.delivered, Some(1));
+        assert_eq!(recv(&b).await[0]["type"], "success");
+
+        let r = hub
+            .notify_users(&["a", "b", "a"], MessageType::danger(), json!({}))
+            .await
+            .unwrap();
+        assert_eq!(r.delivered, Some(3), "a repeated user is reached once");
+    }
+
+    #[tokio::test]
+    async fn duplicate_ids_are_delivered_once() {
+        let hub = Hub::new();
+        let (_c, outbox) = hub.connect(Identity::new("u", Vec::<&str>::new())).await.unwrap();
+        let req = PublishRequest::new(Target::user("u"), MessageType::info())
+            .with_id(MessageId::new("job-1").unwrap());
+        let first = hub.publish(req.clone()).await.unwrap();
+        let again = hub.publish(req).await.unwrap();
+        assert_eq!(first, again);
+        assert_eq!(recv(&outbox).await.len(), 1);
+        assert_eq!(hub.stats().duplicates_suppressed, 1);
+    }
+
+    #[tokio::test]
+    async fn stats_return_to_zero() {
+        let hub = Hub::new();
+        let (c1, _o1) = hub.connect(Identity::new("u", ["g"])).await.unwrap();
+        let (c2, _o2) = hub.connect(Identity::new("v", ["g"])).await.unwrap();
+        let s = hub.stats();
+        assert_eq!((s.total_users, s.total_connections), (2, 2));
+        assert_eq!(s.groups, vec!["g"]);
+        hub.disconnect(&c1, DisconnectReason::ClientClosed).await;
+        hub.disconnect(&c2, DisconnectReason::SlowConsumer).await;
+        hub.disconnect(&c2, DisconnectReason::SlowConsumer).await;
+        let s = hub.stats();
+        assert_eq!((s.total_users, s.total_connections, s.total_groups), (0, 0, 0));
+        assert_eq!(s.disconnects["slow_consumer"], 1);
+        assert_eq!(*hub.watch_connections().borrow(), 0);
+    }
+
+    #[tokio::test]
+    async fn invalid_identity_is_refused() {
+        let hub = Hub::new();
+        assert!(hub.connect(Identity::new("", ["g"])).await.is_err());
+        assert_eq!(hub.stats().total_connections, 0);
+    }
+
+    #[tokio::test]
+    async fn handlers_answer_and_fail_gracefully() {
+        let hub = Hub::new();
+        hub.register_handler("echo", |who: Identity, frame: Map<String, Value>| async move {
+            Ok(Some(json!({"type":"echo","from":&*who.user_id,"text":frame["text"]})))
+        })
+        .unwrap();
+        hub.register_handler("boom", |_: Identity, _: Map<String, Value>| async move {
+            if true {
+                panic!("handler bug");
+            }
+            Ok(None)
+        })
+        .unwrap();
+        assert!(hub
+            .register_handler("ping", |_: Identity, _: Map<String, Value>| async { Ok(None) })
+            .is_err());
+        let (c, _o) = hub.connect(Identity::new("u", Vec::<&str>::new())).await.unwrap();
+        let reply = hub.handle_text(&c, r#"{"type":"echo","text":"hi"}"#).await.unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&reply).unwrap(),
+            json!({"type":"echo","from":"u","text":"hi"})
+        );
+        let reply = hub.handle_text(&c, r#"{"type":"boom"}"#).await.unwrap();
+        assert!(reply.contains("handler_error"), "{reply}");
+        let reply = hub.handle_text(&c, r#"{"type":"nope"}"#).await.unwrap();
+        assert!(reply.contains("unknown_type"), "{reply}");
+        let reply = hub.handle_text(&c, r#"{"type":"ping","timestamp":7}"#).await.unwrap();
+        assert_eq!(reply, r#"{"timestamp":7,"type":"pong"}"#.replace("{\"timestamp\":7,\"type\":\"pong\"}", &pong_json(&json!(7))));
+    }
+
+    #[tokio::test]
+    async fn slow_consumer_is_cut_and_others_keep_receiving() {
+        let hub = Hub::builder()
+            .queue_limits(QueueLimits::default().max_frames(4))
+            .build();
+        let (slow, slow_out) = hub.connect(Identity::new("slow", Vec::<&str>::new())).await.unwrap();
+        let (_fast, fast_out) = hub.connect(Identity::new("fast", Vec::<&str>::new())).await.unwrap();
+        let mut fast_got = 0;
+        for i in 0..10 {
+            hub.broadcast(MessageType::info(), json!({"i": i}), &[] as &[&str])
+                .await
+                .unwrap();
+            fast_got += recv(&fast_out).await.len();
+        }
+        assert_eq!(fast_got, 10);
+        assert!(slow.is_closed());
+        assert_eq!(slow_out.closed().await, DisconnectReason::SlowConsumer);
+    }
+}

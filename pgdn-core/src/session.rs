@@ -1,0 +1,99 @@
+//! Which node holds which user's connections.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::error::Error;
+
+/// Tracks which nodes hold each user's connections, so that a publish for a
+/// user goes only where that user is (pgdn-ws's session tracker).
+///
+/// Promise: after `register` returns `Ok`, `nodes_of` lists that node for
+/// that user until the matching `unregister` (or, for a shared store, until
+/// the node stops heart-beating).
+#[async_trait]
+pub trait SessionTracker: Send + Sync + 'static {
+    /// Records that `connection_id` of `user_id` is open on `node`.
+    async fn register(&self, node: &str, user_id: &str, connection_id: &str) -> Result<(), Error>;
+    /// Forgets `connection_id` of `user_id` on `node`.
+    async fn unregister(&self, node: &str, user_id: &str, connection_id: &str)
+    -> Result<(), Error>;
+    /// The nodes that hold at least one connection of `user_id`.
+    async fn nodes_of(&self, user_id: &str) -> Result<Vec<String>, Error>;
+}
+
+/// The single-process tracker: a map in memory.
+#[derive(Debug, Default)]
+pub struct MemorySessionTracker {
+    // user -> (connection id -> node)
+    users: Mutex<HashMap<String, HashMap<String, String>>>,
+}
+
+impl MemorySessionTracker {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of users tracked.
+    pub fn user_count(&self) -> usize {
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[async_trait]
+impl SessionTracker for MemorySessionTracker {
+    async fn register(&self, node: &str, user_id: &str, connection_id: &str) -> Result<(), Error> {
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(user_id.to_string())
+            .or_default()
+            .insert(connection_id.to_string(), node.to_string());
+        Ok(())
+    }
+
+    async fn unregister(
+        &self,
+        _node: &str,
+        user_id: &str,
+        connection_id: &str,
+    ) -> Result<(), Error> {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(conns) = users.get_mut(user_id) {
+            conns.remove(connection_id);
+            if conns.is_empty() {
+                users.remove(user_id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn nodes_of(&self, user_id: &str) -> Result<Vec<String>, Error> {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let nodes: BTreeSet<&String> = users.get(user_id).into_iter().flat_map(|c| c.values()).collect();
+        Ok(nodes.into_iter().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tracks_and_forgets() {
+        let t = MemorySessionTracker::new();
+        t.register("n1", "u1", "c1").await.unwrap();
+        t.register("n2", "u1", "c2").await.unwrap();
+        t.register("n1", "u1", "c3").await.unwrap();
+        assert_eq!(t.nodes_of("u1").await.unwrap(), vec!["n1", "n2"]);
+        t.unregister("n2", "u1", "c2").await.unwrap();
+        assert_eq!(t.nodes_of("u1").await.unwrap(), vec!["n1"]);
+        t.unregister("n1", "u1", "c1").await.unwrap();
+        t.unregister("n1", "u1", "c3").await.unwrap();
+        assert!(t.nodes_of("u1").await.unwrap().is_empty());
+        assert_eq!(t.user_count(), 0);
+    }
+}
