@@ -333,6 +333,11 @@ impl Hub {
         conns.iter().filter(|c| c.close(reason)).count()
     }
 
+    /// Open connections on this node (cheaper than [`Hub::stats`]).
+    pub fn connection_count(&self) -> usize {
+        self.inner.registry.connection_count()
+    }
+
     /// Whether `user_id` has a connection on this node.
     pub fn is_connected(&self, user_id: &str) -> bool {
         self.inner.registry.is_connected(user_id)

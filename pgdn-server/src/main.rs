@@ -1,1 +1,159 @@
-fn main() {}
+//! The `pgdn-server` binary: a standalone pgdn node configured by flags and
+//! environment variables. With no configuration it runs in dev mode.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use pgdn_server::{Config, JwtAuthenticator, Pgdn, shutdown_signal};
+use rand::Rng;
+use tracing_subscriber::EnvFilter;
+
+/// pgdn: real-time notifications over WebSocket, published over HTTP.
+#[derive(Debug, Parser)]
+#[command(name = "pgdn-server", version, about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "PGDN_ADDR", default_value = "127.0.0.1:8000")]
+    addr: SocketAddr,
+    /// HS256 secret that subscriber JWTs are signed with. Generated in dev mode.
+    #[arg(long, env = "PGDN_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Key publishers send as `Authorization: Bearer <key>`. Generated in dev mode.
+    #[arg(long, env = "PGDN_PUBLISH_KEY", hide_env_values = true)]
+    publish_key: Option<String>,
+    /// Path of the WebSocket route.
+    #[arg(long, env = "PGDN_WS_PATH", default_value = "/ws")]
+    ws_path: String,
+    /// Largest inbound WebSocket message in bytes (larger closes with 1009).
+    #[arg(long, env = "PGDN_MAX_FRAME_SIZE", default_value_t = 64 * 1024)]
+    max_frame_size: usize,
+    /// Sustained inbound frames per second per connection (over the burst closes with 1008).
+    #[arg(long, env = "PGDN_RATE_LIMIT", default_value_t = 20.0)]
+    rate_limit: f64,
+    /// Inbound frames a connection may send in a burst.
+    #[arg(long, env = "PGDN_RATE_BURST", default_value_t = 50.0)]
+    rate_burst: f64,
+    /// Most frames queued for one connection (a full queue closes it with 1013).
+    #[arg(long, env = "PGDN_QUEUE_FRAMES", default_value_t = 1024)]
+    queue_frames: usize,
+    /// Most bytes queued for one connection.
+    #[arg(long, env = "PGDN_QUEUE_BYTES", default_value_t = 1024 * 1024)]
+    queue_bytes: usize,
+    /// Largest publish body in bytes (larger gets 413).
+    #[arg(long, env = "PGDN_MAX_BODY_SIZE", default_value_t = 1024 * 1024)]
+    max_body_size: u64,
+    /// Most open WebSocket connections on this node.
+    #[arg(long, env = "PGDN_MAX_CONNECTIONS", default_value_t = 100_000)]
+    max_connections: usize,
+    /// tungstenite read buffer per connection, in bytes.
+    #[arg(long, env = "PGDN_READ_BUFFER", default_value_t = 4 * 1024)]
+    read_buffer: usize,
+    /// Serve the demo page at `/`.
+    #[arg(long, env = "PGDN_DEMO_PAGE", default_value_t = true, action = clap::ArgAction::Set)]
+    demo_page: bool,
+    /// Log filter (tracing-subscriber syntax), e.g. `info` or `pgdn_server=debug`.
+    #[arg(long, env = "PGDN_LOG", default_value = "info")]
+    log: String,
+}
+
+fn random_key(bytes: usize) -> String {
+    let mut rng = rand::rng();
+    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(args).await {
+        eprintln!("pgdn-server: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), pgdn_server::Error> {
+    let dev_mode = args.jwt_secret.is_none() && args.publish_key.is_none();
+    let (jwt_secret, publish_key) = match (args.jwt_secret, args.publish_key) {
+        (Some(s), Some(k)) => (s, k),
+        (None, None) => (random_key(32), random_key(24)),
+        (None, Some(_)) => {
+            return Err(pgdn_server::Error::Config(
+                "--publish-key is set but --jwt-secret (PGDN_JWT_SECRET) is not; set both, or neither for dev mode".into(),
+            ));
+        }
+        (Some(_), None) => {
+            return Err(pgdn_server::Error::Config(
+                "--jwt-secret is set but --publish-key (PGDN_PUBLISH_KEY) is not; set both, or neither for dev mode".into(),
+            ));
+        }
+    };
+    let mut config = Config::default();
+    config.ws_path = args.ws_path;
+    config.max_frame_size = args.max_frame_size;
+    config.rate_limit_per_sec = args.rate_limit;
+    config.rate_limit_burst = args.rate_burst;
+    config.queue = config.queue.max_frames(args.queue_frames).max_bytes(args.queue_bytes);
+    config.max_body_size = args.max_body_size;
+    config.max_connections = args.max_connections;
+    config.read_buffer_size = args.read_buffer;
+    config.demo_page = args.demo_page;
+
+    let auth = JwtAuthenticator::new(jwt_secret.as_bytes());
+    let pgdn = Pgdn::builder()
+        .config(config)
+        .authenticator(auth.clone())
+        .publish_key(publish_key.clone())
+        .build()?;
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    let addr = listener.local_addr()?;
+    // One parseable line on stdout for scripts and tests.
+    println!("pgdn-server listening on http://{addr}");
+    tracing::info!(%addr, node = pgdn.hub().node_id(), "pgdn-server started");
+    if dev_mode {
+        print_dev_banner(&auth, &publish_key, &jwt_secret, addr, &pgdn.config().ws_path)?;
+    }
+    pgdn.serve(listener, shutdown_signal()).await;
+    tracing::info!("pgdn-server stopped");
+    Ok(())
+}
+
+fn print_dev_banner(
+    auth: &JwtAuthenticator,
+    publish_key: &str,
+    jwt_secret: &str,
+    addr: SocketAddr,
+    ws_path: &str,
+) -> Result<(), pgdn_server::Error> {
+    let token = auth.issue("demo-user", &["demo"], Duration::from_secs(24 * 3600))?;
+    let host = match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
+        other => other.to_string(),
+    };
+    println!(
+        r#"
+=====================================================================
+ DEV MODE: no PGDN_JWT_SECRET / PGDN_PUBLISH_KEY given, so pgdn made
+ throwaway credentials. They change at every start. Do not use this
+ configuration in production: set both variables.
+=====================================================================
+ JWT secret (HS256): {jwt_secret}
+ Publish key:        {publish_key}
+ Demo token (user "demo-user", group "demo", valid 24 h):
+   {token}
+
+ Demo page:   http://{host}/?token={token}
+ WebSocket:   ws://{host}{ws_path}?token=<token>
+
+ Publish to the demo user:
+   curl -sS -X POST http://{host}/api/v1/publish \
+     -H 'Authorization: Bearer {publish_key}' \
+     -H 'Content-Type: application/json' \
+     -d '{{"target":{{"user":"demo-user"}},"type":"info","payload":{{"title":"Hello","message":"from curl"}}}}'
+====================================================================="#
+    );
+    Ok(())
+}

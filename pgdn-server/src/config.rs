@@ -1,0 +1,87 @@
+//! Settings of a pgdn server, each with its default.
+
+use std::time::Duration;
+
+use pgdn_core::QueueLimits;
+
+/// Settings of a [`Pgdn`](crate::Pgdn) server. Start from
+/// `Config::default()` and change what you need.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Path of the WebSocket route. Default `/ws`.
+    pub ws_path: String,
+    /// Largest inbound WebSocket message; a larger one closes the connection
+    /// with 1009. Default 64 KiB.
+    pub max_frame_size: usize,
+    /// Sustained inbound frames per second per connection; exceeding
+    /// `rate_limit_burst` closes with 1008. Default 20.
+    pub rate_limit_per_sec: f64,
+    /// Inbound frames a connection may send in a burst. Default 50.
+    pub rate_limit_burst: f64,
+    /// Bounds of each connection's outbound queue (close 1013 when full).
+    /// Default 1024 frames or 1 MiB.
+    pub queue: QueueLimits,
+    /// Largest publish body; larger gets 413. Default 1 MiB.
+    pub max_body_size: u64,
+    /// Most publishes in one batch. Default 1000.
+    pub max_batch_len: usize,
+    /// Most open WebSocket connections on this node; more get 503 before the
+    /// upgrade. Default 100,000.
+    pub max_connections: usize,
+    /// tungstenite's read buffer per connection, allocated eagerly: it
+    /// decides most of the memory of an idle connection. Default 4 KiB.
+    pub read_buffer_size: usize,
+    /// How long a connection may take to write its close frame before it is
+    /// dropped. Default 5 s.
+    pub close_timeout: Duration,
+    /// How long a shutdown waits for connections to close. Default 10 s.
+    pub shutdown_timeout: Duration,
+    /// Whether `/` serves the demo page. Default true.
+    pub demo_page: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ws_path: "/ws".into(),
+            max_frame_size: 64 * 1024,
+            rate_limit_per_sec: 20.0,
+            rate_limit_burst: 50.0,
+            queue: QueueLimits::default(),
+            max_body_size: 1024 * 1024,
+            max_batch_len: 1000,
+            max_connections: 100_000,
+            read_buffer_size: 4 * 1024,
+            close_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+            demo_page: true,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the settings for values that cannot work.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |m: &str| Err(crate::Error::Config(m.to_string()));
+        if !self.ws_path.starts_with('/') || self.ws_path.len() < 2 {
+            return bad("ws_path must start with `/` and name a path, e.g. /ws");
+        }
+        if self.ws_path.trim_start_matches('/').contains("//") {
+            return bad("ws_path must not contain empty segments");
+        }
+        if self.max_frame_size < 128 {
+            return bad("max_frame_size must be at least 128 bytes");
+        }
+        if !(self.rate_limit_per_sec > 0.0) || !(self.rate_limit_burst >= 1.0) {
+            return bad("rate_limit_per_sec must be > 0 and rate_limit_burst >= 1");
+        }
+        if self.max_connections == 0 || self.max_body_size == 0 || self.max_batch_len == 0 {
+            return bad("max_connections, max_body_size and max_batch_len must be > 0");
+        }
+        if self.read_buffer_size < 1024 {
+            return bad("read_buffer_size must be at least 1 KiB");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,250 @@
+//! One subscriber connection, from authentication to close (PROTOCOL.md
+//! sections 1 to 3): the shape of warp's chat example (`user_connected`,
+//! `user_message`, `user_disconnected`), with a bounded outbound queue.
+//!
+//! Each connection is one task that `select!`s between frames from the hub
+//! (written in batches with a single flush), frames from the client, and
+//! the connection being closed by the hub (slow consumer, shutdown). The
+//! loop is generic over `Sink + Stream` so that it does not depend on how
+//! the socket was made.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use pgdn_core::frame::{ConnectionFrame, ErrorCode, ErrorFrame};
+use pgdn_core::{AuthError, Connection, DisconnectReason, Outbox};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::server::Shared;
+
+/// A token bucket: `rate` frames per second, at most `burst` at once.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(rate: f64, burst: f64) -> Self {
+        RateLimiter {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token; false when the client is over its limit.
+    pub(crate) fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn text(s: String) -> Message {
+    Message::Text(Utf8Bytes::from(s))
+}
+
+async fn close_with<S>(ws: &mut S, shared: &Shared, code: u16, reason: &str)
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from(reason),
+    };
+    // A client that does not read must not hold the task forever.
+    let _ = tokio::time::timeout(shared.config.close_timeout, async {
+        ws.send(Message::Close(Some(frame))).await?;
+        ws.close().await
+    })
+    .await;
+}
+
+/// Runs one connection to its end.
+pub(crate) async fn run<S>(
+    mut ws: S,
+    shared: Arc<Shared>,
+    token: Option<String>,
+    since: Option<String>,
+) where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let _ = since; // Resume after reconnect (PROTOCOL.md section 4) comes with history.
+    let identity = match token.as_deref() {
+        None | Some("") => Err(AuthError::MissingToken),
+        Some(t) => shared.auth.authenticate(t).await,
+    }
+    .and_then(|id| {
+        if id.is_valid() {
+            Ok(id)
+        } else {
+            Err(AuthError::InvalidIdentity)
+        }
+    });
+    let identity = match identity {
+        Ok(id) => id,
+        Err(e) => {
+            // `e` names what failed, never the token.
+            tracing::debug!(error = %e, "websocket authentication failed");
+            shared.metrics.auth_failure(e.close_reason());
+            close_with(&mut ws, &shared, 1008, e.close_reason()).await;
+            return;
+        }
+    };
+    let (conn, outbox) = match shared.hub.connect(identity).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "identity refused");
+            shared.metrics.auth_failure("invalid identity");
+            close_with(&mut ws, &shared, 1008, "invalid identity").await;
+            return;
+        }
+    };
+    if shared.shutdown.is_cancelled() {
+        // Shutdown began while this connection authenticated; checked after
+        // registering, so that `close_all` cannot miss it.
+        conn.close(DisconnectReason::ServerShutdown);
+    }
+    tracing::debug!(
+        connection = conn.wire_id(),
+        user = &*conn.identity().user_id,
+        "subscriber connected"
+    );
+    // Registered first, then the connection frame: a publish made after the
+    // client saw this frame reaches it (frames queued meanwhile follow it).
+    let hello = ConnectionFrame::new(&conn.identity().user_id, conn.wire_id()).to_json();
+    let reason = match ws.send(text(hello)).await {
+        Ok(()) => serve(&mut ws, &shared, &conn, &outbox).await,
+        Err(_) => DisconnectReason::TransportError,
+    };
+    let reason = outbox.mark_closed(reason);
+    if let Some((code, why)) = reason.close_frame() {
+        close_with(&mut ws, &shared, code, why).await;
+    }
+    shared.hub.disconnect(&conn, reason).await;
+    tracing::debug!(
+        connection = conn.wire_id(),
+        reason = reason.as_str(),
+        "subscriber disconnected"
+    );
+}
+
+/// The connection's main loop; returns why it ended.
+async fn serve<S>(ws: &mut S, shared: &Shared, conn: &Connection, outbox: &Outbox) -> DisconnectReason
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let mut limiter = RateLimiter::new(
+        shared.config.rate_limit_per_sec,
+        shared.config.rate_limit_burst,
+    );
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        tokio::select! {
+            queued = outbox.recv_many(&mut batch) => {
+                if let Err(reason) = queued {
+                    return reason;
+                }
+                // Write the whole batch with one flush; stop at once if the
+                // hub closes the connection while the socket is slow.
+                let write = write_batch(ws, &mut batch);
+                tokio::select! {
+                    written = write => if written.is_err() {
+                        return DisconnectReason::TransportError;
+                    },
+                    reason = outbox.closed() => return reason,
+                }
+            }
+            inbound = ws.next() => {
+                let reply = match inbound {
+                    None => return DisconnectReason::ClientClosed,
+                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                        return DisconnectReason::FrameTooLarge;
+                    }
+                    Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                        return DisconnectReason::ClientClosed;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "websocket read error");
+                        return DisconnectReason::TransportError;
+                    }
+                    Some(Ok(Message::Close(_))) => return DisconnectReason::ClientClosed,
+                    Some(Ok(msg)) => {
+                        if matches!(msg, Message::Text(_) | Message::Binary(_)) && !limiter.allow() {
+                            return DisconnectReason::RateLimited;
+                        }
+                        user_message(shared, conn, msg).await
+                    }
+                };
+                let sent = match reply {
+                    Some(reply) => ws.send(text(reply)).await,
+                    // tungstenite queues the Pong for a Ping; flush sends it.
+                    None => ws.flush().await,
+                };
+                if sent.is_err() {
+                    return DisconnectReason::TransportError;
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch<S>(ws: &mut S, batch: &mut Vec<Bytes>) -> Result<(), WsError>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    for frame in batch.drain(..) {
+        // The hub serialized this frame once; every connection shares its
+        // bytes. Checking UTF-8 again here is the cost of keeping
+        // tungstenite's types out of pgdn-core (and of forbidding unsafe):
+        // linear in the frame, a few tens of ns for a typical notification.
+        let text = Utf8Bytes::try_from(frame).map_err(|_| WsError::Utf8("notification".into()))?;
+        ws.feed(Message::Text(text)).await?;
+    }
+    ws.flush().await
+}
+
+/// Answers one client frame (PROTOCOL.md section 3): the reply, if any.
+async fn user_message(shared: &Shared, conn: &Connection, msg: Message) -> Option<String> {
+    match msg {
+        Message::Text(t) => shared.hub.handle_text(conn, t.as_str()).await,
+        Message::Binary(_) => Some(
+            ErrorFrame::new(
+                ErrorCode::InvalidMessage,
+                "binary frames are not supported; send JSON text",
+            )
+            .to_json(),
+        ),
+        // Ping is answered by tungstenite; Pong and raw frames need nothing.
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_burst_then_refuses() {
+        let mut l = RateLimiter::new(1.0, 3.0);
+        assert!(l.allow() && l.allow() && l.allow());
+        assert!(!l.allow());
+    }
+}
