@@ -193,13 +193,18 @@ where
                         user_message(shared, conn, msg).await
                     }
                 };
-                let sent = match reply {
-                    Some(reply) => ws.send(text(reply)).await,
+                let handled = match reply {
+                    // Through the queue, so that a reply keeps its place
+                    // after what the hub queued before it (a handler's own
+                    // publishes, say) and obeys the same bound.
+                    Some(reply) => conn.try_send(Bytes::from(reply)).map_err(|_| ()),
                     // tungstenite queues the Pong for a Ping; flush sends it.
-                    None => ws.flush().await,
+                    None => ws.flush().await.map_err(|_| ()),
                 };
-                if sent.is_err() {
-                    return DisconnectReason::TransportError;
+                if handled.is_err() {
+                    // A full queue already marked the connection closed;
+                    // otherwise the socket failed.
+                    return outbox.mark_closed(DisconnectReason::TransportError);
                 }
             }
         }

@@ -1,0 +1,192 @@
+//! The `pgdn-server` binary: dev mode with zero configuration, the printed
+//! token and curl command really work, SIGTERM shuts down gracefully.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Client, expect_close};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgdn-server");
+
+struct Server {
+    child: Child,
+    /// Every stdout line up to the end of the dev banner.
+    lines: Vec<String>,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clean_command() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PGDN_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Starts the binary in dev mode on a free port; reads stdout up to the
+/// banner's closing rule (a blocking read on a pipe: an event, not a sleep).
+fn start_dev() -> Server {
+    let mut child = clean_command()
+        .args(["--addr", "127.0.0.1:0"])
+        .spawn()
+        .expect("binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut lines = Vec::new();
+    let mut rules = 0;
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "stdout ended early: {lines:#?}");
+        let line = line.trim_end().to_string();
+        if line.starts_with("=====") {
+            rules += 1;
+        }
+        lines.push(line);
+        if rules == 3 {
+            break;
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in reader.lines() {});
+    let addr = lines[0]
+        .strip_prefix("pgdn-server listening on http://")
+        .expect("first line names the address")
+        .to_string();
+    Server { child, lines, addr }
+}
+
+fn after<'a>(lines: &'a [String], label: &str) -> &'a str {
+    let i = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} in {lines:#?}"));
+    let rest = lines[i].trim_start()[label.len()..].trim();
+    if rest.is_empty() { lines[i + 1].trim() } else { rest }
+}
+
+#[tokio::test]
+async fn dev_mode_prints_working_credentials_and_sigterm_closes_with_1001() {
+    let server = start_dev();
+    let banner = server.lines.join("\n");
+    assert!(banner.contains("DEV MODE"), "{banner}");
+    let token = after(&server.lines, "Demo token (user \"demo-user\", group \"demo\", valid 24 h):").to_string();
+    let key = after(&server.lines, "Publish key:").to_string();
+    assert!(banner.contains(&format!("http://{}/?token={token}", server.addr)), "demo page URL");
+
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
+        .await
+        .expect("the demo token connects");
+    let mut client = Client::after_upgrade(ws).await;
+    assert_eq!(client.user_id(), "demo-user");
+
+    // Run the printed curl command exactly as printed.
+    let start = banner.find("curl -sS").expect("a curl command");
+    let curl: String = banner[start..]
+        .lines()
+        .take_while(|l| !l.starts_with("====="))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(curl.contains(&key));
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&curl)
+        .output()
+        .await
+        .expect("curl runs");
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["delivered"], 1, "{reply}");
+    let n = client.next().await;
+    assert_eq!(n["type"], "info");
+    assert_eq!(n["payload"]["title"], "Hello");
+    assert_eq!(n["user_id"], "demo-user");
+
+    // SIGTERM: the client gets 1001 and the process exits 0.
+    let mut server = server;
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        expect_close(&mut client.ws).await,
+        (1001, "server shutting down".to_string())
+    );
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait().unwrap();
+        (status, server)
+    });
+    let (status, _server) = tokio::time::timeout(Duration::from_secs(10), exit)
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn half_configured_credentials_are_refused_with_a_clear_message() {
+    let out = clean_command()
+        .args(["--addr", "127.0.0.1:0", "--jwt-secret", "s3cret"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--publish-key"), "{err}");
+}
+
+#[test]
+fn help_lists_the_environment_variables() {
+    let out = clean_command().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in ["PGDN_ADDR", "PGDN_JWT_SECRET", "PGDN_PUBLISH_KEY", "PGDN_MAX_FRAME_SIZE", "PGDN_RATE_LIMIT"] {
+        assert!(help.contains(var), "{var} missing from --help");
+    }
+}
+
+#[tokio::test]
+async fn configured_mode_uses_the_given_credentials_and_is_quiet_about_them() {
+    let mut child = clean_command()
+        .args(["--addr", "127.0.0.1:0"])
+        .env("PGDN_JWT_SECRET", "env-secret")
+        .env("PGDN_PUBLISH_KEY", "env-key")
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    let addr = first.trim().strip_prefix("pgdn-server listening on http://").unwrap().to_string();
+    let token = pgdn_server::JwtAuthenticator::new(b"env-secret")
+        .issue("envuser", &[], Duration::from_secs(60))
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}")).await.unwrap();
+    let mut c = Client::after_upgrade(ws).await;
+    let res = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v1/publish"))
+        .bearer_auth("env-key")
+        .body(r#"{"target":{"user":"envuser"},"type":"info"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(c.next().await["user_id"], "envuser");
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    assert!(!rest.contains("env-key") && !rest.contains("env-secret"), "secrets are not printed");
+}

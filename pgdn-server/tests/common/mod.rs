@@ -1,0 +1,237 @@
+//! Test harness: a real pgdn server on port 0, real WebSocket clients and
+//! real HTTP publishes. Waits are on events (frames, closes, watched
+//! counts), each bounded by a generous timeout so a bug fails instead of
+//! hanging.
+#![allow(dead_code, missing_docs)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pgdn_server::{Config, JwtAuthenticator, Pgdn};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &[u8] = b"test-secret";
+pub const KEY: &str = "test-publish-key";
+/// Upper bound for any single wait; only reached when something is broken.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub pgdn: Pgdn,
+    pub auth: JwtAuthenticator,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Config::default()).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let pgdn = Pgdn::builder()
+            .config(config)
+            .jwt_secret(SECRET)
+            .publish_key(KEY)
+            .build()
+            .expect("valid config");
+        Self::start_pgdn(pgdn).await
+    }
+
+    pub async fn start_pgdn(pgdn: Pgdn) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(pgdn.clone().serve(listener, async {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            pgdn,
+            auth: JwtAuthenticator::new(SECRET),
+            http: reqwest::Client::new(),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Triggers shutdown and waits until `serve` returned.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("server stops in time")
+                .unwrap();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn token(&self, user: &str, groups: &[&str]) -> String {
+        self.auth
+            .issue(user, groups, Duration::from_secs(3600))
+            .unwrap()
+    }
+
+    /// Opens a WebSocket to `/ws` with a raw query string.
+    pub async fn ws_raw(&self, query: &str) -> Ws {
+        let url = format!("ws://{}/ws{}", self.addr, query);
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("upgrade succeeds");
+        ws
+    }
+
+    /// Connects as `user` in `groups` and reads the connection frame.
+    pub async fn connect(&self, user: &str, groups: &[&str]) -> Client {
+        let ws = self
+            .ws_raw(&format!("?token={}", self.token(user, groups)))
+            .await;
+        Client::after_upgrade(ws).await
+    }
+
+    /// Connects with the token in `Authorization: Bearer`.
+    pub async fn connect_bearer(&self, token: &str) -> Ws {
+        let mut req = format!("ws://{}/ws", self.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        ws
+    }
+
+    pub async fn post(&self, path: &str, key: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON reply, got {text:?}"));
+        (status, value)
+    }
+
+    /// Publishes `body` with the right key and expects 200.
+    pub async fn publish(&self, body: Value) -> Value {
+        let (status, reply) = self.post("/api/v1/publish", Some(KEY), body.to_string()).await;
+        assert_eq!(status, 200, "publish failed: {reply}");
+        reply
+    }
+
+    pub async fn stats(&self) -> Value {
+        let res = self
+            .http
+            .get(self.url("/api/v1/stats"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.json().await.unwrap()
+    }
+
+    /// Waits until this node has exactly `n` open connections.
+    pub async fn wait_connections(&self, n: usize) {
+        let mut rx = self.pgdn.hub().watch_connections();
+        tokio::time::timeout(WAIT, rx.wait_for(|c| *c == n))
+            .await
+            .unwrap_or_else(|_| panic!("never reached {n} connections"))
+            .unwrap();
+    }
+}
+
+pub struct Client {
+    pub ws: Ws,
+    pub hello: Value,
+}
+
+impl Client {
+    pub async fn after_upgrade(mut ws: Ws) -> Client {
+        let hello = next_json(&mut ws).await;
+        assert_eq!(hello["type"], "connection", "first frame: {hello}");
+        Client { ws, hello }
+    }
+
+    pub fn user_id(&self) -> &str {
+        self.hello["user_id"].as_str().unwrap()
+    }
+
+    pub async fn next(&mut self) -> Value {
+        next_json(&mut self.ws).await
+    }
+
+    pub async fn send(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// Sends a ping frame and returns the pong: proves the connection is open
+    /// and that nothing else was queued before it.
+    pub async fn roundtrip(&mut self, marker: &str) {
+        self.send(&format!(r#"{{"type":"ping","timestamp":"{marker}"}}"#))
+            .await;
+        let v = self.next().await;
+        assert_eq!(v, serde_json::json!({"type":"pong","timestamp":marker}));
+    }
+
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        expect_close(&mut self.ws).await
+    }
+}
+
+/// The next text frame as JSON (skipping WebSocket-level ping/pong).
+pub async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("stream open")
+            .expect("no error");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the close frame and returns its code and reason, skipping
+/// any text frames before it.
+pub async fn expect_close(ws: &mut Ws) -> (u16, String) {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a close in time");
+        match msg {
+            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
+            Some(Ok(_)) => continue,
+            Some(Err(tungstenite::Error::ConnectionClosed)) | None => {
+                panic!("connection ended without a close frame")
+            }
+            Some(Err(e)) => panic!("error before close: {e}"),
+        }
+    }
+}
