@@ -327,7 +327,10 @@ mod tests {
         }
         let mut buf = Vec::new();
         assert_eq!(outbox.recv_many(&mut buf).await, Ok(5));
-        assert_eq!(buf, (0..5u8).map(|i| Bytes::from(vec![i])).collect::<Vec<_>>());
+        assert_eq!(
+            buf,
+            (0..5u8).map(|i| Bytes::from(vec![i])).collect::<Vec<_>>()
+        );
     }
 
     #[tokio::test]
@@ -335,8 +338,14 @@ mod tests {
         let (conn, outbox) = pair(QueueLimits::default().max_frames(2));
         conn.try_send(Bytes::from_static(b"a")).unwrap();
         conn.try_send(Bytes::from_static(b"b")).unwrap();
-        assert_eq!(conn.try_send(Bytes::from_static(b"c")), Err(SendError::Full));
-        assert_eq!(conn.try_send(Bytes::from_static(b"d")), Err(SendError::Closed));
+        assert_eq!(
+            conn.try_send(Bytes::from_static(b"c")),
+            Err(SendError::Full)
+        );
+        assert_eq!(
+            conn.try_send(Bytes::from_static(b"d")),
+            Err(SendError::Closed)
+        );
         assert_eq!(outbox.closed().await, DisconnectReason::SlowConsumer);
         let mut buf = Vec::new();
         assert_eq!(

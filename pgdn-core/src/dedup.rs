@@ -98,7 +98,10 @@ mod tests {
         d.complete(&id, Some(3));
         assert_eq!(
             d.claim(&id),
-            Claim::Duplicate(PublishReceipt { id: id.clone(), delivered: Some(3) })
+            Claim::Duplicate(PublishReceipt {
+                id: id.clone(),
+                delivered: Some(3)
+            })
         );
     }
 
@@ -107,7 +110,11 @@ mod tests {
         let d = Dedup::new(Duration::ZERO, 100);
         let id = MessageId::new("a").unwrap();
         assert_eq!(d.claim(&id), Claim::New);
-        assert_eq!(d.claim(&id), Claim::New, "expired immediately with a zero ttl");
+        assert_eq!(
+            d.claim(&id),
+            Claim::New,
+            "expired immediately with a zero ttl"
+        );
         let d = Dedup::new(Duration::from_secs(300), 100);
         assert_eq!(d.claim(&id), Claim::New);
         d.release(&id);

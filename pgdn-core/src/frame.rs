@@ -194,22 +194,28 @@ mod tests {
     fn pong_and_error_shapes() {
         let v: Value = serde_json::from_str(&pong_json(&json!(12345))).unwrap();
         assert_eq!(v, json!({"type":"pong","timestamp":12345}));
-        let v: Value = serde_json::from_str(
-            &ErrorFrame::new(ErrorCode::UnknownType, "no handler").to_json(),
-        )
-        .unwrap();
-        assert_eq!(v, json!({"type":"error","message":"no handler","code":"unknown_type"}));
+        let v: Value =
+            serde_json::from_str(&ErrorFrame::new(ErrorCode::UnknownType, "no handler").to_json())
+                .unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"error","message":"no handler","code":"unknown_type"})
+        );
     }
 
     #[test]
     fn parse_client_frames() {
         assert_eq!(
             ClientFrame::parse(r#"{"type":"ping","timestamp":"t1"}"#).unwrap(),
-            ClientFrame::Ping { timestamp: json!("t1") }
+            ClientFrame::Ping {
+                timestamp: json!("t1")
+            }
         );
         assert_eq!(
             ClientFrame::parse(r#"{"type":"ping"}"#).unwrap(),
-            ClientFrame::Ping { timestamp: Value::Null }
+            ClientFrame::Ping {
+                timestamp: Value::Null
+            }
         );
         match ClientFrame::parse(r#"{"type":"chat","text":"hi"}"#).unwrap() {
             ClientFrame::Custom { kind, data } => {

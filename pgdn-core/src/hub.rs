@@ -360,7 +360,10 @@ impl Hub {
         if let Some(id) = &claimed
             && let Claim::Duplicate(receipt) = self.inner.dedup.claim(id)
         {
-            self.inner.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .duplicates
+                .fetch_add(1, Ordering::Relaxed);
             return Ok(receipt);
         }
         let id = claimed.clone().unwrap_or_else(MessageId::generate);
@@ -390,7 +393,10 @@ impl Hub {
             }
             return Err(e);
         }
-        self.inner.counters.published.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .published
+            .fetch_add(1, Ordering::Relaxed);
         let delivered = self.deliver_local(&envelope);
         if let Some(id) = &claimed {
             self.inner.dedup.complete(id, Some(delivered));
@@ -624,7 +630,10 @@ mod tests {
     async fn routes_by_target_and_serializes_once() {
         let hub = Hub::new();
         let (_a1, a1) = hub.connect(Identity::new("a", ["staff"])).await.unwrap();
-        let (_a2, a2) = hub.connect(Identity::new("a", Vec::<&str>::new())).await.unwrap();
+        let (_a2, a2) = hub
+            .connect(Identity::new("a", Vec::<&str>::new()))
+            .await
+            .unwrap();
         let (_b, b) = hub.connect(Identity::new("b", ["staff"])).await.unwrap();
 
         let r = hub
@@ -662,7 +671,10 @@ mod tests {
     #[tokio::test]
     async fn duplicate_ids_are_delivered_once() {
         let hub = Hub::new();
-        let (_c, outbox) = hub.connect(Identity::new("u", Vec::<&str>::new())).await.unwrap();
+        let (_c, outbox) = hub
+            .connect(Identity::new("u", Vec::<&str>::new()))
+            .await
+            .unwrap();
         let req = PublishRequest::new(Target::user("u"), MessageType::info())
             .with_id(MessageId::new("job-1").unwrap());
         let first = hub.publish(req.clone()).await.unwrap();
@@ -684,7 +696,10 @@ mod tests {
         hub.disconnect(&c2, DisconnectReason::SlowConsumer).await;
         hub.disconnect(&c2, DisconnectReason::SlowConsumer).await;
         let s = hub.stats();
-        assert_eq!((s.total_users, s.total_connections, s.total_groups), (0, 0, 0));
+        assert_eq!(
+            (s.total_users, s.total_connections, s.total_groups),
+            (0, 0, 0)
+        );
         assert_eq!(s.disconnects["slow_consumer"], 1);
         assert_eq!(*hub.watch_connections().borrow(), 0);
     }
@@ -699,9 +714,14 @@ mod tests {
     #[tokio::test]
     async fn handlers_answer_and_fail_gracefully() {
         let hub = Hub::new();
-        hub.register_handler("echo", |who: Identity, frame: Map<String, Value>| async move {
-            Ok(Some(json!({"type":"echo","from":&*who.user_id,"text":frame["text"]})))
-        })
+        hub.register_handler(
+            "echo",
+            |who: Identity, frame: Map<String, Value>| async move {
+                Ok(Some(
+                    json!({"type":"echo","from":&*who.user_id,"text":frame["text"]}),
+                ))
+            },
+        )
         .unwrap();
         hub.register_handler("boom", |_: Identity, _: Map<String, Value>| async move {
             if true {
@@ -710,11 +730,20 @@ mod tests {
             Ok(None)
         })
         .unwrap();
-        assert!(hub
-            .register_handler("ping", |_: Identity, _: Map<String, Value>| async { Ok(None) })
-            .is_err());
-        let (c, _o) = hub.connect(Identity::new("u", Vec::<&str>::new())).await.unwrap();
-        let reply = hub.handle_text(&c, r#"{"type":"echo","text":"hi"}"#).await.unwrap();
+        assert!(
+            hub.register_handler("ping", |_: Identity, _: Map<String, Value>| async {
+                Ok(None)
+            })
+            .is_err()
+        );
+        let (c, _o) = hub
+            .connect(Identity::new("u", Vec::<&str>::new()))
+            .await
+            .unwrap();
+        let reply = hub
+            .handle_text(&c, r#"{"type":"echo","text":"hi"}"#)
+            .await
+            .unwrap();
         assert_eq!(
             serde_json::from_str::<Value>(&reply).unwrap(),
             json!({"type":"echo","from":"u","text":"hi"})
@@ -723,8 +752,14 @@ mod tests {
         assert!(reply.contains("handler_error"), "{reply}");
         let reply = hub.handle_text(&c, r#"{"type":"nope"}"#).await.unwrap();
         assert!(reply.contains("unknown_type"), "{reply}");
-        let reply = hub.handle_text(&c, r#"{"type":"ping","timestamp":7}"#).await.unwrap();
-        assert_eq!(reply, r#"{"timestamp":7,"type":"pong"}"#.replace("{\"timestamp\":7,\"type\":\"pong\"}", &pong_json(&json!(7))));
+        let reply = hub
+            .handle_text(&c, r#"{"type":"ping","timestamp":7}"#)
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&reply).unwrap(),
+            json!({"type":"pong","timestamp":7})
+        );
     }
 
     #[tokio::test]
@@ -732,8 +767,14 @@ mod tests {
         let hub = Hub::builder()
             .queue_limits(QueueLimits::default().max_frames(4))
             .build();
-        let (slow, slow_out) = hub.connect(Identity::new("slow", Vec::<&str>::new())).await.unwrap();
-        let (_fast, fast_out) = hub.connect(Identity::new("fast", Vec::<&str>::new())).await.unwrap();
+        let (slow, slow_out) = hub
+            .connect(Identity::new("slow", Vec::<&str>::new()))
+            .await
+            .unwrap();
+        let (_fast, fast_out) = hub
+            .connect(Identity::new("fast", Vec::<&str>::new()))
+            .await
+            .unwrap();
         let mut fast_got = 0;
         for i in 0..10 {
             hub.broadcast(MessageType::info(), json!({"i": i}), &[] as &[&str])

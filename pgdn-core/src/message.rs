@@ -111,8 +111,7 @@ impl MessageId {
         let s = s.as_ref();
         let ok = !s.is_empty()
             && s.len() <= MAX_ID_LEN
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
         if ok {
             Ok(MessageId(Arc::from(s)))
@@ -208,7 +207,10 @@ mod tests {
         let a = MessageId::generate();
         let b = MessageId::generate();
         assert_ne!(a, b);
-        assert!(MessageId::new(a.as_str()).is_ok(), "generated ids are valid ids");
+        assert!(
+            MessageId::new(a.as_str()).is_ok(),
+            "generated ids are valid ids"
+        );
     }
 
     #[test]

@@ -73,7 +73,11 @@ impl SessionTracker for MemorySessionTracker {
 
     async fn nodes_of(&self, user_id: &str) -> Result<Vec<String>, Error> {
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        let nodes: BTreeSet<&String> = users.get(user_id).into_iter().flat_map(|c| c.values()).collect();
+        let nodes: BTreeSet<&String> = users
+            .get(user_id)
+            .into_iter()
+            .flat_map(|c| c.values())
+            .collect();
         Ok(nodes.into_iter().cloned().collect())
     }
 }

@@ -106,7 +106,9 @@ impl PublishRequest {
                 self.payload = map;
                 Ok(self)
             }
-            _ => Err(Error::InvalidPublish("payload must be a JSON object".into())),
+            _ => Err(Error::InvalidPublish(
+                "payload must be a JSON object".into(),
+            )),
         }
     }
 
@@ -150,10 +152,16 @@ mod tests {
                 json!({"broadcast":{"exclude_users":["u3"]}}),
                 Target::broadcast(["u3"]),
             ),
-            (json!({"broadcast":{}}), Target::broadcast(Vec::<String>::new())),
+            (
+                json!({"broadcast":{}}),
+                Target::broadcast(Vec::<String>::new()),
+            ),
         ];
         for (wire, target) in cases {
-            assert_eq!(serde_json::from_value::<Target>(wire.clone()).unwrap(), target);
+            assert_eq!(
+                serde_json::from_value::<Target>(wire.clone()).unwrap(),
+                target
+            );
         }
         assert_eq!(
             serde_json::to_value(Target::broadcast(["u3"])).unwrap(),

@@ -116,7 +116,8 @@ where
     let mut body = std::pin::pin!(body);
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|_| reject(StatusCode::BAD_REQUEST, "could not read body"))?;
+        let mut chunk =
+            chunk.map_err(|_| reject(StatusCode::BAD_REQUEST, "could not read body"))?;
         if (buf.len() + chunk.remaining()) as u64 > limit {
             return Err(too_large(limit));
         }
@@ -145,12 +146,14 @@ pub(crate) fn routes(
     shared: Arc<Shared>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let limit = shared.config.max_body_size;
-    let publish = warp::path!("api" / "v1" / "publish").and(warp::post()).and(answered(
-        authorized(shared.clone())
-            .and(body_limited(limit))
-            .and(with_shared(shared.clone()))
-            .and_then(publish),
-    ));
+    let publish = warp::path!("api" / "v1" / "publish")
+        .and(warp::post())
+        .and(answered(
+            authorized(shared.clone())
+                .and(body_limited(limit))
+                .and(with_shared(shared.clone()))
+                .and_then(publish),
+        ));
     let batch = warp::path!("api" / "v1" / "publish" / "batch")
         .and(warp::post())
         .and(answered(
@@ -159,23 +162,32 @@ pub(crate) fn routes(
                 .and(with_shared(shared.clone()))
                 .and_then(publish_batch),
         ));
-    let stats = warp::path!("api" / "v1" / "stats").and(warp::get()).and(answered(
-        authorized(shared.clone())
-            .and(with_shared(shared.clone()))
-            .map(|shared: Arc<Shared>| warp::reply::json(&shared.hub.stats()).into_response()),
-    ));
-    let fallback = warp::path("api").and(answered(
-        authorized(shared)
-            .and_then(|| async { Err::<Response, _>(reject(StatusCode::NOT_FOUND, "not found")) }),
-    ));
-    publish.or(batch).unify().or(stats).unify().or(fallback).unify()
+    let stats = warp::path!("api" / "v1" / "stats")
+        .and(warp::get())
+        .and(answered(
+            authorized(shared.clone())
+                .and(with_shared(shared.clone()))
+                .map(|shared: Arc<Shared>| warp::reply::json(&shared.hub.stats()).into_response()),
+        ));
+    let fallback = warp::path("api")
+        .and(answered(authorized(shared).and_then(|| async {
+            Err::<Response, _>(reject(StatusCode::NOT_FOUND, "not found"))
+        })));
+    publish
+        .or(batch)
+        .unify()
+        .or(stats)
+        .unify()
+        .or(fallback)
+        .unify()
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Rejection> {
     if body.is_empty() {
         return Err(reject(StatusCode::BAD_REQUEST, "empty body: expected JSON"));
     }
-    serde_json::from_slice(body).map_err(|e| reject(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
 }
 
 fn publish_error(shared: &Shared, e: pgdn_core::Error) -> Rejection {
@@ -197,7 +209,8 @@ fn validate(req: &PublishRequest) -> Result<(), pgdn_core::Error> {
 }
 
 async fn publish(body: Bytes, shared: Arc<Shared>) -> Result<Response, Rejection> {
-    let req: PublishRequest = parse(&body).inspect_err(|_| shared.metrics.api_request("bad_request"))?;
+    let req: PublishRequest =
+        parse(&body).inspect_err(|_| shared.metrics.api_request("bad_request"))?;
     validate(&req).map_err(|e| publish_error(&shared, e))?;
     let receipt = shared
         .hub

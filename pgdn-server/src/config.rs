@@ -73,7 +73,9 @@ impl Config {
         if self.max_frame_size < 128 {
             return bad("max_frame_size must be at least 128 bytes");
         }
-        if !(self.rate_limit_per_sec > 0.0) || !(self.rate_limit_burst >= 1.0) {
+        let rate_ok = self.rate_limit_per_sec.is_finite() && self.rate_limit_per_sec > 0.0;
+        let burst_ok = self.rate_limit_burst.is_finite() && self.rate_limit_burst >= 1.0;
+        if !rate_ok || !burst_ok {
             return bad("rate_limit_per_sec must be > 0 and rate_limit_burst >= 1");
         }
         if self.max_connections == 0 || self.max_body_size == 0 || self.max_batch_len == 0 {

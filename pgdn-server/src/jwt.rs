@@ -126,46 +126,81 @@ mod tests {
     use super::*;
 
     fn now() -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
     }
 
     #[tokio::test]
     async fn accepts_valid_and_refuses_the_rest() {
         let auth = JwtAuthenticator::new(b"secret");
-        let t = auth.issue("u1", &["admins"], Duration::from_secs(60)).unwrap();
+        let t = auth
+            .issue("u1", &["admins"], Duration::from_secs(60))
+            .unwrap();
         let id = auth.authenticate(&t).await.unwrap();
         assert_eq!(&*id.user_id, "u1");
         assert!(id.in_group("admins"));
 
         assert_eq!(auth.authenticate("").await, Err(AuthError::MissingToken));
-        assert!(matches!(auth.authenticate("garbage").await, Err(AuthError::InvalidToken(_))));
+        assert!(matches!(
+            auth.authenticate("garbage").await,
+            Err(AuthError::InvalidToken(_))
+        ));
 
         let other = JwtAuthenticator::new(b"other");
         let forged = other.issue("u1", &[], Duration::from_secs(60)).unwrap();
-        assert!(matches!(auth.authenticate(&forged).await, Err(AuthError::InvalidToken(_))));
+        assert!(matches!(
+            auth.authenticate(&forged).await,
+            Err(AuthError::InvalidToken(_))
+        ));
 
         let expired = auth
-            .encode(&Claims { sub: Some("u1".into()), groups: vec![], exp: now() - 3600 })
+            .encode(&Claims {
+                sub: Some("u1".into()),
+                groups: vec![],
+                exp: now() - 3600,
+            })
             .unwrap();
         assert_eq!(
             auth.authenticate(&expired).await,
             Err(AuthError::InvalidToken("expired".into()))
         );
         let within_leeway = auth
-            .encode(&Claims { sub: Some("u1".into()), groups: vec![], exp: now() - 10 })
+            .encode(&Claims {
+                sub: Some("u1".into()),
+                groups: vec![],
+                exp: now() - 10,
+            })
             .unwrap();
         assert!(auth.authenticate(&within_leeway).await.is_ok());
 
-        let no_sub = auth.encode(&Claims { sub: None, groups: vec![], exp: now() + 60 }).unwrap();
-        assert_eq!(auth.authenticate(&no_sub).await, Err(AuthError::InvalidIdentity));
+        let no_sub = auth
+            .encode(&Claims {
+                sub: None,
+                groups: vec![],
+                exp: now() + 60,
+            })
+            .unwrap();
+        assert_eq!(
+            auth.authenticate(&no_sub).await,
+            Err(AuthError::InvalidIdentity)
+        );
 
         let hs384 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS384),
-            &Claims { sub: Some("u1".into()), groups: vec![], exp: now() + 60 },
+            &Claims {
+                sub: Some("u1".into()),
+                groups: vec![],
+                exp: now() + 60,
+            },
             &EncodingKey::from_secret(b"secret"),
         )
         .unwrap();
-        assert!(matches!(auth.authenticate(&hs384).await, Err(AuthError::InvalidToken(_))));
+        assert!(matches!(
+            auth.authenticate(&hs384).await,
+            Err(AuthError::InvalidToken(_))
+        ));
     }
 
     #[tokio::test]
@@ -175,7 +210,10 @@ mod tests {
         let header = b64::encode(br#"{"alg":"none","typ":"JWT"}"#);
         let body = b64::encode(format!(r#"{{"sub":"u1","exp":{}}}"#, now() + 60).as_bytes());
         let none = format!("{header}.{body}.");
-        assert!(matches!(auth.authenticate(&none).await, Err(AuthError::InvalidToken(_))));
+        assert!(matches!(
+            auth.authenticate(&none).await,
+            Err(AuthError::InvalidToken(_))
+        ));
 
         #[derive(Serialize)]
         struct NoExp {
@@ -187,7 +225,10 @@ mod tests {
             &EncodingKey::from_secret(b"secret"),
         )
         .unwrap();
-        assert!(matches!(auth.authenticate(&no_exp).await, Err(AuthError::InvalidToken(_))));
+        assert!(matches!(
+            auth.authenticate(&no_exp).await,
+            Err(AuthError::InvalidToken(_))
+        ));
     }
 
     /// Minimal base64url (no padding) for building a forged `alg: none` token.
@@ -197,7 +238,11 @@ mod tests {
                 b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
             let mut out = String::new();
             for chunk in input.chunks(3) {
-                let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+                let b = [
+                    chunk[0],
+                    *chunk.get(1).unwrap_or(&0),
+                    *chunk.get(2).unwrap_or(&0),
+                ];
                 let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
                 let chars = chunk.len() + 1;
                 for i in 0..chars {

@@ -59,7 +59,9 @@ struct Args {
 
 fn random_key(bytes: usize) -> String {
     let mut rng = rand::rng();
-    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
 }
 
 #[tokio::main]
@@ -96,7 +98,10 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     config.max_frame_size = args.max_frame_size;
     config.rate_limit_per_sec = args.rate_limit;
     config.rate_limit_burst = args.rate_burst;
-    config.queue = config.queue.max_frames(args.queue_frames).max_bytes(args.queue_bytes);
+    config.queue = config
+        .queue
+        .max_frames(args.queue_frames)
+        .max_bytes(args.queue_bytes);
     config.max_body_size = args.max_body_size;
     config.max_connections = args.max_connections;
     config.read_buffer_size = args.read_buffer;
@@ -114,7 +119,13 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     println!("pgdn-server listening on http://{addr}");
     tracing::info!(%addr, node = pgdn.hub().node_id(), "pgdn-server started");
     if dev_mode {
-        print_dev_banner(&auth, &publish_key, &jwt_secret, addr, &pgdn.config().ws_path)?;
+        print_dev_banner(
+            &auth,
+            &publish_key,
+            &jwt_secret,
+            addr,
+            &pgdn.config().ws_path,
+        )?;
     }
     pgdn.serve(listener, shutdown_signal()).await;
     tracing::info!("pgdn-server stopped");

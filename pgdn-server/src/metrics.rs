@@ -46,11 +46,15 @@ impl Metrics {
     }
 
     pub(crate) fn auth_failure(&self, reason: &'static str) {
-        self.auth_failures.get_or_create(&vec![("reason", reason)]).inc();
+        self.auth_failures
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     pub(crate) fn api_request(&self, outcome: &'static str) {
-        self.api_requests.get_or_create(&vec![("outcome", outcome)]).inc();
+        self.api_requests
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
     }
 
     /// The text exposition format.
@@ -86,14 +90,54 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fm
 impl Collector for HubCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let s = self.hub.stats();
-        gauge(&mut enc, "pgdn_connections", "Open WebSocket connections", s.total_connections as i64)?;
-        gauge(&mut enc, "pgdn_users", "Users with at least one connection", s.total_users as i64)?;
-        gauge(&mut enc, "pgdn_groups", "Groups with at least one connection", s.total_groups as i64)?;
-        counter(&mut enc, "pgdn_messages_published", "Publishes accepted", s.messages_published)?;
-        counter(&mut enc, "pgdn_messages_delivered", "Frames queued to connections", s.messages_delivered)?;
-        counter(&mut enc, "pgdn_duplicates_suppressed", "Publishes with an already-seen id", s.duplicates_suppressed)?;
-        counter(&mut enc, "pgdn_connections_opened", "Connections accepted", s.connections_opened)?;
-        counter(&mut enc, "pgdn_frames_received", "Client frames received", s.frames_received)?;
+        gauge(
+            &mut enc,
+            "pgdn_connections",
+            "Open WebSocket connections",
+            s.total_connections as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "pgdn_users",
+            "Users with at least one connection",
+            s.total_users as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "pgdn_groups",
+            "Groups with at least one connection",
+            s.total_groups as i64,
+        )?;
+        counter(
+            &mut enc,
+            "pgdn_messages_published",
+            "Publishes accepted",
+            s.messages_published,
+        )?;
+        counter(
+            &mut enc,
+            "pgdn_messages_delivered",
+            "Frames queued to connections",
+            s.messages_delivered,
+        )?;
+        counter(
+            &mut enc,
+            "pgdn_duplicates_suppressed",
+            "Publishes with an already-seen id",
+            s.duplicates_suppressed,
+        )?;
+        counter(
+            &mut enc,
+            "pgdn_connections_opened",
+            "Connections accepted",
+            s.connections_opened,
+        )?;
+        counter(
+            &mut enc,
+            "pgdn_frames_received",
+            "Client frames received",
+            s.frames_received,
+        )?;
         let mut fam = enc.encode_descriptor(
             "pgdn_disconnects",
             "Connections closed, by reason",

@@ -155,7 +155,9 @@ impl Pgdn {
     }
 
     /// The WebSocket route at the configured path (default `/ws`).
-    pub fn ws_route(&self) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
+    pub fn ws_route(
+        &self,
+    ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
         let path = self.shared.config.ws_path.clone();
         let this = self.clone();
         warp::path::full()
@@ -178,7 +180,10 @@ impl Pgdn {
                             .find::<NotAnUpgrade>()
                             .map(|e| e.message())
                             .unwrap_or("expected a WebSocket upgrade request");
-                        Ok::<_, std::convert::Infallible>(json_error(StatusCode::BAD_REQUEST, message))
+                        Ok::<_, std::convert::Infallible>(json_error(
+                            StatusCode::BAD_REQUEST,
+                            message,
+                        ))
                     })
                     .unify(),
             )
@@ -196,18 +201,24 @@ impl Pgdn {
             );
             return json_error(StatusCode::SERVICE_UNAVAILABLE, "too many connections");
         }
-        req.accept(self.ws_config(), &self.shared.tasks, move |socket, token, since| {
-            crate::socket::run(socket, shared, token, since)
-        })
+        req.accept(
+            self.ws_config(),
+            &self.shared.tasks,
+            move |socket, token, since| crate::socket::run(socket, shared, token, since),
+        )
     }
 
     /// The publish API under `/api/v1`, behind the publish key.
-    pub fn api_routes(&self) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
+    pub fn api_routes(
+        &self,
+    ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
         api::routes(self.shared.clone())
     }
 
     /// `GET /healthz` (`ok` while serving) and `GET /metrics` (Prometheus).
-    pub fn ops_routes(&self) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
+    pub fn ops_routes(
+        &self,
+    ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
         let shared = self.shared.clone();
         let health = warp::path!("healthz").and(warp::get()).map(move || {
             if shared.shutdown.is_cancelled() {
@@ -230,7 +241,9 @@ impl Pgdn {
     }
 
     /// The demo page at `/` (when [`Config::demo_page`] is on).
-    pub fn demo_route(&self) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
+    pub fn demo_route(
+        &self,
+    ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
         let enabled = self.shared.config.demo_page;
         warp::path::end()
             .and(warp::get())
@@ -257,7 +270,11 @@ impl Pgdn {
     /// Serves [`Pgdn::routes`] on `listener` until `shutdown` resolves, then
     /// stops accepting, closes every WebSocket with 1001 and returns once
     /// they are closed (or [`Config::shutdown_timeout`] passed).
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
         let this = self.clone();
         let signal = async move {
             shutdown.await;
@@ -285,9 +302,12 @@ impl Pgdn {
     pub async fn shutdown(&self) {
         self.begin_shutdown();
         self.shared.tasks.close();
-        if tokio::time::timeout(self.shared.config.shutdown_timeout, self.shared.tasks.wait())
-            .await
-            .is_err()
+        if tokio::time::timeout(
+            self.shared.config.shutdown_timeout,
+            self.shared.tasks.wait(),
+        )
+        .await
+        .is_err()
         {
             tracing::warn!(
                 left = self.shared.tasks.len(),

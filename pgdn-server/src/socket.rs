@@ -15,11 +15,11 @@ use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use pgdn_core::frame::{ConnectionFrame, ErrorCode, ErrorFrame};
 use pgdn_core::{AuthError, Connection, DisconnectReason, Outbox};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::server::Shared;
 
@@ -147,7 +147,12 @@ pub(crate) async fn run<S>(
 }
 
 /// The connection's main loop; returns why it ended.
-async fn serve<S>(ws: &mut S, shared: &Shared, conn: &Connection, outbox: &Outbox) -> DisconnectReason
+async fn serve<S>(
+    ws: &mut S,
+    shared: &Shared,
+    conn: &Connection,
+    outbox: &Outbox,
+) -> DisconnectReason
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {

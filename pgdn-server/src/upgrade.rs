@@ -67,8 +67,8 @@ fn token_of(query: &HashMap<String, String>, headers: &HeaderMap) -> Option<Stri
 
 /// Matches a GET WebSocket upgrade request; rejects with [`NotAnUpgrade`]
 /// otherwise.
-pub(crate) fn upgrade_request() -> impl Filter<Extract = (UpgradeRequest,), Error = Rejection> + Clone
-{
+pub(crate) fn upgrade_request()
+-> impl Filter<Extract = (UpgradeRequest,), Error = Rejection> + Clone {
     warp::get()
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())

@@ -51,7 +51,10 @@ fn start_dev() -> Server {
     let mut rules = 0;
     loop {
         let mut line = String::new();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "stdout ended early: {lines:#?}");
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stdout ended early: {lines:#?}"
+        );
         let line = line.trim_end().to_string();
         if line.starts_with("=====") {
             rules += 1;
@@ -76,7 +79,11 @@ fn after<'a>(lines: &'a [String], label: &str) -> &'a str {
         .position(|l| l.trim_start().starts_with(label))
         .unwrap_or_else(|| panic!("no {label:?} in {lines:#?}"));
     let rest = lines[i].trim_start()[label.len()..].trim();
-    if rest.is_empty() { lines[i + 1].trim() } else { rest }
+    if rest.is_empty() {
+        lines[i + 1].trim()
+    } else {
+        rest
+    }
 }
 
 #[tokio::test]
@@ -84,13 +91,21 @@ async fn dev_mode_prints_working_credentials_and_sigterm_closes_with_1001() {
     let server = start_dev();
     let banner = server.lines.join("\n");
     assert!(banner.contains("DEV MODE"), "{banner}");
-    let token = after(&server.lines, "Demo token (user \"demo-user\", group \"demo\", valid 24 h):").to_string();
+    let token = after(
+        &server.lines,
+        "Demo token (user \"demo-user\", group \"demo\", valid 24 h):",
+    )
+    .to_string();
     let key = after(&server.lines, "Publish key:").to_string();
-    assert!(banner.contains(&format!("http://{}/?token={token}", server.addr)), "demo page URL");
+    assert!(
+        banner.contains(&format!("http://{}/?token={token}", server.addr)),
+        "demo page URL"
+    );
 
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
-        .await
-        .expect("the demo token connects");
+    let (ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
+            .await
+            .expect("the demo token connects");
     let mut client = Client::after_upgrade(ws).await;
     assert_eq!(client.user_id(), "demo-user");
 
@@ -108,7 +123,11 @@ async fn dev_mode_prints_working_credentials_and_sigterm_closes_with_1001() {
         .output()
         .await
         .expect("curl runs");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["delivered"], 1, "{reply}");
     let n = client.next().await;
@@ -153,7 +172,13 @@ fn half_configured_credentials_are_refused_with_a_clear_message() {
 fn help_lists_the_environment_variables() {
     let out = clean_command().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for var in ["PGDN_ADDR", "PGDN_JWT_SECRET", "PGDN_PUBLISH_KEY", "PGDN_MAX_FRAME_SIZE", "PGDN_RATE_LIMIT"] {
+    for var in [
+        "PGDN_ADDR",
+        "PGDN_JWT_SECRET",
+        "PGDN_PUBLISH_KEY",
+        "PGDN_MAX_FRAME_SIZE",
+        "PGDN_RATE_LIMIT",
+    ] {
         assert!(help.contains(var), "{var} missing from --help");
     }
 }
@@ -169,11 +194,17 @@ async fn configured_mode_uses_the_given_credentials_and_is_quiet_about_them() {
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
     reader.read_line(&mut first).unwrap();
-    let addr = first.trim().strip_prefix("pgdn-server listening on http://").unwrap().to_string();
+    let addr = first
+        .trim()
+        .strip_prefix("pgdn-server listening on http://")
+        .unwrap()
+        .to_string();
     let token = pgdn_server::JwtAuthenticator::new(b"env-secret")
         .issue("envuser", &[], Duration::from_secs(60))
         .unwrap();
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}")).await.unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}"))
+        .await
+        .unwrap();
     let mut c = Client::after_upgrade(ws).await;
     let res = reqwest::Client::new()
         .post(format!("http://{addr}/api/v1/publish"))
@@ -188,5 +219,8 @@ async fn configured_mode_uses_the_given_credentials_and_is_quiet_about_them() {
     let _ = child.wait();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
-    assert!(!rest.contains("env-key") && !rest.contains("env-secret"), "secrets are not printed");
+    assert!(
+        !rest.contains("env-key") && !rest.contains("env-secret"),
+        "secrets are not printed"
+    );
 }

@@ -118,7 +118,12 @@ impl TestServer {
         ws
     }
 
-    pub async fn post(&self, path: &str, key: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    pub async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
         let mut req = self
             .http
             .post(self.url(path))
@@ -130,13 +135,16 @@ impl TestServer {
         let res = req.send().await.unwrap();
         let status = res.status().as_u16();
         let text = res.text().await.unwrap();
-        let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON reply, got {text:?}"));
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON reply, got {text:?}"));
         (status, value)
     }
 
     /// Publishes `body` with the right key and expects 200.
     pub async fn publish(&self, body: Value) -> Value {
-        let (status, reply) = self.post("/api/v1/publish", Some(KEY), body.to_string()).await;
+        let (status, reply) = self
+            .post("/api/v1/publish", Some(KEY), body.to_string())
+            .await;
         assert_eq!(status, 200, "publish failed: {reply}");
         reply
     }

@@ -13,12 +13,20 @@ async fn missing_or_wrong_key_gets_401_and_publishes_nothing() {
         let (status, reply) = s.post("/api/v1/publish", key, body.clone()).await;
         assert_eq!(status, 401, "key {key:?}");
         assert!(reply["error"].is_string(), "{reply}");
-        let (status, _) = s.post("/api/v1/publish/batch", key, format!("[{body}]")).await;
+        let (status, _) = s
+            .post("/api/v1/publish/batch", key, format!("[{body}]"))
+            .await;
         assert_eq!(status, 401);
     }
     let res = s.http.get(s.url("/api/v1/stats")).send().await.unwrap();
     assert_eq!(res.status(), 401);
-    let res = s.http.get(s.url("/api/v1/stats")).header("authorization", format!("Basic {KEY}")).send().await.unwrap();
+    let res = s
+        .http
+        .get(s.url("/api/v1/stats"))
+        .header("authorization", format!("Basic {KEY}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 401, "only the Bearer scheme");
     // Nothing reached the subscriber: its next frame is the pong.
     c.roundtrip("after-401").await;
@@ -52,13 +60,22 @@ async fn malformed_bodies_get_400_with_a_json_error() {
     for body in bad {
         let (status, reply) = s.post("/api/v1/publish", Some(KEY), body).await;
         assert_eq!(status, 400, "body {body:?}: {reply}");
-        let msg = reply["error"].as_str().unwrap_or_else(|| panic!("error text for {body:?}"));
+        let msg = reply["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("error text for {body:?}"));
         assert!(!msg.is_empty());
     }
     let (_, reply) = s
-        .post("/api/v1/publish", Some(KEY), r#"{"target":{"user":"u1"},"type":"ping"}"#)
+        .post(
+            "/api/v1/publish",
+            Some(KEY),
+            r#"{"target":{"user":"u1"},"type":"ping"}"#,
+        )
         .await;
-    assert!(reply["error"].as_str().unwrap().contains("reserved"), "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("reserved"),
+        "{reply}"
+    );
     c.roundtrip("nothing-published").await;
     s.stop().await;
 }
@@ -67,7 +84,8 @@ async fn malformed_bodies_get_400_with_a_json_error() {
 async fn payload_may_be_left_out_and_is_then_empty() {
     let s = TestServer::start().await;
     let mut c = s.connect("u1", &[]).await;
-    s.publish(json!({"target":{"user":"u1"},"type":"info"})).await;
+    s.publish(json!({"target":{"user":"u1"},"type":"info"}))
+        .await;
     assert_eq!(c.next().await["payload"], json!({}));
     s.stop().await;
 }
@@ -78,7 +96,8 @@ async fn oversized_bodies_get_413() {
     config.max_body_size = 1024;
     let s = TestServer::start_with(config).await;
     let mut c = s.connect("u1", &[]).await;
-    let big = json!({"target":{"user":"u1"},"type":"info","payload":{"pad":"x".repeat(2000)}}).to_string();
+    let big = json!({"target":{"user":"u1"},"type":"info","payload":{"pad":"x".repeat(2000)}})
+        .to_string();
     let (status, reply) = s.post("/api/v1/publish", Some(KEY), big.clone()).await;
     assert_eq!(status, 413);
     assert!(reply["error"].as_str().unwrap().contains("1024"), "{reply}");
@@ -118,7 +137,9 @@ async fn a_repeated_publish_id_is_delivered_once_and_the_reply_repeats() {
     let n = c.next().await;
     assert_eq!(n["id"], "job-7:step.1");
     c.roundtrip("once").await;
-    let batch_again = s.post("/api/v1/publish/batch", Some(KEY), format!("[{body}]")).await;
+    let batch_again = s
+        .post("/api/v1/publish/batch", Some(KEY), format!("[{body}]"))
+        .await;
     assert_eq!(batch_again, (200, json!([first])));
     c.roundtrip("still-once").await;
     assert_eq!(s.stats().await["duplicates_suppressed"], 2);
@@ -134,7 +155,9 @@ async fn batch_is_all_or_nothing() {
         {"target":{"group":"g"},"type":"success","payload":{"i":1}},
         {"target":{"broadcast":{}},"type":"warning"}
     ]);
-    let (status, reply) = s.post("/api/v1/publish/batch", Some(KEY), good.to_string()).await;
+    let (status, reply) = s
+        .post("/api/v1/publish/batch", Some(KEY), good.to_string())
+        .await;
     assert_eq!(status, 200, "{reply}");
     let receipts = reply.as_array().unwrap();
     assert_eq!(receipts.len(), 3);
@@ -147,10 +170,14 @@ async fn batch_is_all_or_nothing() {
         {"target":{"user":"u1"},"type":"info"},
         {"target":{"user":"u1"},"type":"pong"}
     ]);
-    let (status, reply) = s.post("/api/v1/publish/batch", Some(KEY), bad.to_string()).await;
+    let (status, reply) = s
+        .post("/api/v1/publish/batch", Some(KEY), bad.to_string())
+        .await;
     assert_eq!(status, 400);
     assert!(reply["error"].is_string());
-    let (status, _) = s.post("/api/v1/publish/batch", Some(KEY), r#"{"not":"an array"}"#).await;
+    let (status, _) = s
+        .post("/api/v1/publish/batch", Some(KEY), r#"{"not":"an array"}"#)
+        .await;
     assert_eq!(status, 400);
     c.roundtrip("none-of-the-bad-batch").await;
     s.stop().await;
@@ -183,11 +210,32 @@ async fn health_metrics_and_unknown_api_paths() {
     let res = s.http.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().await.unwrap(), "ok");
-    s.publish(json!({"target":{"broadcast":{}},"type":"info"})).await;
-    let metrics = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("pgdn_messages_published_total 1"), "{metrics}");
-    assert!(metrics.contains("# TYPE pgdn_connections gauge"), "{metrics}");
-    let res = s.http.get(s.url("/api/v1/nope")).bearer_auth(KEY).send().await.unwrap();
+    s.publish(json!({"target":{"broadcast":{}},"type":"info"}))
+        .await;
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pgdn_messages_published_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE pgdn_connections gauge"),
+        "{metrics}"
+    );
+    let res = s
+        .http
+        .get(s.url("/api/v1/nope"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 404);
     let reply: Value = res.json().await.unwrap();
     assert_eq!(reply["error"], "not found");
@@ -197,6 +245,12 @@ async fn health_metrics_and_unknown_api_paths() {
     assert_eq!(res.status(), 400, "a plain GET on the WebSocket path");
     let page = s.http.get(s.url("/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().to_lowercase().contains("<!doctype html"));
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .to_lowercase()
+            .contains("<!doctype html")
+    );
     s.stop().await;
 }

@@ -9,7 +9,10 @@ use serde_json::json;
 use crate::common::*;
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 #[tokio::test]
@@ -17,22 +20,38 @@ async fn each_auth_failure_closes_1008_with_its_reason_and_registers_nothing() {
     let s = TestServer::start().await;
     let expired = s
         .auth
-        .encode(&Claims { sub: Some("u1".into()), groups: vec![], exp: now() - 3600 })
+        .encode(&Claims {
+            sub: Some("u1".into()),
+            groups: vec![],
+            exp: now() - 3600,
+        })
         .unwrap();
     let no_sub = s
         .auth
-        .encode(&Claims { sub: None, groups: vec!["g".into()], exp: now() + 600 })
+        .encode(&Claims {
+            sub: None,
+            groups: vec!["g".into()],
+            exp: now() + 600,
+        })
         .unwrap();
     let empty_sub = s
         .auth
-        .encode(&Claims { sub: Some("".into()), groups: vec![], exp: now() + 600 })
+        .encode(&Claims {
+            sub: Some("".into()),
+            groups: vec![],
+            exp: now() + 600,
+        })
         .unwrap();
     let forged = pgdn_server::JwtAuthenticator::new(b"not the secret")
         .issue("u1", &[], Duration::from_secs(600))
         .unwrap();
     let hs512 = jsonwebtoken::encode(
         &Header::new(Algorithm::HS512),
-        &Claims { sub: Some("u1".into()), groups: vec![], exp: now() + 600 },
+        &Claims {
+            sub: Some("u1".into()),
+            groups: vec![],
+            exp: now() + 600,
+        },
         &EncodingKey::from_secret(SECRET),
     )
     .unwrap();
@@ -48,12 +67,27 @@ async fn each_auth_failure_closes_1008_with_its_reason_and_registers_nothing() {
     ];
     for (query, reason) in cases {
         let mut ws = s.ws_raw(&query).await;
-        assert_eq!(expect_close(&mut ws).await, (1008, reason.to_string()), "query {query}");
+        assert_eq!(
+            expect_close(&mut ws).await,
+            (1008, reason.to_string()),
+            "query {query}"
+        );
     }
     let stats = s.stats().await;
     assert_eq!(stats["total_connections"], 0);
-    assert_eq!(stats["connections_opened"], 0, "nothing was ever registered");
-    let metrics = s.http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        stats["connections_opened"], 0,
+        "nothing was ever registered"
+    );
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         metrics.contains(r#"pgdn_auth_failures_total{reason="invalid token"} 4"#),
         "{metrics}"
@@ -69,9 +103,16 @@ async fn connection_frame_comes_first_and_has_the_protocol_shape() {
     assert_eq!(hello["type"], "connection");
     assert_eq!(hello["status"], "connected");
     assert_eq!(hello["user_id"], "u1");
-    assert!(hello["connection_id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert!(
+        hello["connection_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
     let ts = hello["timestamp"].as_str().unwrap();
-    assert!(ts.ends_with('Z') && humantime::parse_rfc3339(ts).is_ok(), "{ts}");
+    assert!(
+        ts.ends_with('Z') && humantime::parse_rfc3339(ts).is_ok(),
+        "{ts}"
+    );
     assert_eq!(hello.as_object().unwrap().len(), 5, "{hello}");
     s.stop().await;
 }
@@ -82,11 +123,15 @@ async fn bearer_header_authenticates_too() {
     let ws = s.connect_bearer(&s.token("u9", &[])).await;
     let mut c = Client::after_upgrade(ws).await;
     assert_eq!(c.user_id(), "u9");
-    s.publish(json!({"target":{"user":"u9"},"type":"info","payload":{"n":1}})).await;
+    s.publish(json!({"target":{"user":"u9"},"type":"info","payload":{"n":1}}))
+        .await;
     assert_eq!(c.next().await["payload"], json!({"n":1}));
 
     let mut bad = s.connect_bearer("nope").await;
-    assert_eq!(expect_close(&mut bad).await, (1008, "invalid token".to_string()));
+    assert_eq!(
+        expect_close(&mut bad).await,
+        (1008, "invalid token".to_string())
+    );
     s.stop().await;
 }
 
@@ -95,7 +140,8 @@ async fn a_publish_after_the_connection_frame_reaches_the_socket() {
     let s = TestServer::start().await;
     for i in 0..20 {
         let mut c = s.connect(&format!("race{i}"), &[]).await;
-        s.publish(json!({"target":{"user":format!("race{i}")},"type":"info"})).await;
+        s.publish(json!({"target":{"user":format!("race{i}")},"type":"info"}))
+            .await;
         assert_eq!(c.next().await["type"], "info");
     }
     s.stop().await;

@@ -48,7 +48,9 @@ async fn group_messages_reach_exactly_the_members() {
         assert!(n.get("user_id").is_none());
     }
     staff.roundtrip("s").await;
-    let reply = s.publish(json!({"target":{"group":"nobody"},"type":"info"})).await;
+    let reply = s
+        .publish(json!({"target":{"group":"nobody"},"type":"info"}))
+        .await;
     assert_eq!(reply["delivered"], 0);
     s.stop().await;
 }
@@ -67,12 +69,17 @@ async fn broadcast_skips_excluded_users_on_all_their_tabs() {
     for c in [&mut u1, &mut u3] {
         let n = c.next().await;
         assert_eq!(n["type"], "danger");
-        assert!(n.get("user_id").is_none() && n.get("group_ids").is_none(), "{n}");
+        assert!(
+            n.get("user_id").is_none() && n.get("group_ids").is_none(),
+            "{n}"
+        );
     }
     u2a.roundtrip("a").await;
     u2b.roundtrip("b").await;
 
-    let reply = s.publish(json!({"target":{"broadcast":{}},"type":"info"})).await;
+    let reply = s
+        .publish(json!({"target":{"broadcast":{}},"type":"info"}))
+        .await;
     assert_eq!(reply["delivered"], 4);
     s.stop().await;
 }
@@ -125,11 +132,25 @@ async fn in_process_publishing_through_the_hub() {
         .unwrap();
     assert_eq!(r.delivered, Some(1));
     assert_eq!(c.next().await["payload"]["from"], "handler");
-    hub.notify_group("g", MessageType::success(), json!({})).await.unwrap();
+    hub.notify_group("g", MessageType::success(), json!({}))
+        .await
+        .unwrap();
     assert_eq!(c.next().await["group_ids"], json!(["g"]));
-    hub.broadcast(MessageType::warning(), json!({}), &["u1"]).await.unwrap();
-    hub.notify_users(&["u1"], MessageType::danger(), json!({})).await.unwrap();
-    assert_eq!(c.next().await["type"], "danger", "the broadcast excluded u1");
-    assert!(hub.notify_user("u1", MessageType::info(), json!([1])).await.is_err());
+    hub.broadcast(MessageType::warning(), json!({}), &["u1"])
+        .await
+        .unwrap();
+    hub.notify_users(&["u1"], MessageType::danger(), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.next().await["type"],
+        "danger",
+        "the broadcast excluded u1"
+    );
+    assert!(
+        hub.notify_user("u1", MessageType::info(), json!([1]))
+            .await
+            .is_err()
+    );
     s.stop().await;
 }

@@ -13,9 +13,16 @@ async fn ping_gets_pong_with_the_same_timestamp() {
     let s = TestServer::start().await;
     let mut c = s.connect("u1", &[]).await;
     c.send(r#"{"type":"ping","timestamp":1732680000123}"#).await;
-    assert_eq!(c.next().await, json!({"type":"pong","timestamp":1732680000123u64}));
-    c.send(r#"{"type":"ping","timestamp":{"any":"json"}}"#).await;
-    assert_eq!(c.next().await, json!({"type":"pong","timestamp":{"any":"json"}}));
+    assert_eq!(
+        c.next().await,
+        json!({"type":"pong","timestamp":1732680000123u64})
+    );
+    c.send(r#"{"type":"ping","timestamp":{"any":"json"}}"#)
+        .await;
+    assert_eq!(
+        c.next().await,
+        json!({"type":"pong","timestamp":{"any":"json"}})
+    );
     c.send(r#"{"type":"ping"}"#).await;
     assert_eq!(c.next().await, json!({"type":"pong","timestamp":null}));
     s.stop().await;
@@ -25,8 +32,14 @@ async fn ping_gets_pong_with_the_same_timestamp() {
 async fn websocket_level_ping_is_answered_with_pong() {
     let s = TestServer::start().await;
     let mut c = s.connect("u1", &[]).await;
-    c.ws.send(Message::Ping(b"hello".to_vec().into())).await.unwrap();
-    let pong = tokio::time::timeout(WAIT, c.ws.next()).await.unwrap().unwrap().unwrap();
+    c.ws.send(Message::Ping(b"hello".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(WAIT, c.ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(pong, Message::Pong(b"hello".to_vec().into()));
     s.stop().await;
 }
@@ -54,12 +67,18 @@ async fn invalid_frames_get_error_frames_and_the_connection_stays_open() {
         assert_eq!(e["code"], code, "{frame:?}: {e}");
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
-    c.ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    c.ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
     let e = c.next().await;
-    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("invalid_message")));
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("invalid_message"))
+    );
     // Still open, still receiving; the other connection never noticed.
     c.roundtrip("still-open").await;
-    s.publish(json!({"target":{"broadcast":{}},"type":"info","payload":{"after":"errors"}})).await;
+    s.publish(json!({"target":{"broadcast":{}},"type":"info","payload":{"after":"errors"}}))
+        .await;
     assert_eq!(c.next().await["payload"]["after"], "errors");
     assert_eq!(other.next().await["payload"]["after"], "errors");
     s.stop().await;
@@ -73,7 +92,10 @@ async fn custom_handlers_get_the_senders_identity_and_can_reply() {
     hub.register_handler("chat", move |who: Identity, frame: Map<String, Value>| {
         let relay = relay.clone();
         async move {
-            let text = frame.get("text").and_then(Value::as_str).ok_or_else(|| HandlerError::new("chat needs a text"))?;
+            let text = frame
+                .get("text")
+                .and_then(Value::as_str)
+                .ok_or_else(|| HandlerError::new("chat needs a text"))?;
             relay
                 .notify_group(
                     "room",
@@ -110,9 +132,17 @@ async fn a_frame_above_the_size_limit_closes_with_1009() {
     let s = TestServer::start_with(config).await;
     let mut c = s.connect("u1", &[]).await;
     let mut other = s.connect("u2", &[]).await;
-    c.send(&format!(r#"{{"type":"ping","timestamp":"{}"}}"#, "x".repeat(900))).await;
+    c.send(&format!(
+        r#"{{"type":"ping","timestamp":"{}"}}"#,
+        "x".repeat(900)
+    ))
+    .await;
     assert_eq!(c.next().await["type"], "pong", "under the limit is fine");
-    c.send(&format!(r#"{{"type":"ping","timestamp":"{}"}}"#, "x".repeat(2000))).await;
+    c.send(&format!(
+        r#"{{"type":"ping","timestamp":"{}"}}"#,
+        "x".repeat(2000)
+    ))
+    .await;
     assert_eq!(c.expect_close().await.0, 1009);
     s.wait_connections(1).await;
     other.roundtrip("unharmed").await;
@@ -131,8 +161,12 @@ async fn a_client_over_its_rate_limit_is_closed_with_1008() {
     for i in 0..5 {
         c.roundtrip(&format!("ok-{i}")).await;
     }
-    c.send(r#"{"type":"ping","timestamp":"one too many"}"#).await;
-    assert_eq!(c.expect_close().await, (1008, "rate limit exceeded".to_string()));
+    c.send(r#"{"type":"ping","timestamp":"one too many"}"#)
+        .await;
+    assert_eq!(
+        c.expect_close().await,
+        (1008, "rate limit exceeded".to_string())
+    );
     assert_eq!(s.stats().await["disconnects"]["rate_limited"], 1);
     s.stop().await;
 }
@@ -142,7 +176,11 @@ async fn the_websocket_path_is_configurable() {
     let mut config = Config::default();
     config.ws_path = "/realtime/socket".into();
     let s = TestServer::start_with(config).await;
-    let url = format!("ws://{}/realtime/socket?token={}", s.addr, s.token("u1", &[]));
+    let url = format!(
+        "ws://{}/realtime/socket?token={}",
+        s.addr,
+        s.token("u1", &[])
+    );
     let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let c = Client::after_upgrade(ws).await;
     assert_eq!(c.user_id(), "u1");

@@ -33,14 +33,21 @@ async fn a_slow_consumer_is_cut_off_with_1013_while_the_others_keep_receiving() 
             .await;
         assert!(reply["delivered"].as_u64().unwrap() >= 1);
         let n = fast.next().await;
-        assert_eq!(n["payload"]["i"], published, "fast consumer keeps up in order");
+        assert_eq!(
+            n["payload"]["i"], published,
+            "fast consumer keeps up in order"
+        );
         published += 1;
     }
     // The fast one is unaffected after the cut.
-    s.publish(json!({"target":{"broadcast":{}},"type":"info","payload":{"after":"cut"}})).await;
+    s.publish(json!({"target":{"broadcast":{}},"type":"info","payload":{"after":"cut"}}))
+        .await;
     assert_eq!(fast.next().await["payload"]["after"], "cut");
     // The slow one finally reads: what the socket buffered, then 1013.
-    assert_eq!(slow.expect_close().await, (1013, "slow consumer".to_string()));
+    assert_eq!(
+        slow.expect_close().await,
+        (1013, "slow consumer".to_string())
+    );
     s.wait_connections(1).await;
     let stats = s.stats().await;
     assert_eq!(stats["total_users"], 1);
@@ -67,7 +74,12 @@ async fn stats_go_back_to_zero_once_every_client_has_left() {
     s.wait_connections(0).await;
     let stats = s.stats().await;
     assert_eq!(
-        (stats["total_connections"].clone(), stats["total_users"].clone(), stats["groups"].clone(), stats["users"].clone()),
+        (
+            stats["total_connections"].clone(),
+            stats["total_users"].clone(),
+            stats["groups"].clone(),
+            stats["users"].clone()
+        ),
         (json!(0), json!(0), json!([]), json!([]))
     );
     s.stop().await;
@@ -81,10 +93,19 @@ async fn shutdown_closes_every_connection_with_1001() {
     let pgdn = s.pgdn.clone();
     let addr = s.addr;
     s.stop().await;
-    assert_eq!(a.expect_close().await, (1001, "server shutting down".to_string()));
-    assert_eq!(b.expect_close().await, (1001, "server shutting down".to_string()));
+    assert_eq!(
+        a.expect_close().await,
+        (1001, "server shutting down".to_string())
+    );
+    assert_eq!(
+        b.expect_close().await,
+        (1001, "server shutting down".to_string())
+    );
     assert_eq!(pgdn.hub().stats().total_connections, 0);
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
 }
 
 #[tokio::test]
