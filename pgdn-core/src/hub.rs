@@ -669,6 +669,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_connection_gets_the_same_bytes() {
+        let hub = Hub::new();
+        let mut outboxes = Vec::new();
+        for i in 0..5 {
+            let (_c, o) = hub
+                .connect(Identity::new(format!("u{i}"), Vec::<&str>::new()))
+                .await
+                .unwrap();
+            outboxes.push(o);
+        }
+        hub.broadcast(
+            MessageType::info(),
+            json!({"big": "x".repeat(1000)}),
+            &[] as &[&str],
+        )
+        .await
+        .unwrap();
+        let mut frames = Vec::new();
+        for o in &outboxes {
+            let mut buf = Vec::new();
+            o.recv_many(&mut buf).await.unwrap();
+            frames.push(buf.pop().unwrap());
+        }
+        // Serialized once: every queue holds a handle to one buffer.
+        assert!(frames.iter().all(|f| f.as_ptr() == frames[0].as_ptr()));
+    }
+
+    #[tokio::test]
     async fn duplicate_ids_are_delivered_once() {
         let hub = Hub::new();
         let (_c, outbox) = hub

@@ -5,14 +5,15 @@
 //! `/api/v1/*` for publishers, `/healthz`, `/metrics` and a demo page at `/`.
 //!
 //! ```no_run
-//! # async fn run() {
-//! use pgdn_server::{Pgdn, JwtAuthenticator};
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use pgdn_server::{JwtAuthenticator, Pgdn, shutdown_signal};
 //! let pgdn = Pgdn::builder()
 //!     .authenticator(JwtAuthenticator::new(b"jwt secret"))
 //!     .publish_key("publish key")
-//!     .build();
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await.unwrap();
-//! pgdn.serve(listener, async { tokio::signal::ctrl_c().await.ok(); }).await;
+//!     .build()?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//! pgdn.serve(listener, shutdown_signal()).await;
+//! # Ok(())
 //! # }
 //! ```
 //!

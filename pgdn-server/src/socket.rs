@@ -167,14 +167,25 @@ where
                 if let Err(reason) = queued {
                     return reason;
                 }
-                // Write the whole batch with one flush; stop at once if the
-                // hub closes the connection while the socket is slow.
-                let write = write_batch(ws, &mut batch);
-                tokio::select! {
-                    written = write => if written.is_err() {
-                        return DisconnectReason::TransportError;
-                    },
-                    reason = outbox.closed() => return reason,
+                // Write the whole batch with one flush. If the hub closes
+                // the connection meanwhile (a slow consumer, a kick), stop at
+                // once; at shutdown, finish the batch within the close
+                // timeout so that nothing already queued is lost.
+                let mut write = std::pin::pin!(write_batch(ws, &mut batch));
+                let written = tokio::select! {
+                    written = &mut write => written,
+                    reason = outbox.closed() => {
+                        if reason != DisconnectReason::ServerShutdown {
+                            return reason;
+                        }
+                        match tokio::time::timeout(shared.config.close_timeout, write).await {
+                            Ok(written) => written,
+                            Err(_) => return reason,
+                        }
+                    }
+                };
+                if written.is_err() {
+                    return DisconnectReason::TransportError;
                 }
             }
             inbound = ws.next() => {
