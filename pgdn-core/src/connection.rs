@@ -73,6 +73,9 @@ pub enum DisconnectReason {
     Kicked,
     /// The WebSocket protocol was violated or the transport failed.
     TransportError,
+    /// Nothing was received for too long, not even a Pong to the server's
+    /// Ping: the peer is presumed gone (a laptop asleep, a dead NAT entry).
+    IdleTimeout,
 }
 
 impl DisconnectReason {
@@ -80,7 +83,9 @@ impl DisconnectReason {
     /// sent (the peer is gone or closed first).
     pub fn close_frame(self) -> Option<(u16, &'static str)> {
         match self {
-            DisconnectReason::ClientClosed | DisconnectReason::TransportError => None,
+            DisconnectReason::ClientClosed
+            | DisconnectReason::TransportError
+            | DisconnectReason::IdleTimeout => None,
             DisconnectReason::SlowConsumer => Some((1013, "slow consumer")),
             DisconnectReason::FrameTooLarge => Some((1009, "frame too large")),
             DisconnectReason::RateLimited => Some((1008, "rate limit exceeded")),
@@ -99,6 +104,7 @@ impl DisconnectReason {
             DisconnectReason::ServerShutdown => "server_shutdown",
             DisconnectReason::Kicked => "kicked",
             DisconnectReason::TransportError => "transport_error",
+            DisconnectReason::IdleTimeout => "idle_timeout",
         }
     }
 }

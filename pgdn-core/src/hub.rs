@@ -128,7 +128,7 @@ struct Counters {
     duplicates: AtomicU64,
     connections_opened: AtomicU64,
     frames_received: AtomicU64,
-    disconnects: [AtomicU64; 7],
+    disconnects: [AtomicU64; 8],
 }
 
 fn reason_index(r: DisconnectReason) -> usize {
@@ -139,11 +139,12 @@ fn reason_index(r: DisconnectReason) -> usize {
         DisconnectReason::RateLimited => 3,
         DisconnectReason::ServerShutdown => 4,
         DisconnectReason::Kicked => 5,
+        DisconnectReason::IdleTimeout => 7,
         _ => 6,
     }
 }
 
-const REASONS: [DisconnectReason; 7] = [
+const REASONS: [DisconnectReason; 8] = [
     DisconnectReason::ClientClosed,
     DisconnectReason::SlowConsumer,
     DisconnectReason::FrameTooLarge,
@@ -151,6 +152,7 @@ const REASONS: [DisconnectReason; 7] = [
     DisconnectReason::ServerShutdown,
     DisconnectReason::Kicked,
     DisconnectReason::TransportError,
+    DisconnectReason::IdleTimeout,
 ];
 
 struct Inner {

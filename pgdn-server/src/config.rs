@@ -32,6 +32,12 @@ pub struct Config {
     /// tungstenite's read buffer per connection, allocated eagerly: it
     /// decides most of the memory of an idle connection. Default 4 KiB.
     pub read_buffer_size: usize,
+    /// How often the server sends a WebSocket Ping to each connection, so
+    /// that dead peers are noticed. Default 25 s.
+    pub ping_interval: Duration,
+    /// A connection that sent nothing (not even a Pong) for this long is
+    /// dropped. Default 60 s.
+    pub idle_timeout: Duration,
     /// How long a connection may take to write its close frame before it is
     /// dropped. Default 5 s.
     pub close_timeout: Duration,
@@ -53,6 +59,8 @@ impl Default for Config {
             max_batch_len: 1000,
             max_connections: 100_000,
             read_buffer_size: 4 * 1024,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
             demo_page: true,
@@ -80,6 +88,9 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_body_size == 0 || self.max_batch_len == 0 {
             return bad("max_connections, max_body_size and max_batch_len must be > 0");
+        }
+        if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
+            return bad("ping_interval must be > 0 and idle_timeout longer than ping_interval");
         }
         if self.read_buffer_size < 1024 {
             return bad("read_buffer_size must be at least 1 KiB");

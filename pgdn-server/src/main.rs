@@ -49,6 +49,12 @@ struct Args {
     /// tungstenite read buffer per connection, in bytes.
     #[arg(long, env = "PGDN_READ_BUFFER", default_value_t = 4 * 1024)]
     read_buffer: usize,
+    /// How often each connection gets a WebSocket Ping (e.g. `25s`).
+    #[arg(long, env = "PGDN_PING_INTERVAL", default_value = "25s", value_parser = humantime::parse_duration)]
+    ping_interval: Duration,
+    /// Drop a connection that sent nothing, not even a Pong, for this long.
+    #[arg(long, env = "PGDN_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
     /// Serve the demo page at `/`.
     #[arg(long, env = "PGDN_DEMO_PAGE", default_value_t = true, action = clap::ArgAction::Set)]
     demo_page: bool,
@@ -106,6 +112,8 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     config.max_connections = args.max_connections;
     config.read_buffer_size = args.read_buffer;
     config.demo_page = args.demo_page;
+    config.ping_interval = args.ping_interval;
+    config.idle_timeout = args.idle_timeout;
 
     let auth = JwtAuthenticator::new(jwt_secret.as_bytes());
     let pgdn = Pgdn::builder()

@@ -161,8 +161,20 @@ where
         shared.config.rate_limit_burst,
     );
     let mut batch: Vec<Bytes> = Vec::new();
+    let interval = shared.config.ping_interval;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if last_seen.elapsed() >= shared.config.idle_timeout {
+                    return DisconnectReason::IdleTimeout;
+                }
+                if ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return DisconnectReason::TransportError;
+                }
+            }
             queued = outbox.recv_many(&mut batch) => {
                 if let Err(reason) = queued {
                     return reason;
@@ -189,6 +201,7 @@ where
                 }
             }
             inbound = ws.next() => {
+                last_seen = tokio::time::Instant::now();
                 let reply = match inbound {
                     None => return DisconnectReason::ClientClosed,
                     Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {

@@ -121,3 +121,37 @@ async fn kicking_a_user_closes_all_their_tabs_with_1008() {
     other.roundtrip("stays").await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_server_pings_and_drops_peers_that_stay_silent() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut config = Config::default();
+    config.ping_interval = std::time::Duration::from_millis(50);
+    config.idle_timeout = std::time::Duration::from_millis(400);
+    let s = TestServer::start_with(config).await;
+    let mut alive = s.connect("alive", &[]).await;
+    // `silent` never polls its socket, so its client never answers a Ping.
+    let _silent = s.connect("silent", &[]).await;
+    // The live client reads; tungstenite answers each Ping with a Pong.
+    let mut pings = 0;
+    while pings < 3 {
+        let msg = tokio::time::timeout(WAIT, alive.ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if matches!(msg, Message::Ping(_)) {
+            pings += 1;
+        }
+    }
+    s.wait_connections(1).await;
+    assert_eq!(
+        s.pgdn.hub().connections_of("alive").len(),
+        1,
+        "the live one stays"
+    );
+    assert_eq!(s.stats().await["disconnects"]["idle_timeout"], 1);
+    alive.roundtrip("still-here").await;
+    s.stop().await;
+}
