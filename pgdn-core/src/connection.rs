@@ -13,7 +13,7 @@
 //! the transport drains every queued frame in one go to write them with a
 //! single flush. The lock is never held across an `.await`.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -123,9 +123,14 @@ pub enum SendError {
 
 #[derive(Debug, Default)]
 struct Queue {
-    frames: VecDeque<Bytes>,
+    /// (delivery sequence number or 0 for replies, frame).
+    frames: VecDeque<(u64, Bytes)>,
     bytes: usize,
     closed: Option<DisconnectReason>,
+    /// Sequence numbers already sent by a resume replay, not to be sent
+    /// again, and the highest of them. Boxed: only connections that resumed
+    /// pay for it, and only until the queue moves past the highest.
+    skip: Option<Box<(HashSet<u64>, u64)>>,
 }
 
 #[derive(Debug)]
@@ -206,6 +211,12 @@ impl Connection {
     /// Queues one frame without waiting. A full queue closes the connection
     /// as [`DisconnectReason::SlowConsumer`] and returns [`SendError::Full`].
     pub fn try_send(&self, frame: Bytes) -> Result<(), SendError> {
+        self.try_send_seq(0, frame)
+    }
+
+    /// Like [`Connection::try_send`], for a message with delivery sequence
+    /// number `seq` (so that a resume replay can skip it).
+    pub fn try_send_seq(&self, seq: u64, frame: Bytes) -> Result<(), SendError> {
         let was_empty;
         {
             let mut q = self.shared.lock();
@@ -223,7 +234,7 @@ impl Connection {
             }
             was_empty = q.frames.is_empty();
             q.bytes += frame.len();
-            q.frames.push_back(frame);
+            q.frames.push_back((seq, frame));
         }
         if was_empty {
             self.shared.data.notify_one();
@@ -279,7 +290,25 @@ impl Outbox {
                 let mut q = self.shared.lock();
                 if !q.frames.is_empty() {
                     let n = q.frames.len();
-                    buf.extend(q.frames.drain(..));
+                    let Queue { frames, skip, .. } = &mut *q;
+                    match skip.take() {
+                        None => buf.extend(frames.drain(..).map(|(_, f)| f)),
+                        Some(set) => {
+                            let (replayed, max) = &*set;
+                            // Messages are queued in delivery order: once one
+                            // is past the replay, no replayed one can follow.
+                            let past = frames.iter().any(|(seq, _)| seq > max);
+                            buf.extend(
+                                frames
+                                    .drain(..)
+                                    .filter(|(seq, _)| *seq == 0 || !replayed.contains(seq))
+                                    .map(|(_, f)| f),
+                            );
+                            if !past {
+                                *skip = Some(set);
+                            }
+                        }
+                    }
                     q.bytes = 0;
                     if q.frames.capacity() > 64 {
                         // Give back what a burst grew, so idle connections stay small.
@@ -292,6 +321,16 @@ impl Outbox {
                 }
             }
             self.shared.data.notified().await;
+        }
+    }
+
+    /// Drops, from now on, queued messages whose sequence number is in
+    /// `seqs`: the transport has just sent them in a resume replay. Only
+    /// messages delivered before the replay was read can be among them.
+    pub fn skip_replayed(&self, seqs: impl IntoIterator<Item = u64>) {
+        let set: HashSet<u64> = seqs.into_iter().collect();
+        if let Some(max) = set.iter().max().copied() {
+            self.shared.lock().skip = Some(Box::new((set, max)));
         }
     }
 
@@ -379,6 +418,31 @@ mod tests {
         assert_eq!(
             outbox.recv_many(&mut buf).await,
             Err(DisconnectReason::ServerShutdown)
+        );
+    }
+
+    #[tokio::test]
+    async fn replayed_messages_are_skipped_until_the_queue_moves_past_them() {
+        let (conn, outbox) = pair(QueueLimits::default());
+        conn.try_send_seq(3, Bytes::from_static(b"m3")).unwrap();
+        conn.try_send_seq(4, Bytes::from_static(b"broadcast4"))
+            .unwrap();
+        outbox.skip_replayed([3, 5]);
+        let mut buf = Vec::new();
+        outbox.recv_many(&mut buf).await.unwrap();
+        assert_eq!(buf, vec![Bytes::from_static(b"broadcast4")]);
+        buf.clear();
+        conn.try_send_seq(5, Bytes::from_static(b"m5")).unwrap();
+        conn.try_send(Bytes::from_static(b"reply")).unwrap();
+        conn.try_send_seq(6, Bytes::from_static(b"m6")).unwrap();
+        outbox.recv_many(&mut buf).await.unwrap();
+        assert_eq!(
+            buf,
+            vec![Bytes::from_static(b"reply"), Bytes::from_static(b"m6")]
+        );
+        assert!(
+            conn.shared.lock().skip.is_none(),
+            "the skip set is gone once passed"
         );
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use crate::dedup::{Claim, Dedup};
 use crate::error::{Error, Result};
 use crate::frame::{ClientFrame, ErrorCode, ErrorFrame, pong_json};
 use crate::handler::MessageHandler;
+use crate::history::{History, HistoryConfig, HistoryRecord, MemoryHistory, Replay};
 use crate::identity::Identity;
 use crate::message::{MessageId, MessageType, Notification, RESERVED_TYPES, timestamp_now};
 use crate::session::{MemorySessionTracker, SessionTracker};
@@ -56,6 +57,8 @@ pub struct HubBuilder {
     config: HubConfig,
     broker: Arc<dyn Broker>,
     sessions: Arc<dyn SessionTracker>,
+    history: Option<Arc<dyn History>>,
+    history_config: HistoryConfig,
 }
 
 impl Default for HubBuilder {
@@ -64,6 +67,8 @@ impl Default for HubBuilder {
             config: HubConfig::default(),
             broker: Arc::new(LocalBroker),
             sessions: Arc::new(MemorySessionTracker::new()),
+            history: None,
+            history_config: HistoryConfig::default(),
         }
     }
 }
@@ -100,6 +105,19 @@ impl HubBuilder {
         self
     }
 
+    /// Sets the history kept for resume (default: a [`MemoryHistory`] with
+    /// the bounds of [`HubBuilder::history_config`]).
+    pub fn history(mut self, history: Arc<dyn History>) -> Self {
+        self.history = Some(history);
+        self
+    }
+    /// Sets the bounds of the default in-memory history (100 messages and
+    /// 10 minutes per user).
+    pub fn history_config(mut self, config: HistoryConfig) -> Self {
+        self.history_config = config;
+        self
+    }
+
     /// Builds the hub and attaches the broker to it.
     pub fn build(self) -> Hub {
         let (connections, _) = watch::channel(0);
@@ -110,6 +128,10 @@ impl HubBuilder {
             handlers: RwLock::new(HashMap::new()),
             broker: self.broker,
             sessions: self.sessions,
+            history: self
+                .history
+                .unwrap_or_else(|| Arc::new(MemoryHistory::new(self.history_config))),
+            delivery_seq: Mutex::new(0),
             next_connection: AtomicU64::new(1),
             counters: Counters::default(),
             connections,
@@ -161,6 +183,11 @@ struct Inner {
     handlers: RwLock<HashMap<String, Arc<dyn MessageHandler>>>,
     broker: Arc<dyn Broker>,
     sessions: Arc<dyn SessionTracker>,
+    history: Arc<dyn History>,
+    /// The last delivery sequence number. Held while a message is recorded
+    /// and queued, so that every queue sees messages in sequence order (the
+    /// order resume relies on). Never held across an `.await`.
+    delivery_seq: Mutex<u64>,
     dedup: Dedup,
     next_connection: AtomicU64,
     counters: Counters,
@@ -430,7 +457,29 @@ impl Hub {
     /// and not counted.
     pub fn deliver_local(&self, envelope: &Envelope) -> usize {
         let mut delivered = 0usize;
-        let mut send = |c: &Connection| match c.try_send(envelope.frame.clone()) {
+        let registry = &self.inner.registry;
+        let mut seq_guard = self
+            .inner
+            .delivery_seq
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *seq_guard += 1;
+        let seq = *seq_guard;
+        let users: Vec<Arc<str>> = match &envelope.target {
+            Target::User(u) => vec![u.clone()],
+            Target::Users(us) => {
+                let mut seen = HashSet::with_capacity(us.len());
+                us.iter().filter(|u| seen.insert(&***u)).cloned().collect()
+            }
+            _ => Vec::new(),
+        };
+        self.inner.history.record(&HistoryRecord {
+            seq,
+            id: &envelope.id,
+            users: &users,
+            frame: &envelope.frame,
+        });
+        let mut send = |c: &Connection| match c.try_send_seq(seq, envelope.frame.clone()) {
             Ok(()) => delivered += 1,
             Err(SendError::Full) => {
                 tracing::warn!(
@@ -441,25 +490,30 @@ impl Hub {
             }
             Err(_) => {}
         };
-        let registry = &self.inner.registry;
         match &envelope.target {
-            Target::User(u) => registry.for_user(u, &mut send),
-            Target::Users(us) => {
-                let mut seen = HashSet::with_capacity(us.len());
-                for u in us {
-                    if seen.insert(&**u) {
-                        registry.for_user(u, &mut send);
-                    }
+            Target::User(_) | Target::Users(_) => {
+                for u in &users {
+                    registry.for_user(u, &mut send);
                 }
             }
             Target::Group(g) => registry.for_group(g, &mut send),
             Target::Broadcast(b) => registry.for_all_except(&b.exclude_users, &mut send),
         }
+        drop(seq_guard);
         self.inner
             .counters
             .deliveries
             .fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
+    }
+
+    /// What a client of `user_id` that reconnects with `since` missed
+    /// (PROTOCOL.md section 4). The transport registers the connection
+    /// first, then sends this replay, then calls
+    /// [`Outbox::skip_replayed`] with its sequence numbers so that nothing
+    /// is sent twice.
+    pub async fn replay(&self, user_id: &str, since: &str) -> Result<Replay> {
+        self.inner.history.replay(user_id, since).await
     }
 
     /// Sends a notification to every connection of one user.

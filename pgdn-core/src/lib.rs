@@ -15,8 +15,8 @@
 //!   [`Outbox`]) and why it ended ([`DisconnectReason`]).
 //! - [`registry`]: user -> connections and group -> connections.
 //! - [`hub`]: routes a publish to connections ([`Hub`], the facade).
-//! - [`auth`], [`handler`], [`broker`], [`session`]: the traits other crates
-//!   implement, each with an in-process default.
+//! - [`auth`], [`handler`], [`broker`], [`session`], [`history`]: the traits
+//!   other crates implement, each with an in-process default.
 //! - [`error`]: the crate's [`Error`] enum.
 
 pub mod auth;
@@ -26,6 +26,7 @@ mod dedup;
 pub mod error;
 pub mod frame;
 pub mod handler;
+pub mod history;
 pub mod hub;
 pub mod identity;
 pub mod message;
@@ -39,6 +40,7 @@ pub use connection::{Connection, DisconnectReason, Outbox, QueueLimits, SendErro
 pub use error::{Error, Result};
 pub use frame::{ClientFrame, ErrorFrame, FrameError};
 pub use handler::{HandlerError, MessageHandler};
+pub use history::{History, HistoryConfig, MemoryHistory, Replay};
 pub use hub::{Hub, HubBuilder, HubConfig, Stats};
 pub use identity::Identity;
 pub use message::{MessageId, MessageType, Notification};

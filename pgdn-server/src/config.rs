@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use pgdn_core::QueueLimits;
+use pgdn_core::{HistoryConfig, QueueLimits};
 
 /// Settings of a [`Pgdn`](crate::Pgdn) server. Start from
 /// `Config::default()` and change what you need.
@@ -22,6 +22,9 @@ pub struct Config {
     /// Bounds of each connection's outbound queue (close 1013 when full).
     /// Default 1024 frames or 1 MiB.
     pub queue: QueueLimits,
+    /// What is kept per user for resume after reconnect (`since=`). Default
+    /// 100 messages and 10 minutes.
+    pub history: HistoryConfig,
     /// Largest publish body; larger gets 413. Default 1 MiB.
     pub max_body_size: u64,
     /// Most publishes in one batch. Default 1000.
@@ -55,6 +58,7 @@ impl Default for Config {
             rate_limit_per_sec: 20.0,
             rate_limit_burst: 50.0,
             queue: QueueLimits::default(),
+            history: HistoryConfig::default(),
             max_body_size: 1024 * 1024,
             max_batch_len: 1000,
             max_connections: 100_000,

@@ -55,6 +55,12 @@ struct Args {
     /// Drop a connection that sent nothing, not even a Pong, for this long.
     #[arg(long, env = "PGDN_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// Messages kept per user for resume after reconnect (`since=`).
+    #[arg(long, env = "PGDN_HISTORY_MESSAGES", default_value_t = 100)]
+    history_messages: usize,
+    /// Oldest message kept for resume (e.g. `10m`).
+    #[arg(long, env = "PGDN_HISTORY_AGE", default_value = "10m", value_parser = humantime::parse_duration)]
+    history_age: Duration,
     /// Serve the demo page at `/`.
     #[arg(long, env = "PGDN_DEMO_PAGE", default_value_t = true, action = clap::ArgAction::Set)]
     demo_page: bool,
@@ -113,6 +119,10 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     config.read_buffer_size = args.read_buffer;
     config.demo_page = args.demo_page;
     config.ping_interval = args.ping_interval;
+    config.history = config
+        .history
+        .max_messages(args.history_messages)
+        .max_age(args.history_age);
     config.idle_timeout = args.idle_timeout;
 
     let auth = JwtAuthenticator::new(jwt_secret.as_bytes());

@@ -74,7 +74,8 @@ impl PgdnBuilder {
     }
 
     /// Uses an existing hub (e.g. one built with a Redis broker). By
-    /// default a single-node hub with the config's queue limits is built.
+    /// default a single-node hub with the config's queue limits and history
+    /// bounds is built.
     pub fn hub(mut self, hub: Hub) -> Self {
         self.hub = Some(hub);
         self
@@ -107,9 +108,12 @@ impl PgdnBuilder {
             .publish_key
             .filter(|k| !k.is_empty())
             .ok_or_else(|| Error::Config("a non-empty publish key is required".into()))?;
-        let hub = self
-            .hub
-            .unwrap_or_else(|| Hub::builder().queue_limits(self.config.queue).build());
+        let hub = self.hub.unwrap_or_else(|| {
+            Hub::builder()
+                .queue_limits(self.config.queue)
+                .history_config(self.config.history)
+                .build()
+        });
         Ok(Pgdn {
             shared: Arc::new(Shared {
                 metrics: Metrics::new(hub.clone()),

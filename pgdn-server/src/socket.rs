@@ -14,7 +14,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use pgdn_core::frame::{ConnectionFrame, ErrorCode, ErrorFrame};
-use pgdn_core::{AuthError, Connection, DisconnectReason, Outbox};
+use pgdn_core::{AuthError, Connection, DisconnectReason, Outbox, Replay};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -86,7 +86,6 @@ pub(crate) async fn run<S>(
 ) where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    let _ = since; // Resume after reconnect (PROTOCOL.md section 4) comes with history.
     let identity = match token.as_deref() {
         None | Some("") => Err(AuthError::MissingToken),
         Some(t) => shared.auth.authenticate(t).await,
@@ -129,8 +128,13 @@ pub(crate) async fn run<S>(
     );
     // Registered first, then the connection frame: a publish made after the
     // client saw this frame reaches it (frames queued meanwhile follow it).
-    let hello = ConnectionFrame::new(&conn.identity().user_id, conn.wire_id()).to_json();
-    let reason = match ws.send(text(hello)).await {
+    let replay = match since.as_deref() {
+        Some(since) if !since.is_empty() => {
+            Some(replay(&shared, &conn.identity().user_id, since).await)
+        }
+        _ => None,
+    };
+    let reason = match greet(&mut ws, &conn, &outbox, replay).await {
         Ok(()) => serve(&mut ws, &shared, &conn, &outbox).await,
         Err(_) => DisconnectReason::TransportError,
     };
@@ -144,6 +148,50 @@ pub(crate) async fn run<S>(
         reason = reason.as_str(),
         "subscriber disconnected"
     );
+}
+
+/// Reads what a resuming client missed. A history that fails is reported
+/// to the client as a gap, so that it refetches state.
+async fn replay(shared: &Shared, user_id: &str, since: &str) -> Replay {
+    match shared.hub.replay(user_id, since).await {
+        Ok(replay) => replay,
+        Err(e) => {
+            tracing::warn!(error = %e, "history unavailable for a resuming client");
+            Replay {
+                gap: true,
+                frames: Vec::new(),
+            }
+        }
+    }
+}
+
+/// Sends the connection frame, then, for a resuming client, `history_gap`
+/// if the window does not reach back and the replayed messages, all before
+/// any live traffic (PROTOCOL.md section 4).
+async fn greet<S>(
+    ws: &mut S,
+    conn: &Connection,
+    outbox: &Outbox,
+    replay: Option<Replay>,
+) -> Result<(), WsError>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let hello = ConnectionFrame::new(&conn.identity().user_id, conn.wire_id()).to_json();
+    ws.feed(text(hello)).await?;
+    if let Some(replay) = replay {
+        if replay.gap {
+            let gap = ErrorFrame::new(
+                ErrorCode::HistoryGap,
+                "history does not reach back to the requested message; refetch state",
+            );
+            ws.feed(text(gap.to_json())).await?;
+        }
+        outbox.skip_replayed(replay.frames.iter().map(|(seq, _)| *seq));
+        let mut frames: Vec<Bytes> = replay.frames.into_iter().map(|(_, f)| f).collect();
+        return write_batch(ws, &mut frames).await;
+    }
+    ws.flush().await
 }
 
 /// The connection's main loop; returns why it ended.

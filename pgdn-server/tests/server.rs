@@ -14,3 +14,5 @@ mod delivery;
 mod frames;
 #[path = "server/lifecycle.rs"]
 mod lifecycle;
+#[path = "server/resume.rs"]
+mod resume;
