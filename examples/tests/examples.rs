@@ -1,0 +1,159 @@
+//! End-to-end checks of the examples: each app is served on a free port and
+//! driven like a user would, with a WebSocket subscriber and HTTP calls.
+//!
+//! The example files are compiled into this test as modules, so the test
+//! exercises exactly the code `cargo run --example ...` runs (minus `main`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pgdn_server::JwtAuthenticator;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use warp::Filter;
+use warp::reply::Response;
+
+#[allow(dead_code)]
+#[path = "../examples/basic.rs"]
+mod basic;
+
+#[allow(dead_code)]
+#[path = "../examples/auth.rs"]
+mod auth;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Serves `app` on a free local port for the rest of the test.
+async fn serve<F>(app: F) -> SocketAddr
+where
+    F: Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(warp::serve(app).incoming(listener).run());
+    addr
+}
+
+async fn subscribe(addr: SocketAddr, token: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}"))
+        .await
+        .unwrap();
+    ws
+}
+
+/// The next text frame as JSON, or the close frame as `{"close":code,"reason":...}`.
+async fn next(ws: &mut Ws) -> Value {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return json!({"close": u16::from(f.code), "reason": f.reason.as_str()});
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("socket ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a frame within 5 s")
+}
+
+/// Asserts that nothing arrives for a moment.
+async fn quiet(ws: &mut Ws) {
+    let got = tokio::time::timeout(Duration::from_millis(300), ws.next()).await;
+    assert!(got.is_err(), "unexpected frame: {got:?}");
+}
+
+#[tokio::test]
+async fn basic_trigger_notifies_the_user() {
+    let pgdn = basic::build_pgdn("test secret", "test key").unwrap();
+    let addr = serve(basic::app(&pgdn)).await;
+    let token = JwtAuthenticator::new("test secret")
+        .issue("u1", &[], Duration::from_secs(60))
+        .unwrap();
+    let mut ws = subscribe(addr, &token).await;
+    assert_eq!(next(&mut ws).await["user_id"], "u1");
+
+    let http = reqwest::Client::new();
+    let reply = http
+        .post(format!("http://{addr}/trigger"))
+        .json(&json!({"user_id": "u1", "message": "Your export is ready"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let receipt: Value = reply.json().await.unwrap();
+    assert_eq!(receipt["delivered"], 1);
+
+    let note = next(&mut ws).await;
+    assert_eq!(note["id"], receipt["id"]);
+    assert_eq!(note["type"], "info");
+    assert_eq!(note["payload"]["message"], "Your export is ready");
+
+    // A bad body is refused; pgdn's own routes are mounted too.
+    let bad = http
+        .post(format!("http://{addr}/trigger"))
+        .json(&json!({"user_id": "", "message": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let page = http.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("pgdnDemo"));
+    pgdn.shutdown().await;
+}
+
+#[tokio::test]
+async fn auth_sessions_and_chat_handler() {
+    let sessions = auth::SessionStore::with_demo_sessions();
+    let pgdn = auth::build_pgdn(sessions.clone(), "test key").unwrap();
+    let addr = serve(auth::app(&pgdn, &sessions)).await;
+
+    let mut bad = subscribe(addr, "no-such-token").await;
+    assert_eq!(
+        next(&mut bad).await,
+        json!({"close": 1008, "reason": "invalid token"})
+    );
+
+    let mut alice = subscribe(addr, "alice-token").await;
+    let mut bob = subscribe(addr, "bob-token").await;
+    let mut carol = subscribe(addr, "carol-token").await;
+    assert_eq!(next(&mut alice).await["user_id"], "alice");
+    assert_eq!(next(&mut bob).await["user_id"], "bob");
+    assert_eq!(next(&mut carol).await["user_id"], "carol");
+
+    let chat = json!({"type": "chat", "room": "lobby", "text": "hi bob"});
+    alice.send(Message::text(chat.to_string())).await.unwrap();
+    let to_bob = next(&mut bob).await;
+    assert_eq!(to_bob["type"], "chat");
+    assert_eq!(to_bob["payload"]["from"], "alice");
+    assert_eq!(to_bob["payload"]["message"], "hi bob");
+    assert_eq!(next(&mut alice).await["id"], to_bob["id"]);
+    let ack = next(&mut alice).await;
+    assert_eq!(ack["type"], "chat_sent");
+    assert_eq!(ack["id"], to_bob["id"]);
+    assert_eq!(ack["delivered"], 2);
+    quiet(&mut carol).await;
+
+    // carol is not in the lobby: an error frame, and the socket stays open.
+    carol.send(Message::text(chat.to_string())).await.unwrap();
+    assert_eq!(next(&mut carol).await["code"], "handler_error");
+
+    // Logging out revokes the session and closes bob's socket.
+    let out = reqwest::Client::new()
+        .post(format!("http://{addr}/logout"))
+        .bearer_auth("bob-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 200);
+    assert_eq!(next(&mut bob).await["close"], 1008);
+    let mut again = subscribe(addr, "bob-token").await;
+    assert_eq!(next(&mut again).await["reason"], "invalid token");
+    pgdn.shutdown().await;
+}
