@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use pgdn_core::{PublishRequest, Target};
+use pgdn_core::{Hub, PublishRequest, Target};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use warp::http::{StatusCode, header};
@@ -204,6 +204,25 @@ fn publish_error(shared: &Shared, e: pgdn_core::Error) -> Rejection {
     }
 }
 
+/// Runs a publish in its own task, so that it completes even when the
+/// publisher gives up waiting and hangs up (hyper then drops the request's
+/// future): its retry with the same id must find the first publish done,
+/// not abandoned half-way with the id already taken.
+async fn detached<T, F, Fut>(shared: &Shared, f: F) -> pgdn_core::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Hub) -> Fut,
+    Fut: Future<Output = pgdn_core::Result<T>> + Send + 'static,
+{
+    tokio::spawn(f(shared.hub.clone()))
+        .await
+        .unwrap_or_else(|e| {
+            Err(pgdn_core::Error::Broker(format!(
+                "publish task failed: {e}"
+            )))
+        })
+}
+
 fn validate(req: &PublishRequest) -> Result<(), pgdn_core::Error> {
     Target::validate(&req.target)
 }
@@ -212,9 +231,7 @@ async fn publish(body: Bytes, shared: Arc<Shared>) -> Result<Response, Rejection
     let req: PublishRequest =
         parse(&body).inspect_err(|_| shared.metrics.api_request("bad_request"))?;
     validate(&req).map_err(|e| publish_error(&shared, e))?;
-    let receipt = shared
-        .hub
-        .publish(req)
+    let receipt = detached(&shared, async move |hub: Hub| hub.publish(req).await)
         .await
         .map_err(|e| publish_error(&shared, e))?;
     shared.metrics.api_request("ok");
@@ -231,9 +248,7 @@ async fn publish_batch(body: Bytes, shared: Arc<Shared>) -> Result<Response, Rej
             format!("batch larger than {} items", shared.config.max_batch_len),
         ));
     }
-    let receipts = shared
-        .hub
-        .publish_batch(reqs)
+    let receipts = detached(&shared, async move |hub: Hub| hub.publish_batch(reqs).await)
         .await
         .map_err(|e| publish_error(&shared, e))?;
     shared.metrics.api_request("ok");

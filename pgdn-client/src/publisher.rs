@@ -1,0 +1,270 @@
+//! The async publisher: `POST /api/v1/publish` and friends, with retries.
+
+use std::time::{Duration, Instant};
+
+use pgdn_core::{MessageId, MessageType, PublishReceipt, PublishRequest, Target};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::retry::Backoff;
+
+/// `GET /api/v1/stats`: pgdn-ws's fields, and whatever else the server
+/// reports in `extra`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ServerStats {
+    /// Users with at least one open connection.
+    pub total_users: usize,
+    /// Open connections.
+    pub total_connections: usize,
+    /// Groups with at least one connection.
+    pub groups: Vec<String>,
+    /// Connected user ids.
+    pub users: Vec<String>,
+    /// Every other field (counters, node id, ...).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Builds a [`Publisher`].
+#[derive(Debug, Clone)]
+pub struct PublisherBuilder {
+    base_url: String,
+    key: String,
+    request_timeout: Duration,
+    deadline: Duration,
+    backoff: Backoff,
+}
+
+impl PublisherBuilder {
+    /// Timeout of one HTTP attempt. Default 10 s.
+    pub fn request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self
+    }
+    /// How long a publish keeps retrying before it gives up. Default 30 s.
+    pub fn retry_deadline(mut self, t: Duration) -> Self {
+        self.deadline = t;
+        self
+    }
+    /// Cap of the first retry wait (default 100 ms) and of every later one
+    /// (default 5 s).
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = Backoff { initial, max };
+        self
+    }
+
+    /// Builds the publisher.
+    pub fn build(self) -> Result<Publisher> {
+        let base = self.base_url.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(Error::Invalid(format!(
+                "base URL must start with http:// or https://, got {base:?}"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(self.request_timeout)
+            .connect_timeout(self.request_timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok(Publisher {
+            http,
+            base,
+            key: self.key,
+            deadline: self.deadline,
+            backoff: self.backoff,
+        })
+    }
+}
+
+/// Publishes to a pgdn server over HTTP. Cheap to clone; share one.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    deadline: Duration,
+    backoff: Backoff,
+}
+
+/// Turns a type name and a serializable payload into a request.
+pub(crate) fn request(
+    target: Target,
+    kind: &str,
+    payload: impl Serialize,
+) -> Result<PublishRequest> {
+    let kind = MessageType::new(kind)?;
+    let payload = serde_json::to_value(payload).map_err(|e| Error::Invalid(e.to_string()))?;
+    let payload = match payload {
+        Value::Null => Value::Object(Map::new()),
+        other => other,
+    };
+    Ok(PublishRequest::new(target, kind).with_payload(payload)?)
+}
+
+enum Attempt<T> {
+    Done(Result<T>),
+    Retry(String, bool),
+}
+
+impl Publisher {
+    /// A publisher for the server at `base_url` (e.g.
+    /// `http://127.0.0.1:8000`) with the publish key, default timeouts.
+    pub fn new(base_url: impl Into<String>, key: impl Into<String>) -> Result<Self> {
+        Self::builder(base_url, key).build()
+    }
+
+    /// A builder to set timeouts and retries.
+    pub fn builder(base_url: impl Into<String>, key: impl Into<String>) -> PublisherBuilder {
+        PublisherBuilder {
+            base_url: base_url.into(),
+            key: key.into(),
+            request_timeout: Duration::from_secs(10),
+            deadline: Duration::from_secs(30),
+            backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+            },
+        }
+    }
+
+    /// Notifies every connection of one user.
+    pub async fn notify_user(
+        &self,
+        user_id: &str,
+        kind: &str,
+        payload: impl Serialize,
+    ) -> Result<PublishReceipt> {
+        self.publish(request(Target::user(user_id), kind, payload)?)
+            .await
+    }
+
+    /// Notifies every connection of each listed user.
+    pub async fn notify_users<S: AsRef<str>>(
+        &self,
+        user_ids: &[S],
+        kind: &str,
+        payload: impl Serialize,
+    ) -> Result<PublishReceipt> {
+        let target = Target::users(user_ids.iter().map(|u| u.as_ref()));
+        self.publish(request(target, kind, payload)?).await
+    }
+
+    /// Notifies every connection in a group.
+    pub async fn notify_group(
+        &self,
+        group: &str,
+        kind: &str,
+        payload: impl Serialize,
+    ) -> Result<PublishReceipt> {
+        self.publish(request(Target::group(group), kind, payload)?)
+            .await
+    }
+
+    /// Notifies everyone except `exclude_users`.
+    pub async fn broadcast<S: AsRef<str>>(
+        &self,
+        kind: &str,
+        payload: impl Serialize,
+        exclude_users: &[S],
+    ) -> Result<PublishReceipt> {
+        let target = Target::broadcast(exclude_users.iter().map(|u| u.as_ref()));
+        self.publish(request(target, kind, payload)?).await
+    }
+
+    /// Publishes one request. An id is generated when it has none, so that
+    /// retries (here, or yours with the same request) are delivered once.
+    pub async fn publish(&self, mut req: PublishRequest) -> Result<PublishReceipt> {
+        req.id.get_or_insert_with(MessageId::generate);
+        let body = serde_json::to_vec(&req).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.send("/api/v1/publish", Some(body)).await
+    }
+
+    /// Publishes several requests at once, all or nothing.
+    pub async fn publish_batch(
+        &self,
+        mut reqs: Vec<PublishRequest>,
+    ) -> Result<Vec<PublishReceipt>> {
+        for r in &mut reqs {
+            r.id.get_or_insert_with(MessageId::generate);
+        }
+        let body = serde_json::to_vec(&reqs).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.send("/api/v1/publish/batch", Some(body)).await
+    }
+
+    /// The server's numbers.
+    pub async fn stats(&self) -> Result<ServerStats> {
+        self.send("/api/v1/stats", None).await
+    }
+
+    /// POSTs `body` (GETs without one), retrying what can be retried until
+    /// the deadline.
+    async fn send<T: DeserializeOwned>(&self, path: &str, body: Option<Vec<u8>>) -> Result<T> {
+        let url = format!("{}{}", self.base, path);
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let (last, timed_out) = match self.attempt(&url, body.as_ref()).await {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(why, timed_out) => (why, timed_out),
+            };
+            let wait = self.backoff.delay(attempts);
+            let elapsed = started.elapsed();
+            if elapsed + wait >= self.deadline {
+                return Err(if timed_out {
+                    Error::TimedOut { attempts, elapsed }
+                } else {
+                    Error::Unavailable {
+                        attempts,
+                        elapsed,
+                        last,
+                    }
+                });
+            }
+            tracing::debug!(attempt = attempts, error = %last, ?wait, "publish failed, retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn attempt<T: DeserializeOwned>(&self, url: &str, body: Option<&Vec<u8>>) -> Attempt<T> {
+        let req = match body {
+            Some(b) => self
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(b.clone()),
+            None => self.http.get(url),
+        };
+        let res = match req.bearer_auth(&self.key).send().await {
+            Ok(res) => res,
+            Err(e) => return Attempt::Retry(e.to_string(), e.is_timeout()),
+        };
+        let status = res.status().as_u16();
+        let text = match res.text().await {
+            Ok(t) => t,
+            Err(e) => return Attempt::Retry(e.to_string(), e.is_timeout()),
+        };
+        let message = || {
+            serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| text.chars().take(200).collect())
+        };
+        match status {
+            200..=299 => Attempt::Done(serde_json::from_str(&text).map_err(|e| {
+                Error::Protocol(format!(
+                    "{e}: {}",
+                    text.chars().take(200).collect::<String>()
+                ))
+            })),
+            401 | 403 => Attempt::Done(Err(Error::Unauthorized(message()))),
+            429 | 500..=599 => Attempt::Retry(format!("HTTP {status}: {}", message()), false),
+            _ => Attempt::Done(Err(Error::Rejected {
+                status,
+                message: message(),
+            })),
+        }
+    }
+}
