@@ -16,6 +16,21 @@
 //!   cargo run -p pgdn-examples --example auth
 //!   ```
 //!
+//! - `batch_job` (`examples/batch_job.rs`): pgdn-ws's Celery example. Jobs
+//!   on plain threads report `task_started`, `task_progress` (10..100) and
+//!   `task_completed` to one user with the blocking publisher.
+//!
+//!   ```text
+//!   PGDN_PUBLISH_KEY=<key> cargo run -p pgdn-examples --example batch_job -- demo-user
+//!   ```
+//!
+//! - `subscriber` (`examples/subscriber.rs`): prints one user's
+//!   notifications from Rust, across network cuts and server restarts.
+//!
+//!   ```text
+//!   PGDN_TOKEN=<token> cargo run -p pgdn-examples --example subscriber
+//!   ```
+//!
 //! Each prints, at startup, its address, ready tokens and curl commands.
 //! `tests/examples.rs` runs both apps on a free port and checks them end to
 //! end with a WebSocket client.

@@ -157,3 +157,57 @@ async fn auth_sessions_and_chat_handler() {
     assert_eq!(next(&mut again).await["reason"], "invalid token");
     pgdn.shutdown().await;
 }
+
+#[allow(dead_code)]
+#[path = "../examples/batch_job.rs"]
+mod batch_job;
+
+#[allow(dead_code)]
+#[path = "../examples/subscriber.rs"]
+mod subscriber;
+
+/// The batch job, on a plain thread, reaches the Rust subscriber of the
+/// example through a real server: started, 10..100, completed, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_job_progress_reaches_the_subscriber() {
+    let pgdn = basic::build_pgdn("batch-secret", "batch-key").unwrap();
+    let addr = serve(pgdn.routes()).await;
+    let mut events = subscriber::subscriber(
+        format!("ws://{addr}/ws"),
+        None,
+        Some("batch-secret".into()),
+        "owner".into(),
+    )
+    .unwrap()
+    .subscribe();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap();
+        if matches!(e, Some(Ok(pgdn_client::Event::Connected { .. }))) {
+            break;
+        }
+    }
+    let url = format!("http://{addr}");
+    let job = std::thread::spawn(move || {
+        let p = pgdn_client::blocking::Publisher::new(url, "batch-key").unwrap();
+        batch_job::run_job(&p, "owner", "job-1", 10, |_| {})
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 12 {
+        let n = tokio::time::timeout(Duration::from_secs(10), events.next_notification())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push(match n.kind.as_str() {
+            "task_progress" => format!("progress {}", n.payload["progress"]),
+            other => other.to_string(),
+        });
+    }
+    job.join().unwrap().unwrap();
+    let mut want = vec!["task_started".to_string()];
+    want.extend((1..=10).map(|i| format!("progress {}", i * 10)));
+    want.push("task_completed".into());
+    assert_eq!(seen, want);
+}
