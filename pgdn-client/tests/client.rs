@@ -528,3 +528,52 @@ async fn the_token_callback_is_asked_before_every_connection() {
     }
     s.stop().await;
 }
+
+/// 5xx and 429 are retried, every attempt carries the same generated id,
+/// and 4xx is not retried.
+#[tokio::test]
+async fn retries_5xx_and_429_with_the_same_id_and_not_4xx() {
+    use warp::Filter;
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let route = warp::path!("api" / "v1" / "publish")
+        .and(warp::body::json())
+        .map(move |body: serde_json::Value| {
+            let mut log = log.lock().unwrap();
+            log.push(body["id"].as_str().unwrap_or_default().to_string());
+            let status = match log.len() {
+                1 => 503,
+                2 => 429,
+                _ if body["type"] == "bad" => 400,
+                _ => 200,
+            };
+            let reply = if status == 200 {
+                json!({"id": body["id"], "delivered": 1})
+            } else {
+                json!({"error": format!("status {status}")})
+            };
+            warp::reply::with_status(
+                warp::reply::json(&reply),
+                warp::http::StatusCode::from_u16(status).unwrap(),
+            )
+        });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    let p = Publisher::builder(format!("http://{addr}"), KEY)
+        .backoff(Duration::from_millis(5), Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let receipt = p.notify_user("u1", "info", json!({})).await.unwrap();
+    let ids = seen.lock().unwrap().clone();
+    assert_eq!(ids.len(), 3, "two failures, then success");
+    assert!(ids.iter().all(|id| id == receipt.id.as_str()), "{ids:?}");
+    match p.notify_user("u1", "bad", json!({})).await {
+        Err(Error::Rejected {
+            status: 400,
+            message,
+        }) => assert_eq!(message, "status 400"),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert_eq!(seen.lock().unwrap().len(), 4, "a 400 is not retried");
+}
