@@ -317,11 +317,14 @@ async fn a_retry_after_a_timeout_is_not_delivered_twice() {
     struct SlowFirst(AtomicUsize);
     #[async_trait]
     impl pgdn_server::core::Broker for SlowFirst {
-        async fn publish(&self, _e: &pgdn_server::core::Envelope) -> pgdn_server::core::Result<()> {
+        async fn publish(
+            &self,
+            _e: &pgdn_server::core::Envelope,
+        ) -> pgdn_server::core::Result<pgdn_server::core::Published> {
             if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
                 tokio::time::sleep(Duration::from_millis(800)).await;
             }
-            Ok(())
+            Ok(pgdn_server::core::Published::Sent)
         }
     }
     let hub = pgdn_server::Hub::builder()

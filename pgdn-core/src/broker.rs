@@ -26,6 +26,21 @@ pub struct Envelope {
     pub frame: Bytes,
     /// The node that accepted the publish.
     pub origin: Arc<str>,
+    /// The cluster-wide sequence number, when a broker assigned one; the
+    /// hub then uses it as the delivery order (for resume). `None` on a
+    /// single node: the hub numbers deliveries itself.
+    pub seq: Option<u64>,
+}
+
+/// What [`Broker::publish`] did with an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Published {
+    /// It is on its way to the other nodes.
+    Sent,
+    /// Another node already took a publish with this id within the
+    /// de-duplication window: it is not delivered again.
+    Duplicate,
 }
 
 /// Carries publishes to the other nodes of a cluster.
@@ -40,8 +55,18 @@ pub trait Broker: Send + Sync + 'static {
     /// messages from other nodes are delivered here.
     fn attach(&self, _hub: WeakHub) {}
 
-    /// Sends `envelope` to every other node.
-    async fn publish(&self, envelope: &Envelope) -> Result<(), Error>;
+    /// Sends `envelope` to every other node (and, when
+    /// [`Broker::delivers_locally`], to this one too).
+    async fn publish(&self, envelope: &Envelope) -> Result<Published, Error>;
+
+    /// True when the broker also brings this node's own publishes back to
+    /// it (through [`Hub::deliver_local`](crate::Hub::deliver_local)), so
+    /// that every node delivers in the one order the broker sets. The hub
+    /// then does not deliver a publish locally itself, and a publish's
+    /// `delivered` count is unknown (`None`). Default false.
+    fn delivers_locally(&self) -> bool {
+        false
+    }
 }
 
 /// The single-node broker: there are no other nodes, so publishing is done
@@ -51,7 +76,7 @@ pub struct LocalBroker;
 
 #[async_trait]
 impl Broker for LocalBroker {
-    async fn publish(&self, _envelope: &Envelope) -> Result<(), Error> {
-        Ok(())
+    async fn publish(&self, _envelope: &Envelope) -> Result<Published, Error> {
+        Ok(Published::Sent)
     }
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
-use crate::broker::{Broker, Envelope, LocalBroker};
+use crate::broker::{Broker, Envelope, LocalBroker, Published};
 use crate::connection::{self, Connection, DisconnectReason, Outbox, QueueLimits, SendError};
 use crate::dedup::{Claim, Dedup};
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::handler::MessageHandler;
 use crate::history::{History, HistoryConfig, HistoryRecord, MemoryHistory, Replay};
 use crate::identity::Identity;
 use crate::message::{MessageId, MessageType, Notification, RESERVED_TYPES, timestamp_now};
-use crate::session::{MemorySessionTracker, SessionTracker};
+use crate::session::{ClusterStats, MemorySessionTracker, SessionTracker};
 use crate::target::{PublishReceipt, PublishRequest, Target};
 
 /// Settings of a [`Hub`].
@@ -307,7 +307,7 @@ impl Hub {
         if let Err(e) = self
             .inner
             .sessions
-            .register(self.node_id(), &conn.identity().user_id, conn.wire_id())
+            .register(self.node_id(), conn.identity(), conn.wire_id())
             .await
         {
             // The connection still works on this node; other nodes may not
@@ -328,7 +328,7 @@ impl Hub {
         if let Err(e) = self
             .inner
             .sessions
-            .unregister(self.node_id(), &conn.identity().user_id, conn.wire_id())
+            .unregister(self.node_id(), conn.identity(), conn.wire_id())
             .await
         {
             tracing::warn!(error = %e, "session tracker failed to unregister a connection");
@@ -415,25 +415,40 @@ impl Hub {
             target: req.target,
             frame: Bytes::from(notification.to_json()),
             origin: self.inner.config.node_id.clone(),
+            seq: None,
         };
-        if let Err(e) = self.inner.broker.publish(&envelope).await {
-            if let Some(id) = &claimed {
-                self.inner.dedup.release(id);
+        match self.inner.broker.publish(&envelope).await {
+            Err(e) => {
+                if let Some(id) = &claimed {
+                    self.inner.dedup.release(id);
+                }
+                return Err(e);
             }
-            return Err(e);
+            Ok(Published::Duplicate) => {
+                self.inner
+                    .counters
+                    .duplicates
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(PublishReceipt {
+                    id,
+                    delivered: None,
+                });
+            }
+            Ok(_) => {}
         }
         self.inner
             .counters
             .published
             .fetch_add(1, Ordering::Relaxed);
-        let delivered = self.deliver_local(&envelope);
+        let delivered = if self.inner.broker.delivers_locally() {
+            None
+        } else {
+            Some(self.deliver_local(&envelope))
+        };
         if let Some(id) = &claimed {
-            self.inner.dedup.complete(id, Some(delivered));
+            self.inner.dedup.complete(id, delivered);
         }
-        Ok(PublishReceipt {
-            id,
-            delivered: Some(delivered),
-        })
+        Ok(PublishReceipt { id, delivered })
     }
 
     /// Publishes several requests, after validating all of them: if any is
@@ -463,8 +478,9 @@ impl Hub {
             .delivery_seq
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        *seq_guard += 1;
-        let seq = *seq_guard;
+        // A broker's cluster-wide number when there is one, else this node's.
+        let seq = envelope.seq.unwrap_or(*seq_guard + 1);
+        *seq_guard = seq;
         let users: Vec<Arc<str>> = match &envelope.target {
             Target::User(u) => vec![u.clone()],
             Target::Users(us) => {
@@ -637,6 +653,12 @@ impl Hub {
     }
 
     // ----- numbers -----
+
+    /// Numbers over every live node of the cluster, from the session
+    /// tracker; `None` on a single node.
+    pub async fn cluster_stats(&self) -> Result<Option<ClusterStats>> {
+        self.inner.sessions.cluster_stats().await
+    }
 
     /// Numbers about this node.
     pub fn stats(&self) -> Stats {

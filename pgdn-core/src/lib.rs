@@ -35,14 +35,14 @@ pub mod session;
 pub mod target;
 
 pub use auth::{AuthError, Authenticator, StaticAuthenticator};
-pub use broker::{Broker, Envelope, LocalBroker};
+pub use broker::{Broker, Envelope, LocalBroker, Published};
 pub use connection::{Connection, DisconnectReason, Outbox, QueueLimits, SendError};
 pub use error::{Error, Result};
 pub use frame::{ClientFrame, ErrorFrame, FrameError};
 pub use handler::{HandlerError, MessageHandler};
 pub use history::{History, HistoryConfig, MemoryHistory, Replay};
-pub use hub::{Hub, HubBuilder, HubConfig, Stats};
+pub use hub::{Hub, HubBuilder, HubConfig, Stats, WeakHub};
 pub use identity::Identity;
 pub use message::{MessageId, MessageType, Notification};
-pub use session::{MemorySessionTracker, SessionTracker};
+pub use session::{ClusterStats, MemorySessionTracker, SessionTracker};
 pub use target::{PublishReceipt, PublishRequest, Target};

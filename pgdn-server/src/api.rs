@@ -167,7 +167,7 @@ pub(crate) fn routes(
         .and(answered(
             authorized(shared.clone())
                 .and(with_shared(shared.clone()))
-                .map(|shared: Arc<Shared>| warp::reply::json(&shared.hub.stats()).into_response()),
+                .and_then(stats),
         ));
     let fallback = warp::path("api")
         .and(answered(authorized(shared).and_then(|| async {
@@ -236,6 +236,33 @@ async fn publish(body: Bytes, shared: Arc<Shared>) -> Result<Response, Rejection
         .map_err(|e| publish_error(&shared, e))?;
     shared.metrics.api_request("ok");
     Ok(warp::reply::json(&receipt).into_response())
+}
+
+/// `GET /api/v1/stats`: this node's numbers; in cluster mode the totals,
+/// `users` and `groups` are the cluster's, `nodes` lists the live nodes and
+/// `node` keeps this node's own numbers.
+async fn stats(shared: Arc<Shared>) -> Result<Response, Rejection> {
+    let local = shared.hub.stats();
+    let cluster = shared.hub.cluster_stats().await.map_err(|e| {
+        tracing::warn!(error = %e, "cluster stats unavailable");
+        reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cluster stats unavailable: {e}"),
+        )
+    })?;
+    let mut body = serde_json::to_value(&local).expect("stats serialize");
+    if let Some(c) = cluster {
+        let node = body.clone();
+        let obj = body.as_object_mut().expect("stats are an object");
+        obj.insert("total_users".into(), c.total_users.into());
+        obj.insert("total_connections".into(), c.total_connections.into());
+        obj.insert("total_groups".into(), c.groups.len().into());
+        obj.insert("users".into(), serde_json::json!(c.users));
+        obj.insert("groups".into(), serde_json::json!(c.groups));
+        obj.insert("nodes".into(), serde_json::json!(c.nodes));
+        obj.insert("node".into(), node);
+    }
+    Ok(warp::reply::json(&body).into_response())
 }
 
 async fn publish_batch(body: Bytes, shared: Arc<Shared>) -> Result<Response, Rejection> {
