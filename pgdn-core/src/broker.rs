@@ -11,8 +11,8 @@ use bytes::Bytes;
 
 use crate::error::Error;
 use crate::hub::WeakHub;
-use crate::message::MessageId;
-use crate::target::Target;
+use crate::message::{MessageId, Notification, timestamp_now};
+use crate::target::{PublishRequest, Target};
 
 /// A publish as it travels between nodes: the target and the notification,
 /// already serialized once.
@@ -26,10 +26,46 @@ pub struct Envelope {
     pub frame: Bytes,
     /// The node that accepted the publish.
     pub origin: Arc<str>,
+    /// Whether the publisher chose the id (then it is de-duplicated across
+    /// the cluster); generated ids are unique by construction.
+    pub chosen_id: bool,
     /// The cluster-wide sequence number, when a broker assigned one; the
     /// hub then uses it as the delivery order (for resume). `None` on a
     /// single node: the hub numbers deliveries itself.
     pub seq: Option<u64>,
+}
+
+impl Envelope {
+    /// Builds the notification for a validated publish, serializes it once
+    /// and wraps it for the brokers: what the hub does for every publish,
+    /// and what a publisher that bypasses HTTP (such as a Redis emitter)
+    /// must do to produce the same wire message.
+    pub fn from_request(req: PublishRequest, origin: Arc<str>) -> Envelope {
+        let chosen_id = req.id.is_some();
+        let id = req.id.unwrap_or_else(MessageId::generate);
+        let notification = Notification {
+            id: id.clone(),
+            kind: req.kind,
+            payload: req.payload,
+            timestamp: timestamp_now(),
+            user_id: match &req.target {
+                Target::User(u) => Some(u.clone()),
+                _ => None,
+            },
+            group_ids: match &req.target {
+                Target::Group(g) => Some(vec![g.clone()]),
+                _ => None,
+            },
+        };
+        Envelope {
+            id,
+            target: req.target,
+            frame: Bytes::from(notification.to_json()),
+            origin,
+            chosen_id,
+            seq: None,
+        }
+    }
 }
 
 /// What [`Broker::publish`] did with an envelope.

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
@@ -20,7 +19,7 @@ use crate::frame::{ClientFrame, ErrorCode, ErrorFrame, pong_json};
 use crate::handler::MessageHandler;
 use crate::history::{History, HistoryConfig, HistoryRecord, MemoryHistory, Replay};
 use crate::identity::Identity;
-use crate::message::{MessageId, MessageType, Notification, RESERVED_TYPES, timestamp_now};
+use crate::message::{MessageType, RESERVED_TYPES};
 use crate::session::{ClusterStats, MemorySessionTracker, SessionTracker};
 use crate::target::{PublishReceipt, PublishRequest, Target};
 
@@ -395,28 +394,8 @@ impl Hub {
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(receipt);
         }
-        let id = claimed.clone().unwrap_or_else(MessageId::generate);
-        let notification = Notification {
-            id: id.clone(),
-            kind: req.kind,
-            payload: req.payload,
-            timestamp: timestamp_now(),
-            user_id: match &req.target {
-                Target::User(u) => Some(u.clone()),
-                _ => None,
-            },
-            group_ids: match &req.target {
-                Target::Group(g) => Some(vec![g.clone()]),
-                _ => None,
-            },
-        };
-        let envelope = Envelope {
-            id: id.clone(),
-            target: req.target,
-            frame: Bytes::from(notification.to_json()),
-            origin: self.inner.config.node_id.clone(),
-            seq: None,
-        };
+        let envelope = Envelope::from_request(req, self.inner.config.node_id.clone());
+        let id = envelope.id.clone();
         match self.inner.broker.publish(&envelope).await {
             Err(e) => {
                 if let Some(id) = &claimed {
@@ -694,6 +673,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::MessageId;
     use serde_json::json;
 
     async fn recv(outbox: &Outbox) -> Vec<Value> {
