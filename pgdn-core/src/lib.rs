@@ -40,7 +40,7 @@ pub use connection::{Connection, DisconnectReason, Outbox, QueueLimits, SendErro
 pub use error::{Error, Result};
 pub use frame::{ClientFrame, ErrorFrame, FrameError};
 pub use handler::{HandlerError, MessageHandler};
-pub use history::{History, HistoryConfig, MemoryHistory, Replay};
+pub use history::{History, HistoryConfig, HistoryRecord, MemoryHistory, Replay};
 pub use hub::{Hub, HubBuilder, HubConfig, Stats, WeakHub};
 pub use identity::Identity;
 pub use message::{MessageId, MessageType, Notification};

@@ -26,6 +26,24 @@ pub struct ClusterStats {
     pub groups: Vec<String>,
 }
 
+impl ClusterStats {
+    /// Cluster numbers from their parts; `total_users` is `users.len()`.
+    pub fn new(
+        nodes: Vec<String>,
+        total_connections: usize,
+        users: Vec<String>,
+        groups: Vec<String>,
+    ) -> Self {
+        ClusterStats {
+            nodes,
+            total_users: users.len(),
+            total_connections,
+            users,
+            groups,
+        }
+    }
+}
+
 /// Tracks which nodes hold each user's connections, so that a publish for a
 /// user goes only where that user is (pgdn-ws's session tracker).
 ///

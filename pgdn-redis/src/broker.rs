@@ -1,0 +1,245 @@
+//! [`RedisBroker`]: cross-node fan-out through one Lua script and Redis
+//! pub/sub, plus the node's background tasks (subscription, heartbeat,
+//! cleanup), started when the hub attaches.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use pgdn_core::{Broker, Envelope, MessageId, Published, Target, WeakHub};
+
+use crate::cluster::Shared;
+use crate::error::{Error, Result};
+use crate::scripts;
+
+/// Sends publishes to the nodes that need them and delivers what other
+/// nodes (and this one) publish. Every node delivers in the order the
+/// publish script set, so a user's connections on different nodes see
+/// their messages in one order.
+#[derive(Clone)]
+pub struct RedisBroker {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("node", &self.shared.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the publish script for `envelope`; `None` for a repeated id.
+pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Result<Option<u64>> {
+    let (kind, users): (&str, Vec<&str>) = match &envelope.target {
+        Target::User(u) => ("u", vec![&**u]),
+        Target::Users(us) => {
+            let mut seen = std::collections::HashSet::new();
+            (
+                "u",
+                us.iter()
+                    .map(|u| &**u)
+                    .filter(|u| seen.insert(*u))
+                    .collect(),
+            )
+        }
+        _ => ("a", Vec::new()),
+    };
+    let target = serde_json::to_string(&envelope.target).expect("targets serialize");
+    let history = shared.config.history;
+    let mut inv = scripts::PUBLISH.prepare_invoke();
+    inv.arg(&shared.keys.prefix)
+        .arg(envelope.id.as_str())
+        .arg(if envelope.chosen_id { "1" } else { "0" })
+        .arg(shared.config.dedup_window.as_millis() as u64)
+        .arg(history.max_messages)
+        .arg(history.max_age.as_millis() as u64)
+        .arg(kind)
+        .arg(target)
+        .arg(&*envelope.origin)
+        .arg(envelope.frame.as_ref());
+    for u in users {
+        inv.arg(u);
+    }
+    let seq: i64 = inv.invoke_async(&mut shared.conn()).await?;
+    Ok((seq >= 0).then_some(seq as u64))
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn attach(&self, hub: WeakHub) {
+        if self.shared.hub.set(hub).is_err() {
+            tracing::warn!("RedisBroker attached to a second hub; ignoring it");
+            return;
+        }
+        tokio::spawn(subscribe_loop(self.shared.clone()));
+        tokio::spawn(heartbeat_loop(self.shared.clone()));
+        tokio::spawn(cleanup_loop(self.shared.clone()));
+    }
+
+    async fn publish(&self, envelope: &Envelope) -> pgdn_core::Result<Published> {
+        if !*self.shared.subscribed.borrow() {
+            return Err(pgdn_core::Error::Broker(
+                "this node is not subscribed to redis (yet); try again".into(),
+            ));
+        }
+        match publish_envelope(&self.shared, envelope).await? {
+            Some(_) => Ok(Published::Sent),
+            None => Ok(Published::Duplicate),
+        }
+    }
+
+    fn delivers_locally(&self) -> bool {
+        true
+    }
+}
+
+/// Parses `seq\norigin\nid\ntarget\nframe` from a channel.
+fn parse_message(payload: &[u8]) -> Result<Envelope> {
+    let bad = |what: &str| Error::Corrupt(format!("pub/sub message: {what}"));
+    let mut parts = payload.splitn(5, |b| *b == b'\n');
+    let mut next = |what: &str| parts.next().ok_or_else(|| bad(what));
+    let seq = std::str::from_utf8(next("seq")?)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| bad("seq"))?;
+    let origin = std::str::from_utf8(next("origin")?).map_err(|_| bad("origin"))?;
+    let id = std::str::from_utf8(next("id")?).map_err(|_| bad("id"))?;
+    let target: Target = serde_json::from_slice(next("target")?).map_err(|_| bad("target"))?;
+    let frame = next("frame")?;
+    Ok(Envelope {
+        id: MessageId::new(id).map_err(|_| bad("id"))?,
+        target,
+        frame: Bytes::copy_from_slice(frame),
+        origin: Arc::from(origin),
+        chosen_id: false,
+        seq: Some(seq),
+    })
+}
+
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Keeps the node subscribed to its channels, resubscribing after any
+/// failure, and delivers what arrives. Ends when the hub is gone.
+async fn subscribe_loop(shared: Arc<Shared>) {
+    let mut wait = RETRY_MIN;
+    let channels = [
+        shared.keys.all_channel(),
+        shared.keys.node_channel(&shared.node),
+    ];
+    loop {
+        if shared.hub().is_none() {
+            return;
+        }
+        match shared.client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                let subscribed = async {
+                    for c in &channels {
+                        pubsub.subscribe(c).await?;
+                    }
+                    Ok::<_, redis::RedisError>(())
+                };
+                match subscribed.await {
+                    Ok(()) => {
+                        tracing::info!(node = %shared.node, "subscribed to redis");
+                        shared.subscribed.send_replace(true);
+                        // Redis may have restarted empty: register again now.
+                        shared.heartbeat_now.notify_one();
+                        wait = RETRY_MIN;
+                        let mut messages = pubsub.on_message();
+                        while let Some(msg) = messages.next().await {
+                            let Some(hub) = shared.hub() else { return };
+                            match parse_message(msg.get_payload_bytes()) {
+                                Ok(envelope) => {
+                                    hub.deliver_local(&envelope);
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "dropping a malformed message")
+                                }
+                            }
+                        }
+                        shared.subscribed.send_replace(false);
+                        tracing::warn!(node = %shared.node, "lost the redis subscription; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "redis subscribe failed"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "redis unreachable for pub/sub"),
+        }
+        shared.subscribed.send_replace(false);
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_MAX);
+    }
+}
+
+/// Refreshes liveness and mappings every heartbeat interval, and at once
+/// after a reconnect. Ends when the hub is gone.
+async fn heartbeat_loop(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(shared.config.heartbeat_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shared.heartbeat_now.notified() => {}
+        }
+        if shared.hub().is_none() {
+            return;
+        }
+        if let Err(e) = crate::session::heartbeat(&shared).await {
+            tracing::warn!(error = %e, node = %shared.node, "heartbeat failed");
+        }
+    }
+}
+
+/// Runs a bounded cleanup pass every cleanup interval (with jitter, so
+/// that nodes do not all scan at once). Ends when the hub is gone.
+async fn cleanup_loop(shared: Arc<Shared>) {
+    use rand::Rng;
+    let mut cursor = 0u64;
+    loop {
+        let base = shared.config.cleanup_interval;
+        let jitter = rand::rng().random_range(Duration::ZERO..=base / 4);
+        tokio::time::sleep(base + jitter).await;
+        if shared.hub().is_none() {
+            return;
+        }
+        let mut conn = shared.conn();
+        match crate::cleanup::cleanup_pass(
+            &mut conn,
+            &shared.keys.prefix,
+            shared.config.cleanup_batch,
+            cursor,
+        )
+        .await
+        {
+            Ok(report) => {
+                cursor = report.cursor;
+                if report.mappings_removed > 0 || report.nodes_removed > 0 {
+                    tracing::info!(?report, "cleanup pass");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cleanup pass failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_channel_messages() {
+        let e =
+            parse_message(b"42\nnode-a\nm1\n{\"user\":\"u1\"}\n{\"id\":\"m1\",\"x\":\"a\\nb\"}")
+                .unwrap();
+        assert_eq!(e.seq, Some(42));
+        assert_eq!(&*e.origin, "node-a");
+        assert_eq!(e.id.as_str(), "m1");
+        assert_eq!(e.target, Target::user("u1"));
+        assert_eq!(&e.frame[..], br#"{"id":"m1","x":"a\nb"}"#);
+        assert!(parse_message(b"x\ny").is_err());
+    }
+}

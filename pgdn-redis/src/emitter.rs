@@ -1,0 +1,117 @@
+//! [`Emitter`]: publishing straight into Redis from a batch job, without an
+//! HTTP hop (the role of Socket.IO's redis-emitter). Same message shape and
+//! id rules as the HTTP API: the notification is built by
+//! [`Envelope::from_request`], a publisher-chosen id is de-duplicated
+//! cluster-wide for the same window, and the same publish script routes it.
+
+use std::sync::Arc;
+
+use pgdn_core::{Envelope, PublishReceipt, PublishRequest, Target};
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::broker::publish_envelope;
+use crate::cluster::{ClusterConfig, Local, Shared, connect_manager};
+use crate::error::Result;
+use crate::keys::Keys;
+
+/// Publishes into the cluster's Redis. Cheap to clone.
+#[derive(Clone)]
+pub struct Emitter {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Emitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emitter").finish_non_exhaustive()
+    }
+}
+
+fn request(target: Target, kind: &str, payload: impl Serialize) -> Result<PublishRequest> {
+    let kind = pgdn_core::MessageType::new(kind)?;
+    let payload = match serde_json::to_value(payload) {
+        Ok(Value::Null) => Value::Object(Default::default()),
+        Ok(v) => v,
+        Err(e) => return Err(pgdn_core::Error::InvalidPublish(e.to_string()).into()),
+    };
+    Ok(PublishRequest::new(target, kind).with_payload(payload)?)
+}
+
+impl Emitter {
+    /// Connects to the cluster's Redis at `url`. Use the same
+    /// [`ClusterConfig`] (prefix, history and dedup bounds) as the nodes.
+    pub async fn connect(url: &str, config: ClusterConfig) -> Result<Emitter> {
+        let (client, conn): (redis::Client, ConnectionManager) =
+            connect_manager(url, config.command_timeout).await?;
+        Ok(Emitter {
+            shared: Arc::new(Shared {
+                client,
+                conn,
+                node: "emitter".into(),
+                keys: Keys::new(&config.prefix),
+                config,
+                local: std::sync::Mutex::new(Local::default()),
+                hub: std::sync::OnceLock::new(),
+                subscribed: tokio::sync::watch::Sender::new(false),
+                heartbeat_now: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+
+    /// Publishes one request. The receipt's `delivered` is `None`: the
+    /// nodes deliver it, the emitter does not see them.
+    pub async fn publish(&self, req: PublishRequest) -> Result<PublishReceipt> {
+        req.target.validate()?;
+        let envelope = Envelope::from_request(req, Arc::from("emitter"));
+        publish_envelope(&self.shared, &envelope).await?;
+        Ok(PublishReceipt {
+            id: envelope.id,
+            delivered: None,
+        })
+    }
+
+    /// Notifies every connection of one user, on every node.
+    pub async fn notify_user(
+        &self,
+        user_id: &str,
+        kind: &str,
+        payload: impl Serialize,
+    ) -> Result<PublishReceipt> {
+        self.publish(request(Target::user(user_id), kind, payload)?)
+            .await
+    }
+
+    /// Notifies every connection of each listed user.
+    pub async fn notify_users<S: AsRef<str>>(
+        &self,
+        user_ids: &[S],
+        kind: &str,
+        payload: impl Serialize,
+    ) -> Result<PublishReceipt> {
+        let target = Target::users(user_ids.iter().map(|u| u.as_ref()));
+        self.publish(request(target, kind, payload)?).await
+    }
+
+    /// Notifies every connection in a group.
+    pub async fn notify_group(
+        &self,
+        group: &str,
+        kind: &str,
+        payload: impl Serialize,
+    ) -> Result<PublishReceipt> {
+        self.publish(request(Target::group(group), kind, payload)?)
+            .await
+    }
+
+    /// Notifies everyone except `exclude_users`.
+    pub async fn broadcast<S: AsRef<str>>(
+        &self,
+        kind: &str,
+        payload: impl Serialize,
+        exclude_users: &[S],
+    ) -> Result<PublishReceipt> {
+        let target = Target::broadcast(exclude_users.iter().map(|u| u.as_ref()));
+        self.publish(request(target, kind, payload)?).await
+    }
+}

@@ -1,0 +1,31 @@
+//! The crate's error type.
+
+/// Errors of pgdn-redis.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Redis could not be reached or answered with an error. Publishes fail
+    /// visibly (HTTP 503) until it is back; the node reconnects by itself.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Something in Redis is not what pgdn wrote there (another program
+    /// using the same key prefix?).
+    #[error("unexpected data in redis: {0}")]
+    Corrupt(String),
+    /// A publish was malformed.
+    #[error(transparent)]
+    Core(#[from] pgdn_core::Error),
+}
+
+/// Result with [`Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for pgdn_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Core(e) => e,
+            Error::Redis(e) => pgdn_core::Error::Broker(e.to_string()),
+            Error::Corrupt(m) => pgdn_core::Error::Broker(m),
+        }
+    }
+}

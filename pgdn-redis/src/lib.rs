@@ -1,0 +1,60 @@
+//! Redis implementations of pgdn-core's cluster traits, so that many pgdn
+//! nodes behind a load balancer share one Redis (PROTOCOL.md section 6).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), pgdn_redis::Error> {
+//! let cluster = pgdn_redis::Cluster::connect(
+//!     "redis://127.0.0.1:6379",
+//!     "node-a",
+//!     pgdn_redis::ClusterConfig::default(),
+//! )
+//! .await?;
+//! let hub = cluster.hub_builder().build(); // starts the node's background tasks
+//! # let _ = hub;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What goes where
+//!
+//! Every publish runs one Lua script: it drops a repeated publisher id,
+//! numbers the message cluster-wide (`INCR`), keeps it in the history of
+//! each target user, and `PUBLISH`es it: group and broadcast messages on
+//! one channel every node listens to, user messages only on the channels of
+//! the nodes that hold a connection of those users. Every node, the
+//! publishing one included, delivers what arrives on its subscription, so
+//! all nodes deliver in the script's order. Each node keeps a liveness key
+//! with a TTL and refreshes its users' mappings on a heartbeat; a cleanup
+//! pass (SCAN, bounded) removes what dead nodes left.
+//!
+//! # Layout
+//!
+//! - [`cluster`]: [`Cluster`], the node's connection to Redis and the
+//!   factory of the pieces below; [`ClusterConfig`].
+//! - [`broker`]: [`RedisBroker`], cross-node fan-out.
+//! - [`session`]: [`RedisSessionTracker`], user -> nodes, liveness,
+//!   heartbeat and cluster stats.
+//! - [`history`]: [`RedisHistory`], per-user windows for resume.
+//! - [`cleanup`]: the stale-mapping cleanup pass.
+//! - [`emitter`]: [`Emitter`], publishing straight into Redis from a batch
+//!   job.
+//! - `keys`, `scripts`: key names and the Lua scripts.
+//! - [`error`]: the crate's [`Error`].
+
+pub mod broker;
+pub mod cleanup;
+pub mod cluster;
+pub mod emitter;
+pub mod error;
+pub mod history;
+mod keys;
+mod scripts;
+pub mod session;
+
+pub use broker::RedisBroker;
+pub use cleanup::{CleanupReport, cleanup_all, cleanup_pass};
+pub use cluster::{Cluster, ClusterConfig};
+pub use emitter::Emitter;
+pub use error::{Error, Result};
+pub use history::RedisHistory;
+pub use session::RedisSessionTracker;

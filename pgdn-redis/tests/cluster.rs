@@ -1,0 +1,331 @@
+//! pgdn-redis against a real, private `redis-server` (started here on a
+//! free port by pgdn-testkit): several in-process nodes share it.
+
+use std::time::Duration;
+
+use pgdn_core::{Hub, Identity, MessageId, MessageType, Outbox, PublishRequest, Target};
+use pgdn_redis::{Cluster, ClusterConfig, Emitter};
+use pgdn_testkit::RedisServer;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config() -> ClusterConfig {
+    let mut c = ClusterConfig::default();
+    c.node_ttl = Duration::from_millis(600);
+    c.heartbeat_interval = Duration::from_millis(150);
+    c.cleanup_interval = Duration::from_secs(3600);
+    c
+}
+
+async fn node(redis: &RedisServer, id: &str) -> (Cluster, Hub) {
+    let cluster = Cluster::connect(&redis.url(), id, config()).await.unwrap();
+    let hub = cluster.hub_builder().build();
+    assert!(cluster.wait_subscribed(WAIT).await, "node {id} subscribed");
+    (cluster, hub)
+}
+
+/// A connection's queue, read one frame at a time.
+struct Rx {
+    outbox: Outbox,
+    buf: std::sync::Mutex<std::collections::VecDeque<bytes::Bytes>>,
+}
+
+impl From<Outbox> for Rx {
+    fn from(outbox: Outbox) -> Self {
+        Rx {
+            outbox,
+            buf: Default::default(),
+        }
+    }
+}
+
+async fn recv(rx: &Rx) -> Value {
+    let queued = rx.buf.lock().unwrap().pop_front();
+    let frame = match queued {
+        Some(f) => f,
+        None => {
+            let mut batch = Vec::new();
+            tokio::time::timeout(WAIT, rx.outbox.recv_many(&mut batch))
+                .await
+                .expect("a frame in time")
+                .unwrap();
+            let mut buf = rx.buf.lock().unwrap();
+            buf.extend(batch);
+            buf.pop_front().unwrap()
+        }
+    };
+    serde_json::from_slice(&frame).unwrap()
+}
+
+/// Publishes a marker to `user` and checks it is the next frame on each of
+/// `tabs` (all of that user's): nothing else was queued before it.
+async fn nothing_else(hub: &Hub, tabs: &[&Rx], user: &str) {
+    let marker = hub
+        .notify_user(user, MessageType::new("marker").unwrap(), json!({}))
+        .await
+        .unwrap();
+    for tab in tabs {
+        let next = recv(tab).await;
+        assert_eq!(next["id"], marker.id.as_str(), "unexpected frame {next}");
+    }
+}
+
+fn id(s: &str) -> Identity {
+    Identity::new(s, ["staff"])
+}
+
+#[tokio::test]
+async fn user_group_and_broadcast_messages_reach_every_node_exactly_once() {
+    let redis = RedisServer::start();
+    let (_ca, a) = node(&redis, "a").await;
+    let (_cb, b) = node(&redis, "b").await;
+    let (_cc, c) = node(&redis, "c").await;
+    let (_t1, tab_a) = a.connect(id("alice")).await.unwrap();
+    let tab_a = Rx::from(tab_a);
+    let (_t2, tab_b) = b.connect(id("alice")).await.unwrap();
+    let tab_b = Rx::from(tab_b);
+    let (_t3, bob_c) = c.connect(id("bob")).await.unwrap();
+    let bob_c = Rx::from(bob_c);
+
+    // A user with tabs on two nodes: one copy per tab, published from a
+    // third node.
+    let r = c
+        .notify_user("alice", MessageType::info(), json!({"n": 1}))
+        .await
+        .unwrap();
+    assert_eq!(r.delivered, None, "unknown in cluster mode");
+    for tab in [&tab_a, &tab_b] {
+        let n = recv(tab).await;
+        assert_eq!(
+            (n["payload"]["n"].as_u64(), n["user_id"].as_str()),
+            (Some(1), Some("alice"))
+        );
+    }
+    nothing_else(&c, &[&bob_c], "bob").await;
+
+    // Groups and broadcasts reach every node's connections once.
+    a.notify_group("staff", MessageType::warning(), json!({"n": 2}))
+        .await
+        .unwrap();
+    for o in [&tab_a, &tab_b, &bob_c] {
+        assert_eq!(recv(o).await["payload"]["n"], 2);
+    }
+    b.broadcast(MessageType::success(), json!({"n": 3}), &["bob"])
+        .await
+        .unwrap();
+    for o in [&tab_a, &tab_b] {
+        assert_eq!(recv(o).await["payload"]["n"], 3);
+    }
+    nothing_else(&a, &[&tab_a, &tab_b], "alice").await;
+    nothing_else(&c, &[&bob_c], "bob").await;
+
+    let stats = a.cluster_stats().await.unwrap().unwrap();
+    assert_eq!(stats.nodes, vec!["a", "b", "c"]);
+    assert_eq!((stats.total_users, stats.total_connections), (2, 3));
+    assert_eq!(stats.groups, vec!["staff"]);
+}
+
+#[tokio::test]
+async fn a_users_tabs_on_different_nodes_see_one_order() {
+    let redis = RedisServer::start();
+    let (_ca, a) = node(&redis, "a").await;
+    let (_cb, b) = node(&redis, "b").await;
+    let (_t1, tab_a) = a.connect(id("u")).await.unwrap();
+    let tab_a = Rx::from(tab_a);
+    let (_t2, tab_b) = b.connect(id("u")).await.unwrap();
+    let tab_b = Rx::from(tab_b);
+    let mut tasks = Vec::new();
+    for (i, hub) in [a.clone(), b.clone()].into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            for n in 0..50 {
+                hub.notify_user("u", MessageType::info(), json!({"from": i, "n": n}))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut seen_a = Vec::new();
+    let mut seen_b = Vec::new();
+    for _ in 0..100 {
+        seen_a.push(recv(&tab_a).await["id"].as_str().unwrap().to_string());
+        seen_b.push(recv(&tab_b).await["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen_a, seen_b, "both tabs see the same order");
+}
+
+#[tokio::test]
+async fn history_is_shared_so_resume_works_on_another_node() {
+    let redis = RedisServer::start();
+    let (_ca, a) = node(&redis, "a").await;
+    let (_cb, b) = node(&redis, "b").await;
+    let (_t, tab) = a.connect(id("u")).await.unwrap();
+    let tab = Rx::from(tab);
+    let first = a
+        .notify_user("u", MessageType::info(), json!({"n": 0}))
+        .await
+        .unwrap();
+    assert_eq!(recv(&tab).await["id"], first.id.as_str());
+    let bc = b
+        .broadcast(MessageType::info(), json!({"b": true}), &[] as &[&str])
+        .await
+        .unwrap();
+    recv(&tab).await;
+    for n in 1..=3 {
+        a.notify_users(&["u", "v"], MessageType::info(), json!({"n": n}))
+            .await
+            .unwrap();
+        recv(&tab).await;
+    }
+    // The client moves to node b and resumes from the first id, or from
+    // the broadcast's.
+    for since in [first.id.as_str(), bc.id.as_str()] {
+        let replay = b.replay("u", since).await.unwrap();
+        assert!(!replay.gap);
+        let ns: Vec<u64> = replay
+            .frames
+            .iter()
+            .map(|(_, f)| {
+                serde_json::from_slice::<Value>(f).unwrap()["payload"]["n"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(ns, vec![1, 2, 3]);
+    }
+    let unknown = b.replay("u", "never-published").await.unwrap();
+    assert!(unknown.gap);
+    assert_eq!(unknown.frames.len(), 4, "everything retained");
+}
+
+#[tokio::test]
+async fn a_publisher_id_is_deduplicated_across_nodes_and_the_emitter() {
+    let redis = RedisServer::start();
+    let (_ca, a) = node(&redis, "a").await;
+    let (_cb, b) = node(&redis, "b").await;
+    let (_t, tab) = a.connect(id("u")).await.unwrap();
+    let tab = Rx::from(tab);
+    let req = PublishRequest::new(Target::user("u"), MessageType::info())
+        .with_id(MessageId::new("job-9").unwrap());
+    a.publish(req.clone()).await.unwrap();
+    b.publish(req.clone()).await.unwrap();
+    let emitter = Emitter::connect(&redis.url(), config()).await.unwrap();
+    emitter.publish(req).await.unwrap();
+    assert_eq!(recv(&tab).await["id"], "job-9");
+    nothing_else(&a, &[&tab], "u").await;
+    // The emitter publishes the same shape as the HTTP API.
+    emitter
+        .notify_group("staff", "task_progress", json!({"progress": 50}))
+        .await
+        .unwrap();
+    let n = recv(&tab).await;
+    assert_eq!(n["type"], "task_progress");
+    assert_eq!(n["group_ids"], json!(["staff"]));
+    assert!(n["timestamp"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn a_dead_nodes_mappings_expire_and_cleanup_removes_them() {
+    let redis = RedisServer::start();
+    let (ca, a) = node(&redis, "a").await;
+    let (cb, b) = node(&redis, "b").await;
+    let (_t1, _o1) = a.connect(id("alive-user")).await.unwrap();
+    let _o1 = Rx::from(_o1);
+    let (_t2, _o2) = b.connect(id("doomed")).await.unwrap();
+    let _o2 = Rx::from(_o2);
+    let tracker = ca.session_tracker();
+    assert_eq!(
+        tracker
+            .get_client_server("doomed")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("b")
+    );
+    // Node b stops heart-beating (as if killed): its tasks end with its hub.
+    drop((b, _o2, _t2, cb));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stats = a.cluster_stats().await.unwrap().unwrap();
+        if stats.nodes == vec!["a"] {
+            assert_eq!(stats.total_connections, 1);
+            assert_eq!(stats.users, vec!["alive-user"]);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node b never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        tracker.get_client_server("doomed").await.unwrap(),
+        None,
+        "expired"
+    );
+    let report = pgdn_redis::cleanup_all(&redis.url(), "pgdn:")
+        .await
+        .unwrap();
+    assert_eq!(report.nodes_removed, 1);
+    assert!(report.mappings_removed >= 1);
+    let again = pgdn_redis::cleanup_all(&redis.url(), "pgdn:")
+        .await
+        .unwrap();
+    assert_eq!((again.nodes_removed, again.mappings_removed), (0, 0));
+    assert_eq!(
+        tracker
+            .get_client_server("alive-user")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a")
+    );
+}
+
+#[tokio::test]
+async fn redis_restart_fails_publishes_visibly_then_recovers_by_itself() {
+    let mut redis = RedisServer::start();
+    let (ca, a) = node(&redis, "a").await;
+    let (cb, b) = node(&redis, "b").await;
+    let (_t, tab) = b.connect(id("u")).await.unwrap();
+    let tab = Rx::from(tab);
+    a.notify_user("u", MessageType::info(), json!({"n": 1}))
+        .await
+        .unwrap();
+    assert_eq!(recv(&tab).await["payload"]["n"], 1);
+
+    redis.kill();
+    let err = a
+        .notify_user("u", MessageType::info(), json!({"n": 2}))
+        .await;
+    assert!(err.is_err(), "a publish while Redis is down fails: {err:?}");
+    // Local connections are still served.
+    assert_eq!(b.connection_count(), 1);
+
+    redis.start_again();
+    assert!(ca.wait_subscribed(WAIT).await && cb.wait_subscribed(WAIT).await);
+    // The node re-registers its sessions in the empty Redis by itself.
+    let tracker = ca.session_tracker();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tracker
+        .get_client_server("u")
+        .await
+        .ok()
+        .flatten()
+        .as_deref()
+        != Some("b")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions never re-registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.notify_user("u", MessageType::info(), json!({"n": 3}))
+        .await
+        .unwrap();
+    assert_eq!(recv(&tab).await["payload"]["n"], 3);
+}
