@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use pgdn_server::{Config, JwtAuthenticator, Pgdn, shutdown_signal};
 use rand::Rng;
 use tracing_subscriber::EnvFilter;
@@ -12,6 +12,31 @@ use tracing_subscriber::EnvFilter;
 /// pgdn: real-time notifications over WebSocket, published over HTTP.
 #[derive(Debug, Parser)]
 #[command(name = "pgdn-server", version, about)]
+struct Cli {
+    /// A one-off task instead of serving.
+    #[command(subcommand)]
+    command: Option<Task>,
+    #[command(flatten)]
+    args: Args,
+}
+
+/// One-off tasks.
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Removes, once, what dead nodes left in Redis (session mappings and
+    /// node bookkeeping), with SCAN; every node also does this periodically.
+    Cleanup {
+        /// The cluster's Redis, e.g. redis://127.0.0.1:6379.
+        #[arg(long, env = "PGDN_REDIS_URL")]
+        redis_url: String,
+        /// Key prefix the nodes use.
+        #[arg(long, env = "PGDN_REDIS_PREFIX", default_value = "pgdn:")]
+        prefix: String,
+    },
+}
+
+/// Settings of a serving node.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "PGDN_ADDR", default_value = "127.0.0.1:8000")]
@@ -64,9 +89,91 @@ struct Args {
     /// Serve the demo page at `/`.
     #[arg(long, env = "PGDN_DEMO_PAGE", default_value_t = true, action = clap::ArgAction::Set)]
     demo_page: bool,
+    /// Redis URL: runs this node in cluster mode with the other nodes on the
+    /// same Redis (e.g. redis://127.0.0.1:6379). Without it the node keeps
+    /// everything in memory.
+    #[arg(long, env = "PGDN_REDIS_URL")]
+    redis_url: Option<String>,
+    /// This node's id in the cluster (default: generated, printed at start).
+    #[arg(long, env = "PGDN_NODE_ID")]
+    node_id: Option<String>,
+    /// Key prefix in Redis, for several deployments on one Redis.
+    #[arg(long, env = "PGDN_REDIS_PREFIX", default_value = "pgdn:")]
+    redis_prefix: String,
+    /// How long a silent node's users stay routed to it (its liveness TTL;
+    /// the heartbeat runs at a third of it).
+    #[arg(long, env = "PGDN_NODE_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
+    node_ttl: Duration,
     /// Log filter (tracing-subscriber syntax), e.g. `info` or `pgdn_server=debug`.
     #[arg(long, env = "PGDN_LOG", default_value = "info")]
     log: String,
+}
+
+/// Connects this node to the cluster's Redis and builds its hub.
+#[cfg(feature = "redis")]
+async fn cluster_hub(
+    url: &str,
+    args: &Args,
+    config: &Config,
+) -> Result<pgdn_server::Hub, pgdn_server::Error> {
+    let node = args
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", random_key(4)));
+    let mut cluster_config = pgdn_redis::ClusterConfig::default();
+    cluster_config.prefix = args.redis_prefix.clone();
+    cluster_config.node_ttl = args.node_ttl;
+    cluster_config.heartbeat_interval = args.node_ttl / 3;
+    cluster_config.history = config.history;
+    let cluster = pgdn_redis::Cluster::connect(url, &node, cluster_config)
+        .await
+        .map_err(|e| {
+            pgdn_server::Error::Config(format!("cannot use redis at {}: {e}", redacted(url)))
+        })?;
+    // One parseable line on stdout, before the listening line.
+    println!("pgdn-server cluster node {node} on {}", redacted(url));
+    Ok(cluster.hub_builder().queue_limits(config.queue).build())
+}
+
+#[cfg(not(feature = "redis"))]
+async fn cluster_hub(
+    _: &str,
+    _: &Args,
+    _: &Config,
+) -> Result<pgdn_server::Hub, pgdn_server::Error> {
+    Err(pgdn_server::Error::Config(
+        "this pgdn-server was built without the `redis` feature; rebuild with it for --redis-url"
+            .into(),
+    ))
+}
+
+/// `pgdn-server cleanup`: one full pass.
+#[cfg(feature = "redis")]
+async fn cleanup(url: &str, prefix: &str) -> Result<(), pgdn_server::Error> {
+    let report = pgdn_redis::cleanup_all(url, prefix).await.map_err(|e| {
+        pgdn_server::Error::Config(format!("cleanup failed on {}: {e}", redacted(url)))
+    })?;
+    println!(
+        "cleanup: {} user keys scanned, {} stale mappings removed, {} dead nodes removed",
+        report.keys_scanned, report.mappings_removed, report.nodes_removed
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "redis"))]
+async fn cleanup(_: &str, _: &str) -> Result<(), pgdn_server::Error> {
+    Err(pgdn_server::Error::Config(
+        "this pgdn-server was built without the `redis` feature".into(),
+    ))
+}
+
+/// The URL without its password, for logs.
+#[cfg(feature = "redis")]
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
 }
 
 fn random_key(bytes: usize) -> String {
@@ -78,12 +185,17 @@ fn random_key(bytes: usize) -> String {
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    let args = cli.args;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(args).await {
+    let result = match cli.command {
+        Some(Task::Cleanup { redis_url, prefix }) => cleanup(&redis_url, &prefix).await,
+        None => run(args).await,
+    };
+    if let Err(e) = result {
         eprintln!("pgdn-server: {e}");
         std::process::exit(1);
     }
@@ -91,7 +203,7 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     let dev_mode = args.jwt_secret.is_none() && args.publish_key.is_none();
-    let (jwt_secret, publish_key) = match (args.jwt_secret, args.publish_key) {
+    let (jwt_secret, publish_key) = match (args.jwt_secret.clone(), args.publish_key.clone()) {
         (Some(s), Some(k)) => (s, k),
         (None, None) => (random_key(32), random_key(24)),
         (None, Some(_)) => {
@@ -106,7 +218,7 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
         }
     };
     let mut config = Config::default();
-    config.ws_path = args.ws_path;
+    config.ws_path = args.ws_path.clone();
     config.max_frame_size = args.max_frame_size;
     config.rate_limit_per_sec = args.rate_limit;
     config.rate_limit_burst = args.rate_burst;
@@ -126,7 +238,11 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     config.idle_timeout = args.idle_timeout;
 
     let auth = JwtAuthenticator::new(jwt_secret.as_bytes());
-    let pgdn = Pgdn::builder()
+    let mut builder = Pgdn::builder();
+    if let Some(url) = &args.redis_url {
+        builder = builder.hub(cluster_hub(url, &args, &config).await?);
+    }
+    let pgdn = builder
         .config(config)
         .authenticator(auth.clone())
         .publish_key(publish_key.clone())
