@@ -31,6 +31,13 @@
 //!   PGDN_TOKEN=<token> cargo run -p pgdn-examples --example subscriber
 //!   ```
 //!
+//! - `emitter` (`examples/emitter.rs`): a batch job that publishes straight
+//!   into the cluster's Redis, without an HTTP hop.
+//!
+//!   ```text
+//!   PGDN_REDIS_URL=redis://127.0.0.1:6379 cargo run -p pgdn-examples --example emitter -- demo-user
+//!   ```
+//!
 //! Each prints, at startup, its address, ready tokens and curl commands.
 //! `tests/examples.rs` runs both apps on a free port and checks them end to
 //! end with a WebSocket client.

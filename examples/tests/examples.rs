@@ -211,3 +211,50 @@ async fn batch_job_progress_reaches_the_subscriber() {
     want.push("task_completed".into());
     assert_eq!(seen, want);
 }
+
+#[allow(dead_code)]
+#[path = "../examples/emitter.rs"]
+mod emitter;
+
+/// The emitter publishes into Redis; a cluster node delivers it.
+#[tokio::test]
+async fn emitter_progress_reaches_a_cluster_node() {
+    let redis = pgdn_testkit::RedisServer::start();
+    let cluster = pgdn_redis::Cluster::connect(&redis.url(), "ex-node", Default::default())
+        .await
+        .unwrap();
+    let pgdn = pgdn_server::Pgdn::builder()
+        .hub(cluster.hub_builder().build())
+        .jwt_secret("em-secret")
+        .publish_key("em-key")
+        .build()
+        .unwrap();
+    assert!(cluster.wait_subscribed(Duration::from_secs(10)).await);
+    let addr = serve(pgdn.routes()).await;
+    let token = JwtAuthenticator::new(b"em-secret")
+        .issue("owner", &[], Duration::from_secs(60))
+        .unwrap();
+    let mut ws = subscribe(addr, &token).await;
+    assert_eq!(next(&mut ws).await["type"], "connection");
+    let mut watch = pgdn.hub().watch_connections();
+    watch.wait_for(|n| *n == 1).await.unwrap();
+    let emitter = pgdn_redis::Emitter::connect(&redis.url(), Default::default())
+        .await
+        .unwrap();
+    emitter::report(&emitter, "owner", "job-x").await.unwrap();
+    let mut kinds = Vec::new();
+    for _ in 0..6 {
+        kinds.push(next(&mut ws).await["type"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        kinds,
+        [
+            "task_started",
+            "task_progress",
+            "task_progress",
+            "task_progress",
+            "task_progress",
+            "task_completed"
+        ]
+    );
+}
