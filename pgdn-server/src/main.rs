@@ -132,7 +132,12 @@ async fn cluster_hub(
         })?;
     // One parseable line on stdout, before the listening line.
     println!("pgdn-server cluster node {node} on {}", redacted(url));
-    Ok(cluster.hub_builder().queue_limits(config.queue).build())
+    let hub = cluster.hub_builder().queue_limits(config.queue).build();
+    // Take publishes only once this node hears the cluster.
+    if !cluster.wait_subscribed(Duration::from_secs(10)).await {
+        tracing::warn!("not subscribed to redis yet; publishes get 503 until it is");
+    }
+    Ok(hub)
 }
 
 #[cfg(not(feature = "redis"))]
