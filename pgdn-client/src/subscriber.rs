@@ -393,16 +393,22 @@ enum Parsed {
 fn parse(text: &str) -> std::result::Result<Parsed, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
+    // A notification first: its type may be `error` (a built-in type),
+    // and only the shape tells it from an error frame.
+    let is_notification = v.get("id").is_some_and(Value::is_string)
+        && v.get("payload").is_some_and(Value::is_object)
+        && v.get("timestamp").is_some();
+    if is_notification {
+        return serde_json::from_value(v)
+            .map(Parsed::Notification)
+            .map_err(|e| e.to_string());
+    }
     match kind {
         "connection" => Ok(Parsed::Connection(
             v["user_id"].as_str().unwrap_or_default().to_string(),
             v["connection_id"].as_str().unwrap_or_default().to_string(),
         )),
         "error" if v.get("code").and_then(Value::as_str) == Some("history_gap") => Ok(Parsed::Gap),
-        "pong" | "error" => Ok(Parsed::Other(v)),
-        _ if v.get("id").is_some() && v.get("payload").is_some() => serde_json::from_value(v)
-            .map(Parsed::Notification)
-            .map_err(|e| e.to_string()),
         _ => Ok(Parsed::Other(v)),
     }
 }

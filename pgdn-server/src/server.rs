@@ -244,12 +244,13 @@ impl Pgdn {
         health.or(metrics).unify()
     }
 
-    /// The demo page at `/` (when [`Config::demo_page`] is on).
+    /// The demo page at `/` (when [`Config::demo_page`] is on) and the
+    /// browser client at `/pgdn.js` (always: apps load it too).
     pub fn demo_route(
         &self,
     ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
         let enabled = self.shared.config.demo_page;
-        warp::path::end()
+        let page = warp::path::end()
             .and(warp::get())
             .and_then(move || async move {
                 if enabled {
@@ -257,7 +258,22 @@ impl Pgdn {
                 } else {
                     Err(warp::reject::not_found())
                 }
-            })
+            });
+        let script = warp::path!("pgdn.js").and(warp::get()).map(|| {
+            let mut res = crate::demo::PGDN_JS.into_response();
+            let headers = res.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(crate::demo::JS_CONTENT_TYPE),
+            );
+            // Revalidate on every load, so pages pick up a new server's client.
+            headers.insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-cache"),
+            );
+            res
+        });
+        page.or(script).unify()
     }
 
     /// Every route: WebSocket, API, health, metrics and the demo page.

@@ -2,8 +2,8 @@
 //!
 //! - `cargo xtask test`: everything CI checks: formatting, clippy with
 //!   warnings denied, and every test of the workspace. It first makes sure
-//!   the services the tests need are installed (none yet for the
-//!   single-node server).
+//!   what the tests need is installed (`redis-server`, `chromium`),
+//!   installing it with apt-get when it can.
 //! - `cargo xtask bench`: see `bench.rs`.
 
 use std::env;
@@ -36,10 +36,56 @@ fn has_cargo_subcommand(sub: &str) -> bool {
     cmd.status().is_ok_and(|s| s.success())
 }
 
+/// Whether an executable `name` is at `/usr/bin/name` or on PATH.
+fn has_program(name: &str) -> bool {
+    std::path::Path::new("/usr/bin").join(name).is_file()
+        || env::var_os("PATH")
+            .is_some_and(|p| env::split_paths(&p).any(|dir| dir.join(name).is_file()))
+}
+
+/// Makes sure `program` is installed: when it is missing and we can
+/// install it (root, with apt-get: Debian's package `package`), we do;
+/// otherwise we stop with the command to run. `why` names the tests.
+fn ensure_installed(program: &str, package: &str, why: &str) -> bool {
+    if has_program(program) {
+        return true;
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let has_apt = Command::new("apt-get")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !(is_root && has_apt) {
+        eprintln!(
+            "xtask: {program} is missing ({why} need it); install it with:\n    sudo apt-get install -y {package}"
+        );
+        return false;
+    }
+    eprintln!("xtask: {program} is missing ({why} need it); installing {package}");
+    // Non-interactive: no debconf prompt may wait for an answer.
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    if run(apt(&["update"])) && run(apt(&["install", "-y", package])) && has_program(program) {
+        return true;
+    }
+    eprintln!(
+        "xtask: could not install {package}; install it with:\n    apt-get update && apt-get install -y {package}"
+    );
+    false
+}
+
 fn test() -> ExitCode {
-    // What the tests need and what installs it. The single-node server
-    // needs nothing beyond the toolchain; Redis and Chromium join this list
-    // with the issues that test against them.
+    // What the tests need and what installs it: rustfmt and clippy;
+    // redis-server for the cluster tests (pgdn-testkit starts a private one
+    // on a free port; nothing is expected to be running); Chromium for the
+    // browser test (pgdn-server/tests/browser.rs).
     for (sub, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
         if !has_cargo_subcommand(sub) {
             eprintln!(
@@ -48,10 +94,26 @@ fn test() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let services = [
+        ("redis-server", "redis-server", "the cluster tests"),
+        ("chromium", "chromium", "the browser tests"),
+    ];
+    for (program, package, why) in services {
+        if !ensure_installed(program, package, why) {
+            return ExitCode::FAILURE;
+        }
+    }
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     let mut clippy = cargo();
-    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     let mut tests = cargo();
     tests.args(["test", "--workspace", "--all-targets"]);
     let mut doctests = cargo();
@@ -71,7 +133,9 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("bench") => bench::main(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test|bench> [options]\n  test   formatting, clippy and every test (what CI runs)\n  bench  throughput, latency and memory against a bare tokio-tungstenite baseline");
+            eprintln!(
+                "usage: cargo xtask <test|bench> [options]\n  test   formatting, clippy and every test (what CI runs)\n  bench  throughput, latency and memory against a bare tokio-tungstenite baseline"
+            );
             ExitCode::FAILURE
         }
     }
