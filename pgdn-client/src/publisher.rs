@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgdn_core::{MessageId, MessageType, PublishReceipt, PublishRequest, Target};
+use pgdn_core::{MessageId, PublishReceipt, PublishRequest, Target};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -94,13 +94,7 @@ pub(crate) fn request(
     kind: &str,
     payload: impl Serialize,
 ) -> Result<PublishRequest> {
-    let kind = MessageType::new(kind)?;
-    let payload = serde_json::to_value(payload).map_err(|e| Error::Invalid(e.to_string()))?;
-    let payload = match payload {
-        Value::Null => Value::Object(Map::new()),
-        other => other,
-    };
-    Ok(PublishRequest::new(target, kind).with_payload(payload)?)
+    Ok(PublishRequest::from_parts(target, kind, payload)?)
 }
 
 enum Attempt<T> {

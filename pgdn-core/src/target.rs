@@ -99,6 +99,19 @@ impl PublishRequest {
         }
     }
 
+    /// A request from a type name and any serializable payload (an object,
+    /// or nothing: `()`/`null` is `{}`): what every publisher's
+    /// `notify_*` methods build.
+    pub fn from_parts(target: Target, kind: &str, payload: impl Serialize) -> Result<Self, Error> {
+        let kind = MessageType::new(kind)?;
+        let payload = match serde_json::to_value(payload) {
+            Ok(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
+            Ok(v) => v,
+            Err(e) => return Err(Error::InvalidPublish(format!("payload: {e}"))),
+        };
+        PublishRequest::new(target, kind).with_payload(payload)
+    }
+
     /// Sets the payload. Anything but a JSON object is refused.
     pub fn with_payload(mut self, payload: serde_json::Value) -> Result<Self, Error> {
         match payload {

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use pgdn_core::{Envelope, PublishReceipt, PublishRequest, Target};
 use redis::aio::ConnectionManager;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::broker::publish_envelope;
 use crate::cluster::{ClusterConfig, Local, Shared, connect_manager};
@@ -29,13 +28,7 @@ impl std::fmt::Debug for Emitter {
 }
 
 fn request(target: Target, kind: &str, payload: impl Serialize) -> Result<PublishRequest> {
-    let kind = pgdn_core::MessageType::new(kind)?;
-    let payload = match serde_json::to_value(payload) {
-        Ok(Value::Null) => Value::Object(Default::default()),
-        Ok(v) => v,
-        Err(e) => return Err(pgdn_core::Error::InvalidPublish(e.to_string()).into()),
-    };
-    Ok(PublishRequest::new(target, kind).with_payload(payload)?)
+    Ok(PublishRequest::from_parts(target, kind, payload)?)
 }
 
 impl Emitter {
