@@ -1,9 +1,1017 @@
-//! `cargo xtask bench`: to be written.
+//! `cargo xtask bench`: pgdn's throughput, latency and memory, read as
+//! ratios to a bare tokio-tungstenite server measured in the same run.
+//!
+//! ```text
+//! cargo xtask bench [--n 1000,10000] [--messages M] [--quick] [...]
+//! ```
+//!
+//! It builds the release `pgdn-server` and this tool in release (then
+//! re-runs itself from there, so that the clients are optimized too). For
+//! each N it measures `--rounds` runs of each server, alternating which goes
+//! first (pgdn, baseline, baseline, pgdn, ...) so that a slow spell of this
+//! shared machine hits both alike. One run:
+//!
+//! 1. starts the server as its own process on 127.0.0.1 and reads its
+//!    resident memory (`VmRSS`) after one warm-up publish to nobody;
+//! 2. connects N subscribers (pgdn: each with its own HS256 JWT, counted
+//!    once its `connection` frame arrived), waits for the server's memory
+//!    to settle and reads it again: (after - before) / N is the memory of
+//!    an idle connection;
+//! 3. **fan-out latency**: broadcasts one at a time, each once the previous
+//!    one reached every subscriber;
+//! 4. **broadcast throughput**, `--repeat` times: M broadcasts with at most
+//!    `--window` of them not yet fully delivered (a per-connection queue
+//!    then holds at most about that many frames, far below pgdn's 1024);
+//!    deliveries/s is every frame received / the time from the first
+//!    publish to the last receipt, and the server's CPU time (utime +
+//!    stime from `/proc/<pid>/stat`) over the same span / deliveries is
+//!    its CPU per delivery;
+//! 5. **user-targeted**: messages to one user each, from 16 concurrent
+//!    publishers;
+//! 6. reads the server's memory once more, after all that traffic;
+//!
+//! and stops the server (pgdn: SIGTERM; the baseline: its stdin closes).
+//!
+//! then prints a Markdown table of the medians over every run, the ratios
+//! and whether pgdn meets its targets (broadcast deliveries/s at least 0.8x
+//! the baseline's, CPU per delivery at most 1/0.8 = 1.25x, memory per idle
+//! connection at most 1.5x), and every sample under it.
+//!
+//! Publish-to-receive latency is the receipt time minus the send time that
+//! the publisher wrote into the payload, on one clock since publisher and
+//! subscribers share this process. The baseline is described in
+//! `bench/baseline.rs`. The bench's clients run on the same cores as the
+//! server, the same for both servers. All traffic is on 127.0.0.1.
 
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinSet;
+
+mod baseline;
+mod client;
+mod procs;
+
+use client::{Publisher, Recorder};
+use procs::ServerProcess;
+
+const USAGE: &str = "\
+usage: cargo xtask bench [options]
+
+  --n LIST            subscriber counts, comma-separated (default 1000,10000)
+  --messages M        broadcasts per throughput repetition
+                      (default: about --deliveries / N)
+  --deliveries D      deliveries per throughput repetition when --messages
+                      is not given (default 1000000; --quick 300000)
+  --rounds R          runs of each server per N, alternating which goes
+                      first; medians are reported (default 3; --quick 1)
+  --repeat R          throughput repetitions within a run (default 1)
+  --window W          broadcasts in flight at most (default 32)
+  --user-messages U   user-targeted messages (default 20000; --quick 4000)
+  --padding B         filler bytes in each payload (default 100)
+  --only pgdn|baseline  measure one server only (no ratios)
+  --baseline-coalesce K  let the baseline write up to K pending publishes
+                      with one write per socket (default 1: one write per
+                      socket per message, as the issue specifies)
+  --baseline-read-buffer B  the baseline's tungstenite read buffer
+                      (default 4096)
+  --baseline-nodelay  set TCP_NODELAY on the baseline's sockets (pgdn does
+                      not set it; default off)
+  --quick             a short run: fewer messages and repetitions
+  --check             exit with failure when pgdn misses a target
+  --no-build          do not run cargo build first
+  --pgdn-bin PATH     the pgdn-server binary to measure (default: the
+                      release build of this workspace, built first)";
+
+/// Target: pgdn's broadcast deliveries/s over the baseline's, at least.
+const TARGET_THROUGHPUT: f64 = 0.8;
+/// Target: pgdn's CPU per delivery over the baseline's, at most.
+const TARGET_CPU: f64 = 1.0 / 0.8;
+/// Target: pgdn's memory per idle connection over the baseline's, at most.
+const TARGET_RSS: f64 = 1.5;
+
+/// Phase numbers, carried in every payload as `"p"`.
+const PHASE_WARMUP: usize = 0;
+const PHASE_FANOUT: usize = 1;
+const PHASE_FIRST_REPETITION: usize = 2;
+
+/// Concurrent publishers in the user-targeted phase.
+const USER_PUBLISHERS: usize = 16;
+
+/// The publish target of a broadcast.
+const BROADCAST: &str = r#"{"broadcast":{}}"#;
+
+/// The server under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Pgdn,
+    Baseline,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Pgdn => "pgdn",
+            Server::Baseline => "baseline",
+        }
+    }
+}
+
+/// Command-line options.
+#[derive(Debug, Clone)]
+struct Options {
+    ns: Vec<usize>,
+    messages: Option<usize>,
+    deliveries: usize,
+    rounds: usize,
+    repeat: usize,
+    window: usize,
+    user_messages: usize,
+    padding: usize,
+    only: Option<Server>,
+    check: bool,
+    no_build: bool,
+    pgdn_bin: Option<PathBuf>,
+    baseline_coalesce: usize,
+    baseline_read_buffer: usize,
+    baseline_nodelay: bool,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Options, String> {
+        let quick = args.iter().any(|a| a == "--quick");
+        let mut o = Options {
+            ns: vec![1000, 10_000],
+            messages: None,
+            deliveries: if quick { 300_000 } else { 1_000_000 },
+            rounds: if quick { 1 } else { 3 },
+            repeat: 1,
+            window: 32,
+            user_messages: if quick { 4_000 } else { 20_000 },
+            padding: 100,
+            only: None,
+            check: false,
+            no_build: false,
+            pgdn_bin: None,
+            baseline_coalesce: 1,
+            baseline_read_buffer: 4096,
+            baseline_nodelay: false,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = |name: &str| {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| format!("{name} needs a value"))
+            };
+            let number = |s: String| -> Result<usize, String> {
+                s.replace('_', "")
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("not a positive number: {s}"))
+            };
+            match arg.as_str() {
+                "--quick" => {}
+                "--check" => o.check = true,
+                "--no-build" => o.no_build = true,
+                "--n" => {
+                    o.ns = value("--n")?
+                        .split(',')
+                        .map(|s| number(s.trim().to_string()))
+                        .collect::<Result<_, _>>()?;
+                }
+                "--pgdn-bin" => o.pgdn_bin = Some(PathBuf::from(value("--pgdn-bin")?)),
+                "--messages" => o.messages = Some(number(value("--messages")?)?),
+                "--deliveries" => o.deliveries = number(value("--deliveries")?)?,
+                "--baseline-coalesce" => {
+                    o.baseline_coalesce = number(value("--baseline-coalesce")?)?;
+                }
+                "--baseline-read-buffer" => {
+                    o.baseline_read_buffer = number(value("--baseline-read-buffer")?)?;
+                }
+                "--baseline-nodelay" => o.baseline_nodelay = true,
+                "--rounds" => o.rounds = number(value("--rounds")?)?,
+                "--repeat" => o.repeat = number(value("--repeat")?)?,
+                "--window" => o.window = number(value("--window")?)?,
+                "--user-messages" => o.user_messages = number(value("--user-messages")?)?,
+                "--padding" => {
+                    o.padding = value("--padding")?.parse().map_err(|_| "bad --padding")?
+                }
+                "--only" => {
+                    o.only = Some(match value("--only")?.as_str() {
+                        "pgdn" => Server::Pgdn,
+                        "baseline" => Server::Baseline,
+                        other => return Err(format!("--only pgdn|baseline, not {other}")),
+                    })
+                }
+                "-h" | "--help" => return Err(String::new()),
+                other => return Err(format!("unknown option {other}")),
+            }
+        }
+        if PHASE_FIRST_REPETITION + o.repeat >= client::PHASES {
+            return Err(format!(
+                "--repeat is at most {}",
+                client::PHASES - PHASE_FIRST_REPETITION - 1
+            ));
+        }
+        Ok(o)
+    }
+
+    /// Broadcasts per throughput repetition for `n` subscribers.
+    fn broadcasts(&self, n: usize) -> usize {
+        self.messages.unwrap_or((self.deliveries / n).max(20))
+    }
+}
 
 /// Entry point of `cargo xtask bench`.
-pub fn main(_args: &[String]) -> ExitCode {
-    eprintln!("xtask bench: not written yet");
-    ExitCode::FAILURE
+pub fn main(args: &[String]) -> ExitCode {
+    if args.first().map(String::as_str) == Some(baseline::SUBCOMMAND) {
+        return baseline::main(&args[1..]);
+    }
+    let opts = match Options::parse(args) {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("xtask bench: {e}");
+            }
+            eprintln!("{USAGE}");
+            return if e.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    let release = target_dir().join("release");
+    if cfg!(debug_assertions) {
+        // Build the server and this tool in release, then measure from the
+        // optimized build: unoptimized clients would be the bottleneck.
+        let packages: &[&str] = if opts.pgdn_bin.is_some() {
+            &["-p", "xtask"]
+        } else {
+            &["-p", "pgdn-server", "-p", "xtask"]
+        };
+        if !opts.no_build && !build(packages) {
+            return ExitCode::FAILURE;
+        }
+        let mut cmd = Command::new(release.join("xtask"));
+        cmd.arg("bench").args(args);
+        if !opts.no_build {
+            cmd.arg("--no-build");
+        }
+        eprintln!("xtask bench: running the release build: {cmd:?}");
+        return match cmd.status() {
+            Ok(s) if s.success() => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("xtask bench: could not run {cmd:?}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if !opts.no_build && opts.pgdn_bin.is_none() && !build(&["-p", "pgdn-server"]) {
+        return ExitCode::FAILURE;
+    }
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or(release);
+    match run(&opts, &bin_dir) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("xtask bench: pgdn missed a target (--check)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("xtask bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace's target directory.
+fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .join("target")
+}
+
+/// `cargo build --release <packages>`; false when it fails.
+fn build(packages: &[&str]) -> bool {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--release"]).args(packages);
+    eprintln!("xtask bench: running {cmd:?}");
+    matches!(cmd.status(), Ok(s) if s.success())
+}
+
+/// Figures of one phase.
+#[derive(Debug, Clone, Copy, Default)]
+struct Phase {
+    /// Frames received by the subscribers.
+    deliveries: u64,
+    /// From the first publish to the last receipt.
+    secs: f64,
+    /// The server's CPU time over that span, in clock ticks.
+    server_ticks: u64,
+    /// The bench's own CPU time over that span, in clock ticks.
+    bench_ticks: u64,
+    /// Publish-to-receive latency, nanoseconds.
+    p50_ns: u64,
+    /// Publish-to-receive latency, nanoseconds.
+    p99_ns: u64,
+}
+
+impl Phase {
+    fn per_sec(&self) -> f64 {
+        self.deliveries as f64 / self.secs.max(1e-9)
+    }
+
+    fn cpu_us_per_delivery(&self, ticks_per_sec: u64) -> f64 {
+        self.server_ticks as f64 * 1e6 / ticks_per_sec as f64 / self.deliveries.max(1) as f64
+    }
+}
+
+/// Everything measured for one server at one N.
+#[derive(Debug, Clone)]
+struct Run {
+    server: Server,
+    /// Which round of `--rounds` (from 0).
+    round: usize,
+    n: usize,
+    connect_secs: f64,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    /// RSS once every phase is over and the server has settled.
+    rss_traffic_kib: u64,
+    fanout: Option<Phase>,
+    broadcast: Vec<Phase>,
+    user: Option<Phase>,
+    /// What went wrong, if anything.
+    errors: Vec<String>,
+}
+
+impl Run {
+    /// Memory per idle connection, in KB.
+    fn rss_per_connection(&self) -> f64 {
+        per_connection_kb(self.rss_before_kib, self.rss_after_kib, self.n)
+    }
+}
+
+/// The median of `values`; None when there are none.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+/// Runs every N against every server; prints the details as it goes and
+/// the table at the end. Ok(false) when `--check` and a target is missed.
+fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
+    let max_n = opts.ns.iter().copied().max().unwrap_or(0) as u64;
+    let nofile =
+        rlimit::increase_nofile_limit(u64::MAX).map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+    if nofile < max_n + 512 {
+        return Err(format!(
+            "the open-file limit is {nofile}, too low for {max_n} subscribers (raise `ulimit -n`)"
+        ));
+    }
+    let ticks_per_sec = procs::clock_ticks_per_sec();
+    let machine = procs::machine_description();
+    eprintln!("xtask bench: {machine}; {}", procs::rustc_version());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let servers: Vec<Server> = match opts.only {
+        Some(s) => vec![s],
+        None => vec![Server::Pgdn, Server::Baseline],
+    };
+    let mut runs = Vec::new();
+    for &n in &opts.ns {
+        for round in 0..opts.rounds {
+            let mut order = servers.clone();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for &server in &order {
+                eprintln!(
+                    "\nxtask bench: {} with N = {n}, round {} of {} ({} broadcasts x {} repetitions, {} user-targeted)",
+                    server.name(),
+                    round + 1,
+                    opts.rounds,
+                    opts.broadcasts(n),
+                    opts.repeat,
+                    opts.user_messages
+                );
+                let run = run_one(&runtime, server, round, n, opts, bin_dir, ticks_per_sec)?;
+                for e in &run.errors {
+                    eprintln!("  problem: {e}");
+                }
+                runs.push(run);
+            }
+        }
+    }
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--no-build")
+        .collect();
+    println!("\n## cargo xtask {}\n", args.join(" "));
+    println!(
+        "Machine: {machine}; {}; pgdn at {}.\n",
+        procs::rustc_version(),
+        procs::git_revision()
+    );
+    let mut all_met = true;
+    for &n in &opts.ns {
+        let of = |s: Server| -> Vec<&Run> {
+            runs.iter().filter(|r| r.n == n && r.server == s).collect()
+        };
+        all_met &= print_table(
+            n,
+            &of(Server::Pgdn),
+            &of(Server::Baseline),
+            opts,
+            ticks_per_sec,
+        );
+    }
+    Ok(all_met || !opts.check)
+}
+
+/// Where a started server listens.
+struct Endpoints {
+    ws_urls: Vec<String>,
+    publish_url: String,
+    authorization: Option<String>,
+    hello: bool,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut x = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(32);
+    (0..bytes)
+        .map(|_| {
+            // splitmix64: only needs to differ between runs.
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            format!("{:02x}", (z ^ (z >> 31)) as u8)
+        })
+        .collect()
+}
+
+/// Starts `server` and says where it listens, with one subscriber URL per
+/// user `u0`..`u{n-1}`.
+fn launch(
+    server: Server,
+    n: usize,
+    bin_dir: &Path,
+    opts: &Options,
+) -> Result<(ServerProcess, Endpoints), String> {
+    let timeout = Duration::from_secs(30);
+    match server {
+        Server::Pgdn => {
+            let secret = random_hex(32);
+            let key = random_hex(24);
+            let pgdn_bin = opts
+                .pgdn_bin
+                .clone()
+                .unwrap_or_else(|| bin_dir.join("pgdn-server"));
+            let mut cmd = Command::new(pgdn_bin);
+            cmd.args([
+                "--addr",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+                "--demo-page",
+                "false",
+            ])
+            .args(["--jwt-secret", &secret, "--publish-key", &key])
+            .args(["--max-connections", &(n + 1000).to_string()]);
+            let prefix = "pgdn-server listening on http://";
+            let (process, line) = ServerProcess::start("pgdn-server", cmd, prefix, timeout)?;
+            let addr = line[prefix.len()..].trim().to_string();
+            let exp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                + 24 * 3600;
+            let encoding = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+            let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+            let ws_urls = (0..n)
+                .map(|i| {
+                    let claims = serde_json::json!({"sub": format!("u{i}"), "groups": ["bench"], "exp": exp});
+                    jsonwebtoken::encode(&header, &claims, &encoding)
+                        .map(|token| format!("ws://{addr}/ws?token={token}"))
+                        .map_err(|e| format!("minting a JWT: {e}"))
+                })
+                .collect::<Result<_, _>>()?;
+            Ok((
+                process,
+                Endpoints {
+                    ws_urls,
+                    publish_url: format!("http://{addr}/api/v1/publish"),
+                    authorization: Some(format!("Bearer {key}")),
+                    hello: true,
+                },
+            ))
+        }
+        Server::Baseline => {
+            let mut cmd = Command::new(bin_dir.join("xtask"));
+            cmd.args(["bench", baseline::SUBCOMMAND])
+                .args(["--coalesce", &opts.baseline_coalesce.to_string()])
+                .args(["--read-buffer", &opts.baseline_read_buffer.to_string()])
+                .args(["--nodelay", if opts.baseline_nodelay { "1" } else { "0" }]);
+            let (process, line) = ServerProcess::start("baseline", cmd, baseline::READY, timeout)?;
+            let addr_of = |key: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("baseline printed `{line}`"))
+            };
+            let (ws, http) = (addr_of("ws=")?, addr_of("http=")?);
+            Ok((
+                process,
+                Endpoints {
+                    ws_urls: (0..n).map(|i| format!("ws://{ws}/ws?user=u{i}")).collect(),
+                    publish_url: format!("http://{http}/publish"),
+                    authorization: None,
+                    hello: false,
+                },
+            ))
+        }
+    }
+}
+
+/// Starts one server, measures it at `n` subscribers and stops it.
+fn run_one(
+    runtime: &tokio::runtime::Runtime,
+    server: Server,
+    round: usize,
+    n: usize,
+    opts: &Options,
+    bin_dir: &Path,
+    ticks_per_sec: u64,
+) -> Result<Run, String> {
+    let (process, endpoints) = launch(server, n, bin_dir, opts)?;
+    let mut run = Run {
+        server,
+        round,
+        n,
+        connect_secs: 0.0,
+        rss_before_kib: 0,
+        rss_after_kib: 0,
+        rss_traffic_kib: 0,
+        fanout: None,
+        broadcast: Vec::new(),
+        user: None,
+        errors: Vec::new(),
+    };
+    let pid = process.pid();
+    if let Err(e) = runtime.block_on(measure(&mut run, pid, endpoints, opts, ticks_per_sec)) {
+        eprintln!("xtask bench: {} at N = {n}: {e}", server.name());
+        run.errors.push(e);
+    }
+    eprintln!("xtask bench: {}", process.stop(Duration::from_secs(20)));
+    Ok(run)
+}
+
+/// Waits until the server's RSS stops moving (at most 10 s) and returns it.
+async fn settled_rss(pid: u32) -> Result<u64, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = procs::rss_kib(pid)?;
+    let mut stable = 0;
+    while Instant::now() < deadline && stable < 3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = procs::rss_kib(pid)?;
+        if now.abs_diff(last) * 1000 <= last {
+            stable += 1;
+        } else {
+            stable = 0;
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// The CPU clocks at the start of a phase.
+struct Clocks {
+    start: Instant,
+    server: u64,
+    bench: u64,
+}
+
+impl Clocks {
+    fn start(pid: u32) -> Result<Clocks, String> {
+        Ok(Clocks {
+            start: Instant::now(),
+            server: procs::cpu_ticks(pid)?,
+            bench: procs::own_cpu_ticks(),
+        })
+    }
+
+    fn finish(self, pid: u32, rec: &Recorder, phase: usize) -> Result<Phase, String> {
+        let secs = self.start.elapsed().as_secs_f64();
+        let hist = rec.histogram(phase);
+        Ok(Phase {
+            deliveries: rec.count(phase),
+            secs,
+            server_ticks: procs::cpu_ticks(pid)?.saturating_sub(self.server),
+            bench_ticks: procs::own_cpu_ticks().saturating_sub(self.bench),
+            p50_ns: hist.quantile(0.50),
+            p99_ns: hist.quantile(0.99),
+        })
+    }
+}
+
+/// Connects the subscribers and runs every phase, filling `run`.
+async fn measure(
+    run: &mut Run,
+    pid: u32,
+    endpoints: Endpoints,
+    opts: &Options,
+    ticks_per_sec: u64,
+) -> Result<(), String> {
+    let rec = Recorder::new();
+    let publisher = Arc::new(Publisher::new(
+        endpoints.publish_url,
+        endpoints.authorization,
+        opts.padding,
+    ));
+    // One publish to nobody first, so that whatever the publish path
+    // allocates once is in the "before" figure of both servers.
+    publisher.publish(BROADCAST, PHASE_WARMUP).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    run.rss_before_kib = settled_rss(pid).await?;
+
+    let mut subscribers = JoinSet::new();
+    let started = Instant::now();
+    let connected =
+        client::connect_all(endpoints.ws_urls, endpoints.hello, &rec, &mut subscribers).await;
+    run.connect_secs = started.elapsed().as_secs_f64();
+    let result = match connected {
+        Ok(()) => phases(run, pid, &rec, &publisher, opts, ticks_per_sec).await,
+        Err(e) => Err(format!("connecting the subscribers: {e}")),
+    };
+    // Close the subscribers and the publisher's connections before the
+    // server is stopped.
+    subscribers.shutdown().await;
+    drop(publisher);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    result
+}
+
+async fn phases(
+    run: &mut Run,
+    pid: u32,
+    rec: &Recorder,
+    publisher: &Arc<Publisher>,
+    opts: &Options,
+    ticks_per_sec: u64,
+) -> Result<(), String> {
+    let n = run.n as u64;
+    run.rss_after_kib = settled_rss(pid).await?;
+    eprintln!(
+        "  {} subscribers connected in {:.1} s; server RSS {} -> {} KiB: {:.1} KB per idle connection",
+        run.n,
+        run.connect_secs,
+        run.rss_before_kib,
+        run.rss_after_kib,
+        run.rss_per_connection()
+    );
+
+    // Fan-out latency: one broadcast at a time.
+    let count = (200_000 / run.n).clamp(10, 200) as u64;
+    let clocks = Clocks::start(pid)?;
+    for i in 0..count {
+        publisher.publish(BROADCAST, PHASE_FANOUT).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        rec.wait_for(PHASE_FANOUT, (i + 1) * n, deadline).await?;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let fanout = clocks.finish(pid, rec, PHASE_FANOUT)?;
+    eprintln!(
+        "  fan-out, {count} broadcasts one at a time: latency p50 {:.2} ms, p99 {:.2} ms",
+        ms(fanout.p50_ns),
+        ms(fanout.p99_ns)
+    );
+    run.fanout = Some(fanout);
+
+    // Broadcast throughput.
+    let m = opts.broadcasts(run.n) as u64;
+    let window = opts.window as u64;
+    for r in 0..opts.repeat {
+        let phase = PHASE_FIRST_REPETITION + r;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let clocks = Clocks::start(pid)?;
+        let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_micros(m * n);
+        let mut short = 0u64;
+        for i in 0..m {
+            if i >= window {
+                rec.wait_for(phase, (i + 1 - window) * n, deadline).await?;
+            }
+            if publisher.publish(BROADCAST, phase).await? != Some(n) {
+                short += 1;
+            }
+        }
+        rec.wait_for(phase, m * n, deadline).await?;
+        let p = clocks.finish(pid, rec, phase)?;
+        eprintln!(
+            "  broadcast repetition {}: {} deliveries in {:.2} s = {:.0}/s; server CPU {:.2} µs/delivery ({:.0} % of a core), bench CPU {:.2} µs/delivery; latency p50 {:.1} ms, p99 {:.1} ms",
+            r + 1,
+            p.deliveries,
+            p.secs,
+            p.per_sec(),
+            p.cpu_us_per_delivery(ticks_per_sec),
+            p.server_ticks as f64 * 100.0 / ticks_per_sec as f64 / p.secs,
+            p.bench_ticks as f64 * 1e6 / ticks_per_sec as f64 / p.deliveries.max(1) as f64,
+            ms(p.p50_ns),
+            ms(p.p99_ns)
+        );
+        if short > 0 {
+            run.errors.push(format!(
+                "repetition {}: {short} broadcasts reported fewer than {n} deliveries",
+                r + 1
+            ));
+        }
+        run.broadcast.push(p);
+    }
+
+    // User-targeted messages, from several concurrent publishers.
+    let phase = PHASE_FIRST_REPETITION + opts.repeat;
+    let total = opts.user_messages as u64;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let clocks = Clocks::start(pid)?;
+    let mut publishers = JoinSet::new();
+    for j in 0..USER_PUBLISHERS as u64 {
+        let publisher = publisher.clone();
+        publishers.spawn(async move {
+            for i in (j..total).step_by(USER_PUBLISHERS) {
+                let user = (i * 7919) % n;
+                publisher
+                    .publish(&format!(r#"{{"user":"u{user}"}}"#), phase)
+                    .await?;
+            }
+            Ok::<(), String>(())
+        });
+    }
+    while let Some(done) = publishers.join_next().await {
+        done.map_err(|e| format!("publisher task: {e}"))??;
+    }
+    rec.wait_for(phase, total, Instant::now() + Duration::from_secs(60))
+        .await?;
+    let user = clocks.finish(pid, rec, phase)?;
+    eprintln!(
+        "  user-targeted: {} deliveries in {:.2} s = {:.0}/s; server CPU {:.2} µs/delivery; latency p50 {:.2} ms, p99 {:.2} ms",
+        user.deliveries,
+        user.secs,
+        user.per_sec(),
+        user.cpu_us_per_delivery(ticks_per_sec),
+        ms(user.p50_ns),
+        ms(user.p99_ns)
+    );
+    run.user = Some(user);
+    run.rss_traffic_kib = settled_rss(pid).await?;
+    eprintln!(
+        "  server RSS after the traffic: {} KiB: {:.1} KB per connection",
+        run.rss_traffic_kib,
+        per_connection_kb(run.rss_before_kib, run.rss_traffic_kib, run.n)
+    );
+    let (closed, failed) = rec.ended();
+    if closed + failed > 0 {
+        run.errors.push(format!(
+            "{closed} connections closed by the server, {failed} failed"
+        ));
+    }
+    Ok(())
+}
+
+/// (after - before) KiB spread over `n` connections, in KB.
+fn per_connection_kb(before_kib: u64, after_kib: u64, n: usize) -> f64 {
+    (after_kib as f64 - before_kib as f64) * 1.024 / n as f64
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// Formats `x` with thousands separators.
+fn thousands(x: f64) -> String {
+    let s = format!("{:.0}", x.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A metric's samples from a set of runs.
+type Metric<'a> = &'a dyn Fn(&Run) -> Vec<f64>;
+
+/// Prints the Markdown table of one N, then every sample of the metrics
+/// with a target; true when every target is met (or there is nothing to
+/// compare).
+fn print_table(n: usize, pgdn: &[&Run], base: &[&Run], opts: &Options, ticks_per_sec: u64) -> bool {
+    println!(
+        "### N = {} subscribers\n\n{} broadcasts x {} repetition(s) per run, window {}, {} user-targeted messages, \
+         baseline coalescing {}; medians of {} run(s) per server.\n",
+        thousands(n as f64),
+        opts.broadcasts(n),
+        opts.repeat,
+        opts.window,
+        opts.user_messages,
+        opts.baseline_coalesce,
+        opts.rounds
+    );
+    println!("| | pgdn | baseline | pgdn / baseline | target |");
+    println!("|---|---:|---:|---:|---|");
+    let samples =
+        |runs: &[&Run], get: Metric| -> Vec<f64> { runs.iter().flat_map(|r| get(r)).collect() };
+    let mut all_met = true;
+    let mut row =
+        |label: &str, get: Metric, fmt: &dyn Fn(f64) -> String, target: Option<(bool, f64)>| {
+            let a = median(samples(pgdn, get));
+            let b = median(samples(base, get));
+            let cell = |v: Option<f64>| v.map_or("-".to_string(), fmt);
+            let ratio = match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let (ratio_text, verdict) = match (target, ratio) {
+                (Some((at_least, t)), Some(r)) => {
+                    let met = if at_least { r >= t } else { r <= t };
+                    all_met &= met;
+                    let op = if at_least { ">=" } else { "<=" };
+                    (
+                        format!("**{r:.3}**"),
+                        format!("{op} {t:.2}: {}", if met { "PASS" } else { "FAIL" }),
+                    )
+                }
+                (Some((at_least, t)), None) => (
+                    "-".into(),
+                    format!(
+                        "{} {t:.2}: not measured",
+                        if at_least { ">=" } else { "<=" }
+                    ),
+                ),
+                (None, r) => (
+                    r.map_or("-".to_string(), |r| format!("{r:.2}")),
+                    String::new(),
+                ),
+            };
+            println!(
+                "| {label} | {} | {} | {ratio_text} | {verdict} |",
+                cell(a),
+                cell(b)
+            );
+        };
+    let rate: Metric = &|r| r.broadcast.iter().map(Phase::per_sec).collect();
+    let cpu: Metric = &|r| {
+        r.broadcast
+            .iter()
+            .map(|p| p.cpu_us_per_delivery(ticks_per_sec))
+            .collect()
+    };
+    let rss: Metric = &|r| {
+        (r.rss_after_kib > 0)
+            .then(|| r.rss_per_connection())
+            .into_iter()
+            .collect()
+    };
+    row(
+        "broadcast deliveries/s",
+        rate,
+        &thousands,
+        Some((true, TARGET_THROUGHPUT)),
+    );
+    row(
+        "server CPU per broadcast delivery (µs)",
+        cpu,
+        &|v| format!("{v:.2}"),
+        Some((false, TARGET_CPU)),
+    );
+    row(
+        "server RSS per idle connection (KB)",
+        rss,
+        &|v| format!("{v:.1}"),
+        Some((false, TARGET_RSS)),
+    );
+    row(
+        "server RSS per connection after the traffic (KB)",
+        &|r| {
+            (r.rss_traffic_kib > 0)
+                .then(|| per_connection_kb(r.rss_before_kib, r.rss_traffic_kib, r.n))
+                .into_iter()
+                .collect()
+        },
+        &|v| format!("{v:.1}"),
+        None,
+    );
+    let two = |v: f64| format!("{v:.2}");
+    let one = |v: f64| format!("{v:.1}");
+    row(
+        "broadcast latency p50, one at a time (ms)",
+        &|r| r.fanout.iter().map(|p| ms(p.p50_ns)).collect(),
+        &two,
+        None,
+    );
+    row(
+        "broadcast latency p99, one at a time (ms)",
+        &|r| r.fanout.iter().map(|p| ms(p.p99_ns)).collect(),
+        &two,
+        None,
+    );
+    row(
+        "broadcast latency p50, under load (ms)",
+        &|r| r.broadcast.iter().map(|p| ms(p.p50_ns)).collect(),
+        &one,
+        None,
+    );
+    row(
+        "broadcast latency p99, under load (ms)",
+        &|r| r.broadcast.iter().map(|p| ms(p.p99_ns)).collect(),
+        &one,
+        None,
+    );
+    row(
+        "user-targeted deliveries/s",
+        &|r| r.user.iter().map(Phase::per_sec).collect(),
+        &thousands,
+        None,
+    );
+    row(
+        "server CPU per user-targeted delivery (µs)",
+        &|r| {
+            r.user
+                .iter()
+                .map(|p| p.cpu_us_per_delivery(ticks_per_sec))
+                .collect()
+        },
+        &one,
+        None,
+    );
+    row(
+        "user-targeted latency p50 (ms)",
+        &|r| r.user.iter().map(|p| ms(p.p50_ns)).collect(),
+        &two,
+        None,
+    );
+    row(
+        "user-targeted latency p99 (ms)",
+        &|r| r.user.iter().map(|p| ms(p.p99_ns)).collect(),
+        &two,
+        None,
+    );
+    row(
+        "time to connect N subscribers (s)",
+        &|r| vec![r.connect_secs],
+        &two,
+        None,
+    );
+    println!();
+    let show = |label: &str, get: Metric, fmt: &dyn Fn(f64) -> String| {
+        let list = |runs: &[&Run]| {
+            let mut runs = runs.to_vec();
+            runs.sort_by_key(|r| r.round);
+            runs.iter()
+                .flat_map(|r| get(r))
+                .map(fmt)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!("- {label}: pgdn {}; baseline {}", list(pgdn), list(base));
+    };
+    println!("Every sample, in round order:\n");
+    show("broadcast deliveries/s", rate, &thousands);
+    show("server CPU µs per broadcast delivery", cpu, &|v| {
+        format!("{v:.2}")
+    });
+    show("server RSS KB per idle connection", rss, &|v| {
+        format!("{v:.1}")
+    });
+    for r in pgdn.iter().chain(base) {
+        for e in &r.errors {
+            println!("- problem, {} round {}: {e}", r.server.name(), r.round + 1);
+        }
+    }
+    println!();
+    all_met
 }

@@ -1,0 +1,371 @@
+//! The bench's client side, the same for pgdn and the baseline: N
+//! WebSocket subscribers that time every notification they receive, and an
+//! HTTP publisher.
+//!
+//! Every published payload carries the phase it belongs to (`"p"`) and the
+//! time it was sent (`"t"`, nanoseconds since [`now_ns`]'s epoch, which the
+//! publisher and the subscribers share because they live in this one
+//! process). A subscriber finds both with a substring search instead of a
+//! JSON parse, to keep the client's own cost per delivery small.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Phases a [`Recorder`] can tell apart (the `"p"` of a payload).
+pub(crate) const PHASES: usize = 64;
+
+/// Handshakes in flight at once while connecting the subscribers.
+const CONNECT_CONCURRENCY: usize = 64;
+
+/// Nanoseconds since the first call in this process: the clock of the
+/// `"t"` a publisher puts in a payload and of its receipt.
+pub(crate) fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A latency histogram with relative precision of about 1.5 % (64
+/// sub-buckets per power of two), filled concurrently by every subscriber.
+pub(crate) struct Histogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const SUB_BITS: u32 = 6;
+const SUB: u64 = 1 << SUB_BITS;
+
+impl Histogram {
+    fn new() -> Self {
+        let n = ((64 - SUB_BITS as usize) + 1) << SUB_BITS;
+        Histogram {
+            buckets: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn index(v: u64) -> usize {
+        if v < SUB {
+            return v as usize;
+        }
+        let msb = 63 - v.leading_zeros();
+        let shift = msb - SUB_BITS;
+        let sub = (v >> shift) & (SUB - 1);
+        ((((shift as u64) + 1) << SUB_BITS) | sub) as usize
+    }
+
+    /// The middle of the values bucket `i` holds.
+    fn value(i: usize) -> u64 {
+        let i = i as u64;
+        if i < SUB {
+            return i;
+        }
+        let shift = (i >> SUB_BITS) - 1;
+        let low = (SUB + (i & (SUB - 1))) << shift;
+        low + ((1u64 << shift) >> 1)
+    }
+
+    fn record(&self, v: u64) {
+        self.buckets[Self::index(v)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many values were recorded.
+    pub(crate) fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The `q` quantile (0..=1) of the recorded values; 0 when empty.
+    pub(crate) fn quantile(&self, q: f64) -> u64 {
+        let total = self.count();
+        if total == 0 {
+            return 0;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= rank {
+                return Self::value(i);
+            }
+        }
+        Self::value(self.buckets.len() - 1)
+    }
+}
+
+/// What every subscriber of one run reports into: deliveries and latency
+/// per phase, and connections that ended.
+pub(crate) struct Recorder {
+    counts: Vec<AtomicU64>,
+    hists: Vec<Histogram>,
+    /// The count at which the waiter in [`Recorder::wait_for`] wants waking.
+    wake_at: AtomicU64,
+    wake: Notify,
+    /// Connections the server closed with a close frame (e.g. 1013).
+    closed: AtomicU64,
+    /// Connections that failed or ended without a close frame.
+    errors: AtomicU64,
+}
+
+/// `"key":<digits>` in `s`, as a number. A plain byte scan: cheaper than
+/// `str::find`'s searcher on frames of a few hundred bytes.
+fn number_after(s: &str, key: &str) -> Option<u64> {
+    let (s, key) = (s.as_bytes(), key.as_bytes());
+    let start = s.windows(key.len()).position(|w| w == key)? + key.len();
+    let mut n: u64 = 0;
+    let mut digits = 0;
+    for &b in &s[start..] {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        digits += 1;
+    }
+    (digits > 0).then_some(n)
+}
+
+impl Recorder {
+    /// A recorder with every count at zero.
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Recorder {
+            counts: (0..PHASES).map(|_| AtomicU64::new(0)).collect(),
+            hists: (0..PHASES).map(|_| Histogram::new()).collect(),
+            wake_at: AtomicU64::new(u64::MAX),
+            wake: Notify::new(),
+            closed: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        })
+    }
+
+    /// Records one received text frame (ignored unless it is a bench
+    /// notification).
+    fn on_text(&self, s: &str) {
+        let (Some(phase), Some(sent)) = (number_after(s, "\"p\":"), number_after(s, "\"t\":"))
+        else {
+            return;
+        };
+        let Some(count) = self.counts.get(phase as usize) else {
+            return;
+        };
+        self.hists[phase as usize].record(now_ns().saturating_sub(sent));
+        let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+        if n >= self.wake_at.load(Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Deliveries received in `phase`.
+    pub(crate) fn count(&self, phase: usize) -> u64 {
+        self.counts[phase].load(Ordering::SeqCst)
+    }
+
+    /// The latency histogram of `phase`, in nanoseconds.
+    pub(crate) fn histogram(&self, phase: usize) -> &Histogram {
+        &self.hists[phase]
+    }
+
+    /// Connections that ended so far (closed by the server or failed).
+    pub(crate) fn ended(&self) -> (u64, u64) {
+        (
+            self.closed.load(Ordering::SeqCst),
+            self.errors.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Waits until `phase` has `target` deliveries. Fails at `deadline`, or
+    /// as soon as a connection ends (its deliveries would never come).
+    pub(crate) async fn wait_for(
+        &self,
+        phase: usize,
+        target: u64,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let ended_before = self.ended();
+        loop {
+            let notified = self.wake.notified();
+            self.wake_at.store(target, Ordering::SeqCst);
+            let have = self.count(phase);
+            if have >= target {
+                self.wake_at.store(u64::MAX, Ordering::SeqCst);
+                return Ok(());
+            }
+            let ended = self.ended();
+            if ended != ended_before {
+                return Err(format!(
+                    "connections ended during the phase (closed by the server: {}, failed: {}); \
+                     {have} of {target} deliveries arrived",
+                    ended.0 - ended_before.0,
+                    ended.1 - ended_before.1
+                ));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!("timed out: {have} of {target} deliveries arrived"));
+            }
+            let _ =
+                tokio::time::timeout((deadline - now).min(Duration::from_millis(200)), notified)
+                    .await;
+        }
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Reads one subscriber's frames until the connection ends.
+async fn subscriber(mut ws: Ws, rec: Arc<Recorder>) {
+    while let Some(msg) = ws.next().await {
+        match msg {
+            Ok(Message::Text(t)) => rec.on_text(t.as_str()),
+            Ok(Message::Close(_)) => {
+                rec.closed.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    rec.errors.fetch_add(1, Ordering::SeqCst);
+}
+
+async fn connect_one(url: String, expect_hello: bool) -> Result<Ws, String> {
+    // The subscribers' own read buffer; the same for both servers.
+    let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
+    let mut last_error = String::new();
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+        }
+        let attempt = async {
+            let (mut ws, _) =
+                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+            if expect_hello {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t)))
+                        if t.as_str().contains("\"type\":\"connection\"") => {}
+                    other => return Err(format!("expected the connection frame, got {other:?}")),
+                }
+            }
+            Ok(ws)
+        };
+        match tokio::time::timeout(Duration::from_secs(20), attempt).await {
+            Ok(Ok(ws)) => return Ok(ws),
+            Ok(Err(e)) => last_error = e,
+            Err(_) => last_error = "handshake timed out".into(),
+        }
+    }
+    Err(last_error)
+}
+
+/// Connects one subscriber per URL (a few at a time) and starts a task
+/// reading each into `rec`. With `expect_hello`, a subscriber counts as
+/// connected once it has its `{"type":"connection"}` frame.
+pub(crate) async fn connect_all(
+    urls: Vec<String>,
+    expect_hello: bool,
+    rec: &Arc<Recorder>,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), String> {
+    let mut pending = futures_util::stream::iter(urls)
+        .map(|url| connect_one(url, expect_hello))
+        .buffer_unordered(CONNECT_CONCURRENCY);
+    while let Some(ws) = pending.next().await {
+        tasks.spawn(subscriber(ws?, rec.clone()));
+    }
+    Ok(())
+}
+
+/// Publishes bench notifications over HTTP, the same JSON body for both
+/// servers (PROTOCOL.md section 5).
+pub(crate) struct Publisher {
+    http: reqwest::Client,
+    url: String,
+    authorization: Option<String>,
+    padding: String,
+}
+
+impl Publisher {
+    /// A publisher posting to `url`, with `Authorization: <authorization>`
+    /// when given, and `padding` bytes of filler in every payload.
+    pub(crate) fn new(url: String, authorization: Option<String>, padding: usize) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("a plain HTTP client builds");
+        Publisher {
+            http,
+            url,
+            authorization,
+            padding: "x".repeat(padding),
+        }
+    }
+
+    /// Publishes one notification to `target` (a JSON target, e.g.
+    /// `{"broadcast":{}}`) in `phase`, stamped with the current time.
+    /// Returns the `delivered` count of the reply.
+    pub(crate) async fn publish(&self, target: &str, phase: usize) -> Result<Option<u64>, String> {
+        let body = format!(
+            r#"{{"target":{target},"type":"bench","payload":{{"p":{phase},"pad":"{}","t":{}}}}}"#,
+            self.padding,
+            now_ns()
+        );
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(a) = &self.authorization {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.map_err(|e| format!("publish: {e}"))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| format!("publish: {e}"))?;
+        if !status.is_success() {
+            return Err(format!(
+                "publish: {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ));
+        }
+        let reply: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| format!("publish reply: {e}"))?;
+        Ok(reply["delivered"].as_u64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_close() {
+        let h = Histogram::new();
+        for v in 1..=100_000u64 {
+            h.record(v * 1000);
+        }
+        let p50 = h.quantile(0.5) as f64;
+        let p99 = h.quantile(0.99) as f64;
+        assert!((p50 / 50_000_000.0 - 1.0).abs() < 0.02, "{p50}");
+        assert!((p99 / 99_000_000.0 - 1.0).abs() < 0.02, "{p99}");
+        assert_eq!(h.quantile(0.0), Histogram::value(Histogram::index(1000)));
+        for v in [0, 1, 63, 64, 65, 1 << 20, u64::MAX] {
+            let i = Histogram::index(v);
+            assert!(i < h.buckets.len(), "{v}");
+        }
+    }
+
+    #[test]
+    fn finds_phase_and_time() {
+        let frame = r#"{"id":"x","type":"bench","payload":{"p":3,"pad":"xx","t":123456},"timestamp":"2026-01-01T00:00:00.000Z"}"#;
+        assert_eq!(number_after(frame, "\"p\":"), Some(3));
+        assert_eq!(number_after(frame, "\"t\":"), Some(123456));
+        let hello = r#"{"type":"connection","status":"connected","user_id":"u1","connection_id":"a-1","timestamp":"2026-01-01T00:00:00.000Z"}"#;
+        assert_eq!(number_after(hello, "\"t\":"), None);
+    }
+}

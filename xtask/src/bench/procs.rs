@@ -1,0 +1,193 @@
+//! The server processes under test: starting them, reading their CPU time
+//! and resident memory from `/proc`, and stopping them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A server process started by the bench. Dropping it kills the process if
+/// it is still running, so that a failing bench leaves nothing behind.
+pub(crate) struct ServerProcess {
+    /// What the process is, for messages.
+    name: &'static str,
+    child: Child,
+    /// The child's stdin, held open: the baseline server exits when it closes.
+    stdin: Option<ChildStdin>,
+}
+
+impl ServerProcess {
+    /// Starts `cmd` with piped stdin/stdout and waits (at most `timeout`)
+    /// for a stdout line starting with `prefix`; returns the process and
+    /// that line. The rest of stdout is drained in the background.
+    pub(crate) fn start(
+        name: &'static str,
+        mut cmd: Command,
+        prefix: &'static str,
+        timeout: Duration,
+    ) -> Result<(ServerProcess, String), String> {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("could not start {name} ({cmd:?}): {e}"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut process = ServerProcess { name, child, stdin };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with(prefix)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(line) => Ok((process, line)),
+            Err(_) => {
+                process.kill();
+                Err(format!(
+                    "{name} did not print `{prefix}...` within {timeout:?}"
+                ))
+            }
+        }
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the server: closes its stdin and sends SIGTERM, then waits at
+    /// most `grace` before killing it. Returns how it exited.
+    pub(crate) fn stop(mut self, grace: Duration) -> String {
+        drop(self.stdin.take());
+        // SIGTERM through kill(1): the workspace forbids `unsafe`, and this
+        // is all the signalling the bench needs.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + grace;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return format!("{} exited: {status}", self.name),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => {
+                    self.kill();
+                    return format!("{} did not exit within {grace:?}: killed", self.name);
+                }
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// CPU time (user + system) used so far by process `pid`, in clock ticks.
+pub(crate) fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("reading /proc/{pid}/stat: {e}"))?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: state is field 3, utime field 14, stime field 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("malformed /proc/<pid>/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64, String> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("malformed /proc/{pid}/stat"))
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// CPU time of the bench process itself, in clock ticks.
+pub(crate) fn own_cpu_ticks() -> u64 {
+    cpu_ticks(std::process::id()).unwrap_or(0)
+}
+
+/// Resident set size of process `pid` (`VmRSS`), in KiB.
+pub(crate) fn rss_kib(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 if that fails).
+pub(crate) fn clock_ticks_per_sec() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
+/// One line describing the machine: cores, CPU model, memory, kernel.
+pub(crate) fn machine_description() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU".to_string(), |(_, m)| m.trim().to_string());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / (1024.0 * 1024.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_string());
+    format!("{cores} cores ({model}), {mem_gib:.1} GiB RAM, Linux {kernel}")
+}
+
+/// The output of `rustc -V`, or "rustc (unknown)".
+pub(crate) fn rustc_version() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    Command::new(rustc)
+        .arg("-V")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "rustc (unknown)".into(), |s| s.trim().to_string())
+}
+
+/// `git describe --always --dirty` of the workspace, or "unknown".
+pub(crate) fn git_revision() -> String {
+    Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".into(), |s| s.trim().to_string())
+}
