@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use pgdn_core::frame::{ConnectionFrame, ErrorCode, ErrorFrame};
 use pgdn_core::{AuthError, Connection, DisconnectReason, Outbox, Replay};
 use tokio_tungstenite::tungstenite::Message;
@@ -213,8 +213,31 @@ where
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = tokio::time::Instant::now();
+    let mut batches = 0u32;
     loop {
-        tokio::select! {
+        // Biased, outbound first: a wake-up for queued frames then costs no
+        // read attempt. So that a flood of outbound frames cannot starve
+        // the reader (pings, closes), the socket is also read, without
+        // waiting, after every 8th batch.
+        let inbound = tokio::select! {
+            biased;
+            queued = outbox.recv_many(&mut batch) => {
+                if let Err(reason) = queued {
+                    return reason;
+                }
+                if let Err(reason) = write_queued(ws, shared, outbox, &mut batch).await {
+                    return reason;
+                }
+                batches = batches.wrapping_add(1);
+                if batches % 8 != 0 {
+                    continue;
+                }
+                match ws.next().now_or_never() {
+                    Some(inbound) => inbound,
+                    None => continue,
+                }
+            }
+            inbound = ws.next() => inbound,
             _ = ping.tick() => {
                 if last_seen.elapsed() >= shared.config.idle_timeout {
                     return DisconnectReason::IdleTimeout;
@@ -222,70 +245,94 @@ where
                 if ws.send(Message::Ping(Bytes::new())).await.is_err() {
                     return DisconnectReason::TransportError;
                 }
+                continue;
             }
-            queued = outbox.recv_many(&mut batch) => {
-                if let Err(reason) = queued {
-                    return reason;
-                }
-                // Write the whole batch with one flush. If the hub closes
-                // the connection meanwhile (a slow consumer, a kick), stop at
-                // once; at shutdown, finish the batch within the close
-                // timeout so that nothing already queued is lost.
-                let mut write = std::pin::pin!(write_batch(ws, &mut batch));
-                let written = tokio::select! {
-                    written = &mut write => written,
-                    reason = outbox.closed() => {
-                        if reason != DisconnectReason::ServerShutdown {
-                            return reason;
-                        }
-                        match tokio::time::timeout(shared.config.close_timeout, write).await {
-                            Ok(written) => written,
-                            Err(_) => return reason,
-                        }
-                    }
-                };
-                if written.is_err() {
-                    return DisconnectReason::TransportError;
-                }
-            }
-            inbound = ws.next() => {
-                last_seen = tokio::time::Instant::now();
-                let reply = match inbound {
-                    None => return DisconnectReason::ClientClosed,
-                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                        return DisconnectReason::FrameTooLarge;
-                    }
-                    Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
-                        return DisconnectReason::ClientClosed;
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "websocket read error");
-                        return DisconnectReason::TransportError;
-                    }
-                    Some(Ok(Message::Close(_))) => return DisconnectReason::ClientClosed,
-                    Some(Ok(msg)) => {
-                        if matches!(msg, Message::Text(_) | Message::Binary(_)) && !limiter.allow() {
-                            return DisconnectReason::RateLimited;
-                        }
-                        user_message(shared, conn, msg).await
-                    }
-                };
-                let handled = match reply {
-                    // Through the queue, so that a reply keeps its place
-                    // after what the hub queued before it (a handler's own
-                    // publishes, say) and obeys the same bound.
-                    Some(reply) => conn.try_send(Bytes::from(reply)).map_err(|_| ()),
-                    // tungstenite queues the Pong for a Ping; flush sends it.
-                    None => ws.flush().await.map_err(|_| ()),
-                };
-                if handled.is_err() {
-                    // A full queue already marked the connection closed;
-                    // otherwise the socket failed.
-                    return outbox.mark_closed(DisconnectReason::TransportError);
-                }
-            }
+        };
+        last_seen = tokio::time::Instant::now();
+        if let Err(reason) = on_inbound(ws, shared, conn, outbox, &mut limiter, inbound).await {
+            return reason;
         }
     }
+}
+
+/// Writes a drained batch with one flush. If the hub closes the
+/// connection while the socket is slow (a slow consumer, a kick), stops at
+/// once; at shutdown, finishes the batch within the close timeout so that
+/// nothing already queued is lost.
+async fn write_queued<S>(
+    ws: &mut S,
+    shared: &Shared,
+    outbox: &Outbox,
+    batch: &mut Vec<Bytes>,
+) -> Result<(), DisconnectReason>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let mut write = std::pin::pin!(write_batch(ws, batch));
+    // Most writes complete at once; only a pending one needs to watch for
+    // the connection being closed meanwhile.
+    let written = match futures_util::poll!(write.as_mut()) {
+        std::task::Poll::Ready(written) => written,
+        std::task::Poll::Pending => tokio::select! {
+            written = &mut write => written,
+            reason = outbox.closed() => {
+                if reason != DisconnectReason::ServerShutdown {
+                    return Err(reason);
+                }
+                match tokio::time::timeout(shared.config.close_timeout, write).await {
+                    Ok(written) => written,
+                    Err(_) => return Err(reason),
+                }
+            }
+        },
+    };
+    written.map_err(|_| DisconnectReason::TransportError)
+}
+
+/// Handles one thing read from the socket: a client frame (answered
+/// through the queue), a Ping (its Pong flushed), or the end.
+async fn on_inbound<S>(
+    ws: &mut S,
+    shared: &Shared,
+    conn: &Connection,
+    outbox: &Outbox,
+    limiter: &mut RateLimiter,
+    inbound: Option<Result<Message, WsError>>,
+) -> Result<(), DisconnectReason>
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let reply = match inbound {
+        None => return Err(DisconnectReason::ClientClosed),
+        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+            return Err(DisconnectReason::FrameTooLarge);
+        }
+        Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+            return Err(DisconnectReason::ClientClosed);
+        }
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "websocket read error");
+            return Err(DisconnectReason::TransportError);
+        }
+        Some(Ok(Message::Close(_))) => return Err(DisconnectReason::ClientClosed),
+        Some(Ok(msg)) => {
+            if matches!(msg, Message::Text(_) | Message::Binary(_)) && !limiter.allow() {
+                return Err(DisconnectReason::RateLimited);
+            }
+            user_message(shared, conn, msg).await
+        }
+    };
+    let handled = match reply {
+        // Through the queue, so that a reply keeps its place after what
+        // the hub queued before it (a handler's own publishes, say) and
+        // obeys the same bound.
+        Some(reply) => conn.try_send(Bytes::from(reply)).map_err(|_| ()),
+        // tungstenite queues the Pong for a Ping; flush sends it.
+        None => ws.flush().await.map_err(|_| ()),
+    };
+    // A full queue already marked the connection closed; otherwise the
+    // socket failed.
+    handled.map_err(|()| outbox.mark_closed(DisconnectReason::TransportError))
 }
 
 async fn write_batch<S>(ws: &mut S, batch: &mut Vec<Bytes>) -> Result<(), WsError>
