@@ -28,7 +28,7 @@ pub struct ServerStats {
 }
 
 /// Builds a [`Publisher`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PublisherBuilder {
     base_url: String,
     key: String,
@@ -79,13 +79,33 @@ impl PublisherBuilder {
 }
 
 /// Publishes to a pgdn server over HTTP. Cheap to clone; share one.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Publisher {
     http: reqwest::Client,
     base: String,
     key: String,
     deadline: Duration,
     backoff: Backoff,
+}
+
+// Hand-written so that the publish key never reaches a log.
+impl std::fmt::Debug for PublisherBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublisherBuilder")
+            .field("base_url", &self.base_url)
+            .field("request_timeout", &self.request_timeout)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("base", &self.base)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Turns a type name and a serializable payload into a request.
@@ -260,5 +280,20 @@ impl Publisher {
                 message: message(),
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let p = Publisher::new("http://127.0.0.1:1", "s3cret-key").unwrap();
+        assert!(!format!("{p:?}").contains("s3cret-key"));
+        let b = Publisher::builder("http://127.0.0.1:1", "s3cret-key");
+        assert!(!format!("{b:?}").contains("s3cret-key"));
+        let blocking = crate::blocking::Publisher::new("http://127.0.0.1:1", "s3cret-key").unwrap();
+        assert!(!format!("{blocking:?}").contains("s3cret-key"));
     }
 }
