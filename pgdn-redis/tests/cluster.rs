@@ -329,3 +329,41 @@ async fn redis_restart_fails_publishes_visibly_then_recovers_by_itself() {
         .unwrap();
     assert_eq!(recv(&tab).await["payload"]["n"], 3);
 }
+
+#[tokio::test]
+async fn every_node_cleans_up_periodically_by_itself() {
+    let redis = RedisServer::start();
+    let mut fast = config();
+    fast.cleanup_interval = Duration::from_millis(200);
+    let ca = Cluster::connect(&redis.url(), "cleaner", fast)
+        .await
+        .unwrap();
+    let _a = ca.hub_builder().build();
+    assert!(ca.wait_subscribed(WAIT).await);
+    let (cb, b) = node(&redis, "dies").await;
+    let (_t, _o) = b.connect(id("ghost")).await.unwrap();
+    drop((b, cb, _t, _o));
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let nodes: Vec<String> = redis::cmd("SMEMBERS")
+            .arg("pgdn:nodes")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ghost: Vec<String> = redis::cmd("HKEYS")
+            .arg("pgdn:user:ghost")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if nodes == vec!["cleaner"] && ghost.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never cleaned: {nodes:?} {ghost:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
