@@ -42,6 +42,14 @@
 //! subscribers share this process. The baseline is described in
 //! `bench/baseline.rs`. The bench's clients run on the same cores as the
 //! server, the same for both servers. All traffic is on 127.0.0.1.
+//!
+//! Two other runs measure other things, with the same client code:
+//!
+//! - `cargo xtask bench --publisher`: publishes/s and call latency of
+//!   `pgdn_client::blocking::Publisher` from plain threads (`bench/publishers.rs`);
+//! - `cargo xtask bench --cluster`: broadcast fan-out over three nodes on
+//!   one private redis-server against one node, in the same run
+//!   (`bench/cluster.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -52,21 +60,30 @@ use tokio::task::JoinSet;
 
 mod baseline;
 mod client;
+mod cluster;
 mod procs;
+mod publishers;
 
 use client::{Publisher, Recorder};
 use procs::ServerProcess;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [options]
+       cargo xtask bench --publisher [options]
+       cargo xtask bench --cluster [options]
 
-  --n LIST            subscriber counts, comma-separated (default 1000,10000)
+By default: pgdn against a bare tokio-tungstenite baseline, at each N.
+
+  --n LIST            subscriber counts, comma-separated (default 1000,10000;
+                      --cluster: 3000,9000)
   --messages M        broadcasts per throughput repetition
                       (default: about --deliveries / N)
   --deliveries D      deliveries per throughput repetition when --messages
-                      is not given (default 1000000; --quick 300000)
-  --rounds R          runs of each server per N, alternating which goes
-                      first; medians are reported (default 3; --quick 1)
+                      is not given (default 1000000; --cluster 600000;
+                      --quick 300000)
+  --rounds R          runs of each server (or set-up) per N, alternating
+                      which goes first; medians are reported (default 3;
+                      --quick 1)
   --repeat R          throughput repetitions within a run (default 1)
   --window W          broadcasts in flight at most (default 32)
   --user-messages U   user-targeted messages (default 20000; --quick 4000)
@@ -83,7 +100,32 @@ usage: cargo xtask bench [options]
   --check             exit with failure when pgdn misses a target
   --no-build          do not run cargo build first
   --pgdn-bin PATH     the pgdn-server binary to measure (default: the
-                      release build of this workspace, built first)";
+                      release build of this workspace, built first)
+
+--publisher: publishes/s and publish call latency of
+pgdn_client::blocking::Publisher, user-targeted to one user with one
+connected subscriber (every delivery checked), against one release
+pgdn-server: from one std::thread, from T threads sharing one Publisher and
+from T threads with a Publisher each; the async pgdn_client::Publisher from
+1 and from the largest T tasks as a reference. Uses --rounds (default 3;
+--quick 1), --padding and:
+  --publishes P       publishes per configuration (default 20000; --quick
+                      4000)
+  --threads LIST      thread counts, comma-separated (default 1,4,16)
+
+--cluster: a private redis-server (pgdn-testkit) and --nodes release
+pgdn-server processes on it (--redis-url, --node-id n1..), N subscribers
+spread evenly over the nodes, broadcasts published over HTTP to node 1
+only; against one pgdn-server without Redis with the same N, in the same
+run. Broadcast deliveries/s and publish-to-receive p50/p99 (also apart for
+the subscribers of node 1 and of the other nodes), publish request time,
+CPU of the pgdn processes and of redis-server. Uses --n, --rounds,
+--deliveries, --messages, --window, --padding and:
+  --nodes K           nodes in the cluster (default 3; 1 = one node on
+                      Redis against one without)
+  --publishers LIST   publish requests outstanding at once; one throughput
+                      phase per value, within the window (default 1,8; 1 is
+                      what the default comparison does)";
 
 /// Target: pgdn's broadcast deliveries/s over the baseline's, at least.
 const TARGET_THROUGHPUT: f64 = 0.8;
@@ -137,15 +179,53 @@ struct Options {
     baseline_coalesce: usize,
     baseline_read_buffer: usize,
     baseline_nodelay: bool,
+    /// What to measure: the comparison with the baseline (default), the
+    /// blocking publisher, or the cluster.
+    mode: Mode,
+    /// Publishes per publisher configuration (`--publisher`).
+    publishes: usize,
+    /// Thread counts of the publisher configurations (`--publisher`).
+    threads: Vec<usize>,
+    /// Nodes of the cluster (`--cluster`).
+    nodes: usize,
+    /// Publish requests outstanding at once, one throughput phase per
+    /// value (`--cluster`).
+    publishers: Vec<usize>,
+}
+
+/// What `cargo xtask bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// pgdn against the baseline.
+    Compare,
+    /// `pgdn_client::blocking::Publisher` against one node (`--publisher`).
+    Publisher,
+    /// Several nodes on one Redis against one node (`--cluster`).
+    Cluster,
 }
 
 impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let quick = args.iter().any(|a| a == "--quick");
+        let cluster = args.iter().any(|a| a == "--cluster");
+        let mode = match (cluster, args.iter().any(|a| a == "--publisher")) {
+            (false, false) => Mode::Compare,
+            (false, true) => Mode::Publisher,
+            (true, false) => Mode::Cluster,
+            (true, true) => return Err("--cluster and --publisher are separate runs".into()),
+        };
         let mut o = Options {
-            ns: vec![1000, 10_000],
+            ns: if cluster {
+                vec![3000, 9000]
+            } else {
+                vec![1000, 10_000]
+            },
             messages: None,
-            deliveries: if quick { 300_000 } else { 1_000_000 },
+            deliveries: match (quick, cluster) {
+                (true, _) => 300_000,
+                (false, true) => 600_000,
+                (false, false) => 1_000_000,
+            },
             rounds: if quick { 1 } else { 3 },
             repeat: 1,
             window: 32,
@@ -158,6 +238,11 @@ impl Options {
             baseline_coalesce: 1,
             baseline_read_buffer: 4096,
             baseline_nodelay: false,
+            mode,
+            publishes: if quick { 4_000 } else { 20_000 },
+            threads: vec![1, 4, 16],
+            nodes: 3,
+            publishers: vec![1, 8],
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -174,7 +259,21 @@ impl Options {
                     .ok_or_else(|| format!("not a positive number: {s}"))
             };
             match arg.as_str() {
-                "--quick" => {}
+                "--quick" | "--publisher" | "--cluster" => {}
+                "--publishes" => o.publishes = number(value("--publishes")?)?,
+                "--threads" => {
+                    o.threads = value("--threads")?
+                        .split(',')
+                        .map(|s| number(s.trim().to_string()))
+                        .collect::<Result<_, _>>()?;
+                }
+                "--nodes" => o.nodes = number(value("--nodes")?)?,
+                "--publishers" => {
+                    o.publishers = value("--publishers")?
+                        .split(',')
+                        .map(|s| number(s.trim().to_string()))
+                        .collect::<Result<_, _>>()?;
+                }
                 "--check" => o.check = true,
                 "--no-build" => o.no_build = true,
                 "--n" => {
@@ -211,9 +310,9 @@ impl Options {
                 other => return Err(format!("unknown option {other}")),
             }
         }
-        if PHASE_FIRST_REPETITION + o.repeat >= client::PHASES {
+        if PHASE_FIRST_REPETITION + o.repeat.max(o.publishers.len()) >= client::PHASES {
             return Err(format!(
-                "--repeat is at most {}",
+                "--repeat (or the --publishers list) is at most {}",
                 client::PHASES - PHASE_FIRST_REPETITION - 1
             ));
         }
@@ -392,10 +491,26 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
     let ticks_per_sec = procs::clock_ticks_per_sec();
     let machine = procs::machine_description();
     eprintln!("xtask bench: {machine}; {}", procs::rustc_version());
+    let revision = procs::git_revision();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
+    match opts.mode {
+        Mode::Compare => {}
+        Mode::Publisher => {
+            let report = publishers::run(opts, bin_dir, &runtime, ticks_per_sec)?;
+            print_header(&machine, &revision);
+            publishers::print(&report, opts, ticks_per_sec);
+            return Ok(true);
+        }
+        Mode::Cluster => {
+            let report = cluster::run(opts, bin_dir, &runtime, ticks_per_sec)?;
+            print_header(&machine, &revision);
+            cluster::print(&report, opts, ticks_per_sec);
+            return Ok(true);
+        }
+    }
     let servers: Vec<Server> = match opts.only {
         Some(s) => vec![s],
         None => vec![Server::Pgdn, Server::Baseline],
@@ -425,16 +540,7 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
             }
         }
     }
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--no-build")
-        .collect();
-    println!("\n## cargo xtask {}\n", args.join(" "));
-    println!(
-        "Machine: {machine}; {}; pgdn at {}.\n",
-        procs::rustc_version(),
-        procs::git_revision()
-    );
+    print_header(&machine, &revision);
     let mut all_met = true;
     for &n in &opts.ns {
         let of = |s: Server| -> Vec<&Run> {
@@ -449,6 +555,27 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
         );
     }
     Ok(all_met || !opts.check)
+}
+
+/// Prints the heading of the results: the command, the machine and the
+/// revision measured (`revision`, taken when the run started; also the
+/// current one if the checkout moved meanwhile).
+fn print_header(machine: &str, revision: &str) {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--no-build")
+        .collect();
+    println!("\n## cargo xtask {}\n", args.join(" "));
+    let now = procs::git_revision();
+    let moved = if now == revision {
+        String::new()
+    } else {
+        format!(" (the checkout is at {now} now)")
+    };
+    println!(
+        "Machine: {machine}; {}; pgdn at {revision}{moved}.\n",
+        procs::rustc_version()
+    );
 }
 
 /// Where a started server listens.
@@ -476,6 +603,79 @@ fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
+/// The JWT secret and publish key of one run's pgdn nodes (every node of a
+/// cluster shares them), random per run.
+struct Credentials {
+    secret: String,
+    key: String,
+}
+
+impl Credentials {
+    fn new() -> Credentials {
+        Credentials {
+            secret: random_hex(32),
+            key: random_hex(24),
+        }
+    }
+
+    /// One subscriber URL for the pgdn node at `addr` per user `u<i>`,
+    /// each with its own HS256 JWT (`sub`, `groups`, `exp`).
+    fn ws_urls(
+        &self,
+        addr: &str,
+        users: impl Iterator<Item = usize>,
+    ) -> Result<Vec<String>, String> {
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + 24 * 3600;
+        let encoding = jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes());
+        let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        users
+            .map(|i| {
+                let claims =
+                    serde_json::json!({"sub": format!("u{i}"), "groups": ["bench"], "exp": exp});
+                jsonwebtoken::encode(&header, &claims, &encoding)
+                    .map(|token| format!("ws://{addr}/ws?token={token}"))
+                    .map_err(|e| format!("minting a JWT: {e}"))
+            })
+            .collect()
+    }
+}
+
+/// The pgdn-server binary to measure.
+fn pgdn_bin(opts: &Options, bin_dir: &Path) -> PathBuf {
+    opts.pgdn_bin
+        .clone()
+        .unwrap_or_else(|| bin_dir.join("pgdn-server"))
+}
+
+/// Starts `bin` (a pgdn-server) on a free port of 127.0.0.1 with `creds`,
+/// warnings-only logging, no demo page and the `extra` arguments; returns
+/// the process and the `host:port` it listens on.
+fn start_pgdn(
+    bin: &Path,
+    name: &'static str,
+    creds: &Credentials,
+    extra: &[&str],
+) -> Result<(ServerProcess, String), String> {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--addr",
+        "127.0.0.1:0",
+        "--log",
+        "warn",
+        "--demo-page",
+        "false",
+    ])
+    .args(["--jwt-secret", &creds.secret, "--publish-key", &creds.key])
+    .args(extra);
+    let prefix = "pgdn-server listening on http://";
+    let (process, line) = ServerProcess::start(name, cmd, prefix, Duration::from_secs(30))?;
+    let addr = line[prefix.len()..].trim().to_string();
+    Ok((process, addr))
+}
+
 /// Starts `server` and says where it listens, with one subscriber URL per
 /// user `u0`..`u{n-1}`.
 fn launch(
@@ -484,49 +684,23 @@ fn launch(
     bin_dir: &Path,
     opts: &Options,
 ) -> Result<(ServerProcess, Endpoints), String> {
-    let timeout = Duration::from_secs(30);
     match server {
         Server::Pgdn => {
-            let secret = random_hex(32);
-            let key = random_hex(24);
-            let pgdn_bin = opts
-                .pgdn_bin
-                .clone()
-                .unwrap_or_else(|| bin_dir.join("pgdn-server"));
-            let mut cmd = Command::new(pgdn_bin);
-            cmd.args([
-                "--addr",
-                "127.0.0.1:0",
-                "--log",
-                "warn",
-                "--demo-page",
-                "false",
-            ])
-            .args(["--jwt-secret", &secret, "--publish-key", &key])
-            .args(["--max-connections", &(n + 1000).to_string()]);
-            let prefix = "pgdn-server listening on http://";
-            let (process, line) = ServerProcess::start("pgdn-server", cmd, prefix, timeout)?;
-            let addr = line[prefix.len()..].trim().to_string();
-            let exp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-                + 24 * 3600;
-            let encoding = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
-            let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-            let ws_urls = (0..n)
-                .map(|i| {
-                    let claims = serde_json::json!({"sub": format!("u{i}"), "groups": ["bench"], "exp": exp});
-                    jsonwebtoken::encode(&header, &claims, &encoding)
-                        .map(|token| format!("ws://{addr}/ws?token={token}"))
-                        .map_err(|e| format!("minting a JWT: {e}"))
-                })
-                .collect::<Result<_, _>>()?;
+            let creds = Credentials::new();
+            let max = (n + 1000).to_string();
+            let (process, addr) = start_pgdn(
+                &pgdn_bin(opts, bin_dir),
+                "pgdn-server",
+                &creds,
+                &["--max-connections", &max],
+            )?;
+            let ws_urls = creds.ws_urls(&addr, 0..n)?;
             Ok((
                 process,
                 Endpoints {
                     ws_urls,
                     publish_url: format!("http://{addr}/api/v1/publish"),
-                    authorization: Some(format!("Bearer {key}")),
+                    authorization: Some(format!("Bearer {}", creds.key)),
                     hello: true,
                 },
             ))
@@ -537,7 +711,8 @@ fn launch(
                 .args(["--coalesce", &opts.baseline_coalesce.to_string()])
                 .args(["--read-buffer", &opts.baseline_read_buffer.to_string()])
                 .args(["--nodelay", if opts.baseline_nodelay { "1" } else { "0" }]);
-            let (process, line) = ServerProcess::start("baseline", cmd, baseline::READY, timeout)?;
+            let (process, line) =
+                ServerProcess::start("baseline", cmd, baseline::READY, Duration::from_secs(30))?;
             let addr_of = |key: &str| {
                 line.split_whitespace()
                     .find_map(|w| w.strip_prefix(key))
@@ -661,8 +836,8 @@ async fn measure(
 
     let mut subscribers = JoinSet::new();
     let started = Instant::now();
-    let connected =
-        client::connect_all(endpoints.ws_urls, endpoints.hello, &rec, &mut subscribers).await;
+    let urls = endpoints.ws_urls.into_iter().map(|u| (u, 0)).collect();
+    let connected = client::connect_all(urls, endpoints.hello, &rec, &mut subscribers).await;
     run.connect_secs = started.elapsed().as_secs_f64();
     let result = match connected {
         Ok(()) => phases(run, pid, &rec, &publisher, opts, ticks_per_sec).await,

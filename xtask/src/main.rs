@@ -4,7 +4,8 @@
 //!   warnings denied, and every test of the workspace. It first makes sure
 //!   what the tests need is installed (`redis-server`, `chromium`),
 //!   installing it with apt-get when it can.
-//! - `cargo xtask bench`: see `bench.rs`.
+//! - `cargo xtask bench`: see `bench.rs` (also `--publisher`, the
+//!   blocking publisher, and `--cluster`, three nodes on one Redis).
 
 use std::env;
 use std::process::{Command, ExitCode};
@@ -134,7 +135,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|bench> [options]\n  test   formatting, clippy and every test (what CI runs)\n  bench  throughput, latency and memory against a bare tokio-tungstenite baseline"
+                "usage: cargo xtask <test|bench> [options]\n  test   formatting, clippy and every test (what CI runs)\n  bench  throughput, latency and memory against a bare tokio-tungstenite baseline\n         (--publisher: the blocking publisher; --cluster: three nodes on Redis; --help)"
             );
             ExitCode::FAILURE
         }

@@ -43,7 +43,8 @@ const SUB_BITS: u32 = 6;
 const SUB: u64 = 1 << SUB_BITS;
 
 impl Histogram {
-    fn new() -> Self {
+    /// An empty histogram.
+    pub(crate) fn new() -> Self {
         let n = ((64 - SUB_BITS as usize) + 1) << SUB_BITS;
         Histogram {
             buckets: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -71,8 +72,16 @@ impl Histogram {
         low + ((1u64 << shift) >> 1)
     }
 
-    fn record(&self, v: u64) {
+    /// Records one value.
+    pub(crate) fn record(&self, v: u64) {
         self.buckets[Self::index(v)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds every value recorded in `other`.
+    fn add(&self, other: &Histogram) {
+        for (a, b) in self.buckets.iter().zip(&other.buckets) {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
     }
 
     /// How many values were recorded.
@@ -99,9 +108,17 @@ impl Histogram {
 }
 
 /// What every subscriber of one run reports into: deliveries and latency
-/// per phase, and connections that ended.
+/// per phase, and connections that ended. Subscribers may be told apart by
+/// a slot (e.g. the cluster node they are connected to): deliveries and
+/// latency are also kept per phase and slot.
 pub(crate) struct Recorder {
+    /// Deliveries per phase, every slot together.
     counts: Vec<AtomicU64>,
+    /// Slots a subscriber may report under.
+    slots: usize,
+    /// Deliveries per phase and slot, at `phase * slots + slot`.
+    slot_counts: Vec<AtomicU64>,
+    /// Latency per phase and slot, at `phase * slots + slot`.
     hists: Vec<Histogram>,
     /// The count at which the waiter in [`Recorder::wait_for`] wants waking.
     wake_at: AtomicU64,
@@ -130,11 +147,19 @@ fn number_after(s: &str, key: &str) -> Option<u64> {
 }
 
 impl Recorder {
-    /// A recorder with every count at zero.
+    /// A recorder with one slot and every count at zero.
     pub(crate) fn new() -> Arc<Self> {
+        Self::with_slots(1)
+    }
+
+    /// A recorder with `slots` slots (at least 1) and every count at zero.
+    pub(crate) fn with_slots(slots: usize) -> Arc<Self> {
+        let slots = slots.max(1);
         Arc::new(Recorder {
             counts: (0..PHASES).map(|_| AtomicU64::new(0)).collect(),
-            hists: (0..PHASES).map(|_| Histogram::new()).collect(),
+            slots,
+            slot_counts: (0..PHASES * slots).map(|_| AtomicU64::new(0)).collect(),
+            hists: (0..PHASES * slots).map(|_| Histogram::new()).collect(),
             wake_at: AtomicU64::new(u64::MAX),
             wake: Notify::new(),
             closed: AtomicU64::new(0),
@@ -142,9 +167,9 @@ impl Recorder {
         })
     }
 
-    /// Records one received text frame (ignored unless it is a bench
-    /// notification).
-    fn on_text(&self, s: &str) {
+    /// Records one text frame received by a subscriber in `slot` (ignored
+    /// unless it is a bench notification).
+    fn on_text(&self, s: &str, slot: usize) {
         let (Some(phase), Some(sent)) = (number_after(s, "\"p\":"), number_after(s, "\"t\":"))
         else {
             return;
@@ -152,7 +177,9 @@ impl Recorder {
         let Some(count) = self.counts.get(phase as usize) else {
             return;
         };
-        self.hists[phase as usize].record(now_ns().saturating_sub(sent));
+        let at = phase as usize * self.slots + slot.min(self.slots - 1);
+        self.hists[at].record(now_ns().saturating_sub(sent));
+        self.slot_counts[at].fetch_add(1, Ordering::Relaxed);
         let n = count.fetch_add(1, Ordering::SeqCst) + 1;
         if n >= self.wake_at.load(Ordering::SeqCst) {
             self.wake.notify_one();
@@ -164,9 +191,25 @@ impl Recorder {
         self.counts[phase].load(Ordering::SeqCst)
     }
 
-    /// The latency histogram of `phase`, in nanoseconds.
-    pub(crate) fn histogram(&self, phase: usize) -> &Histogram {
-        &self.hists[phase]
+    /// Deliveries received in `phase` by the subscribers in `slot`.
+    pub(crate) fn slot_count(&self, phase: usize, slot: usize) -> u64 {
+        self.slot_counts[phase * self.slots + slot].load(Ordering::Relaxed)
+    }
+
+    /// The latency histogram of `phase`, every slot together, in
+    /// nanoseconds.
+    pub(crate) fn histogram(&self, phase: usize) -> Histogram {
+        self.slot_histogram(phase, 0..self.slots)
+    }
+
+    /// The latency histogram of `phase` for the subscribers in `slots`, in
+    /// nanoseconds.
+    pub(crate) fn slot_histogram(&self, phase: usize, slots: std::ops::Range<usize>) -> Histogram {
+        let h = Histogram::new();
+        for slot in slots.filter(|&s| s < self.slots) {
+            h.add(&self.hists[phase * self.slots + slot]);
+        }
+        h
     }
 
     /// Connections that ended so far (closed by the server or failed).
@@ -216,11 +259,12 @@ impl Recorder {
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Reads one subscriber's frames until the connection ends.
-async fn subscriber(mut ws: Ws, rec: Arc<Recorder>) {
+/// Reads one subscriber's frames until the connection ends, reporting
+/// them under `slot`.
+async fn subscriber(mut ws: Ws, rec: Arc<Recorder>, slot: usize) {
     while let Some(msg) = ws.next().await {
         match msg {
-            Ok(Message::Text(t)) => rec.on_text(t.as_str()),
+            Ok(Message::Text(t)) => rec.on_text(t.as_str(), slot),
             Ok(Message::Close(_)) => {
                 rec.closed.fetch_add(1, Ordering::SeqCst);
                 return;
@@ -264,19 +308,24 @@ async fn connect_one(url: String, expect_hello: bool) -> Result<Ws, String> {
 }
 
 /// Connects one subscriber per URL (a few at a time) and starts a task
-/// reading each into `rec`. With `expect_hello`, a subscriber counts as
-/// connected once it has its `{"type":"connection"}` frame.
+/// reading each into `rec`, under the slot paired with its URL. With
+/// `expect_hello`, a subscriber counts as connected once it has its
+/// `{"type":"connection"}` frame.
 pub(crate) async fn connect_all(
-    urls: Vec<String>,
+    urls: Vec<(String, usize)>,
     expect_hello: bool,
     rec: &Arc<Recorder>,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), String> {
-    let mut pending = futures_util::stream::iter(urls)
-        .map(|url| connect_one(url, expect_hello))
-        .buffer_unordered(CONNECT_CONCURRENCY);
-    while let Some(ws) = pending.next().await {
-        tasks.spawn(subscriber(ws?, rec.clone()));
+    let mut pending =
+        futures_util::stream::iter(urls)
+            .map(|(url, slot)| async move {
+                Ok::<_, String>((connect_one(url, expect_hello).await?, slot))
+            })
+            .buffer_unordered(CONNECT_CONCURRENCY);
+    while let Some(connected) = pending.next().await {
+        let (ws, slot) = connected?;
+        tasks.spawn(subscriber(ws, rec.clone(), slot));
     }
     Ok(())
 }
@@ -358,6 +407,24 @@ mod tests {
             let i = Histogram::index(v);
             assert!(i < h.buckets.len(), "{v}");
         }
+    }
+
+    #[test]
+    fn slots_are_counted_apart_and_together() {
+        let rec = Recorder::with_slots(3);
+        let frame = |phase: u64| format!(r#"{{"payload":{{"p":{phase},"t":0}}}}"#);
+        rec.on_text(&frame(2), 0);
+        rec.on_text(&frame(2), 2);
+        rec.on_text(&frame(2), 2);
+        rec.on_text(&frame(3), 1);
+        rec.on_text("{\"type\":\"connection\"}", 1);
+        assert_eq!(rec.count(2), 3);
+        assert_eq!(rec.slot_count(2, 0), 1);
+        assert_eq!(rec.slot_count(2, 1), 0);
+        assert_eq!(rec.slot_count(2, 2), 2);
+        assert_eq!(rec.histogram(2).count(), 3);
+        assert_eq!(rec.slot_histogram(2, 1..3).count(), 2);
+        assert_eq!(rec.count(3), 1);
     }
 
     #[test]

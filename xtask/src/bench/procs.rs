@@ -191,3 +191,19 @@ pub(crate) fn git_revision() -> String {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map_or_else(|| "unknown".into(), |s| s.trim().to_string())
 }
+
+/// The id of a child process of this one whose command name (`comm`, at
+/// most 15 bytes) is `comm`, if there is one: how the bench finds the
+/// redis-server that pgdn-testkit started for it.
+pub(crate) fn child_pid(comm: &str) -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (head, rest) = stat.rsplit_once(')')?;
+        let name = head.split_once('(')?.1;
+        // After the name: state, then the parent's id.
+        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == me && name == comm).then_some(pid)
+    })
+}
