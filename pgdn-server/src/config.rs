@@ -38,8 +38,10 @@ pub struct Config {
     /// How often the server sends a WebSocket Ping to each connection, so
     /// that dead peers are noticed. Default 25 s.
     pub ping_interval: Duration,
-    /// A connection that sent nothing (not even a Pong) for this long is
-    /// dropped. Default 60 s.
+    /// A connection that answers none of the server's Pings (sends nothing
+    /// at all, not even a Pong) for about this long is dropped: precisely,
+    /// once a Ping stays unanswered for `idle_timeout - ping_interval`.
+    /// Default 60 s.
     pub idle_timeout: Duration,
     /// How long a connection may take to write its close frame before it is
     /// dropped. Default 5 s.

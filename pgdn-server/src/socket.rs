@@ -212,7 +212,9 @@ where
     let interval = shared.config.ping_interval;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = tokio::time::Instant::now();
+    // The first of our Pings that the peer has not answered (by sending
+    // anything at all) yet.
+    let mut unanswered_since: Option<tokio::time::Instant> = None;
     let mut batches = 0u32;
     loop {
         // Biased, outbound first: a wake-up for queued frames then costs no
@@ -239,16 +241,21 @@ where
             }
             inbound = ws.next() => inbound,
             _ = ping.tick() => {
-                if last_seen.elapsed() >= shared.config.idle_timeout {
+                // Dead only if a Ping went unanswered for long enough: while
+                // a flood of outbound frames keeps this branch from running,
+                // no Ping goes out and a live peer is never blamed for it.
+                let patience = shared.config.idle_timeout.saturating_sub(interval);
+                if unanswered_since.is_some_and(|t| t.elapsed() >= patience) {
                     return DisconnectReason::IdleTimeout;
                 }
                 if ws.send(Message::Ping(Bytes::new())).await.is_err() {
                     return DisconnectReason::TransportError;
                 }
+                unanswered_since.get_or_insert_with(tokio::time::Instant::now);
                 continue;
             }
         };
-        last_seen = tokio::time::Instant::now();
+        unanswered_since = None;
         if let Err(reason) = on_inbound(ws, shared, conn, outbox, &mut limiter, inbound).await {
             return reason;
         }
