@@ -131,6 +131,24 @@ impl RedisSessionTracker {
     }
 }
 
+/// Adds `delta` (+1 or -1) to this node's counts of the identity's user and
+/// groups, forgetting what drops to zero.
+fn adjust_local(shared: &Shared, identity: &Identity, delta: i64) {
+    let mut local = shared.local();
+    let local = &mut *local;
+    let adjust = |map: &mut std::collections::HashMap<String, u64>, key: &str| {
+        let count = map.entry(key.to_string()).or_default();
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            map.remove(key);
+        }
+    };
+    adjust(&mut local.users, &identity.user_id);
+    for g in &identity.groups {
+        adjust(&mut local.groups, g);
+    }
+}
+
 #[async_trait]
 impl SessionTracker for RedisSessionTracker {
     async fn register(
@@ -139,13 +157,7 @@ impl SessionTracker for RedisSessionTracker {
         identity: &Identity,
         _connection_id: &str,
     ) -> pgdn_core::Result<()> {
-        {
-            let mut local = self.shared.local();
-            *local.users.entry(identity.user_id.to_string()).or_default() += 1;
-            for g in &identity.groups {
-                *local.groups.entry(g.to_string()).or_default() += 1;
-            }
-        }
+        adjust_local(&self.shared, identity, 1);
         Ok(register_delta(&self.shared, identity, 1).await?)
     }
 
@@ -155,21 +167,7 @@ impl SessionTracker for RedisSessionTracker {
         identity: &Identity,
         _connection_id: &str,
     ) -> pgdn_core::Result<()> {
-        {
-            let mut local = self.shared.local();
-            let drop_one = |map: &mut std::collections::HashMap<String, u64>, key: &str| {
-                if let Some(c) = map.get_mut(key) {
-                    *c = c.saturating_sub(1);
-                    if *c == 0 {
-                        map.remove(key);
-                    }
-                }
-            };
-            drop_one(&mut local.users, &identity.user_id);
-            for g in &identity.groups {
-                drop_one(&mut local.groups, g);
-            }
-        }
+        adjust_local(&self.shared, identity, -1);
         Ok(register_delta(&self.shared, identity, -1).await?)
     }
 
