@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
-use crate::publisher::{self, PublisherBuilder, ServerStats};
+use crate::publisher::{PublisherBuilder, ServerStats};
 
 type Job = Box<dyn FnOnce(crate::Publisher) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
@@ -86,7 +86,11 @@ impl Publisher {
         kind: &str,
         payload: impl Serialize,
     ) -> Result<PublishReceipt> {
-        self.publish(publisher::request(Target::user(user_id), kind, payload)?)
+        self.publish(PublishRequest::from_parts(
+            Target::user(user_id),
+            kind,
+            payload,
+        )?)
     }
 
     /// Notifies every connection of each listed user.
@@ -97,7 +101,7 @@ impl Publisher {
         payload: impl Serialize,
     ) -> Result<PublishReceipt> {
         let target = Target::users(user_ids.iter().map(|u| u.as_ref()));
-        self.publish(publisher::request(target, kind, payload)?)
+        self.publish(PublishRequest::from_parts(target, kind, payload)?)
     }
 
     /// Notifies every connection in a group.
@@ -107,7 +111,11 @@ impl Publisher {
         kind: &str,
         payload: impl Serialize,
     ) -> Result<PublishReceipt> {
-        self.publish(publisher::request(Target::group(group), kind, payload)?)
+        self.publish(PublishRequest::from_parts(
+            Target::group(group),
+            kind,
+            payload,
+        )?)
     }
 
     /// Notifies everyone except `exclude_users`.
@@ -118,7 +126,7 @@ impl Publisher {
         exclude_users: &[S],
     ) -> Result<PublishReceipt> {
         let target = Target::broadcast(exclude_users.iter().map(|u| u.as_ref()));
-        self.publish(publisher::request(target, kind, payload)?)
+        self.publish(PublishRequest::from_parts(target, kind, payload)?)
     }
 
     /// Publishes one request (an id is generated when it has none).

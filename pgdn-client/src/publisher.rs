@@ -108,15 +108,6 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
-/// Turns a type name and a serializable payload into a request.
-pub(crate) fn request(
-    target: Target,
-    kind: &str,
-    payload: impl Serialize,
-) -> Result<PublishRequest> {
-    Ok(PublishRequest::from_parts(target, kind, payload)?)
-}
-
 enum Attempt<T> {
     Done(Result<T>),
     Retry(String, bool),
@@ -150,8 +141,12 @@ impl Publisher {
         kind: &str,
         payload: impl Serialize,
     ) -> Result<PublishReceipt> {
-        self.publish(request(Target::user(user_id), kind, payload)?)
-            .await
+        self.publish(PublishRequest::from_parts(
+            Target::user(user_id),
+            kind,
+            payload,
+        )?)
+        .await
     }
 
     /// Notifies every connection of each listed user.
@@ -162,7 +157,8 @@ impl Publisher {
         payload: impl Serialize,
     ) -> Result<PublishReceipt> {
         let target = Target::users(user_ids.iter().map(|u| u.as_ref()));
-        self.publish(request(target, kind, payload)?).await
+        self.publish(PublishRequest::from_parts(target, kind, payload)?)
+            .await
     }
 
     /// Notifies every connection in a group.
@@ -172,8 +168,12 @@ impl Publisher {
         kind: &str,
         payload: impl Serialize,
     ) -> Result<PublishReceipt> {
-        self.publish(request(Target::group(group), kind, payload)?)
-            .await
+        self.publish(PublishRequest::from_parts(
+            Target::group(group),
+            kind,
+            payload,
+        )?)
+        .await
     }
 
     /// Notifies everyone except `exclude_users`.
@@ -184,7 +184,8 @@ impl Publisher {
         exclude_users: &[S],
     ) -> Result<PublishReceipt> {
         let target = Target::broadcast(exclude_users.iter().map(|u| u.as_ref()));
-        self.publish(request(target, kind, payload)?).await
+        self.publish(PublishRequest::from_parts(target, kind, payload)?)
+            .await
     }
 
     /// Publishes one request. An id is generated when it has none, so that

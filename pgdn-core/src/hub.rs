@@ -2,7 +2,7 @@
 //! frames and keeps the numbers (pgdn-ws's NotificationManager and
 //! NotificationClient in one cheap-clone handle).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -149,20 +149,7 @@ struct Counters {
     duplicates: AtomicU64,
     connections_opened: AtomicU64,
     frames_received: AtomicU64,
-    disconnects: [AtomicU64; 8],
-}
-
-fn reason_index(r: DisconnectReason) -> usize {
-    match r {
-        DisconnectReason::ClientClosed => 0,
-        DisconnectReason::SlowConsumer => 1,
-        DisconnectReason::FrameTooLarge => 2,
-        DisconnectReason::RateLimited => 3,
-        DisconnectReason::ServerShutdown => 4,
-        DisconnectReason::Kicked => 5,
-        DisconnectReason::IdleTimeout => 7,
-        _ => 6,
-    }
+    disconnects: [AtomicU64; REASONS.len()],
 }
 
 const REASONS: [DisconnectReason; 8] = [
@@ -175,6 +162,14 @@ const REASONS: [DisconnectReason; 8] = [
     DisconnectReason::TransportError,
     DisconnectReason::IdleTimeout,
 ];
+
+/// Where a reason is counted: its place in [`REASONS`].
+fn reason_index(r: DisconnectReason) -> usize {
+    REASONS
+        .iter()
+        .position(|x| *x == r)
+        .expect("every reason is listed in REASONS")
+}
 
 struct Inner {
     config: HubConfig,
@@ -460,14 +455,7 @@ impl Hub {
         // A broker's cluster-wide number when there is one, else this node's.
         let seq = envelope.seq.unwrap_or(*seq_guard + 1);
         *seq_guard = seq;
-        let users: Vec<Arc<str>> = match &envelope.target {
-            Target::User(u) => vec![u.clone()],
-            Target::Users(us) => {
-                let mut seen = HashSet::with_capacity(us.len());
-                us.iter().filter(|u| seen.insert(&***u)).cloned().collect()
-            }
-            _ => Vec::new(),
-        };
+        let users = envelope.target.user_recipients();
         self.inner.history.record(&HistoryRecord {
             seq,
             id: &envelope.id,

@@ -54,6 +54,20 @@ impl Target {
         })
     }
 
+    /// The users a `user`/`users` target names, each once, in order; empty
+    /// for group and broadcast targets (whose recipients depend on who is
+    /// connected). The users whose history keeps the message.
+    pub fn user_recipients(&self) -> Vec<Arc<str>> {
+        match self {
+            Target::User(u) => vec![u.clone()],
+            Target::Users(us) => {
+                let mut seen = std::collections::HashSet::with_capacity(us.len());
+                us.iter().filter(|u| seen.insert(&***u)).cloned().collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Checks what serde cannot: no empty user id or group name, at least one
     /// user in `users`.
     pub fn validate(&self) -> Result<(), Error> {

@@ -33,19 +33,10 @@ impl std::fmt::Debug for RedisBroker {
 
 /// Runs the publish script for `envelope`; `None` for a repeated id.
 pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Result<Option<u64>> {
-    let (kind, users): (&str, Vec<&str>) = match &envelope.target {
-        Target::User(u) => ("u", vec![&**u]),
-        Target::Users(us) => {
-            let mut seen = std::collections::HashSet::new();
-            (
-                "u",
-                us.iter()
-                    .map(|u| &**u)
-                    .filter(|u| seen.insert(*u))
-                    .collect(),
-            )
-        }
-        _ => ("a", Vec::new()),
+    let users = envelope.target.user_recipients();
+    let kind = match &envelope.target {
+        Target::User(_) | Target::Users(_) => "u",
+        _ => "a",
     };
     let target = serde_json::to_string(&envelope.target).expect("targets serialize");
     let history = shared.config.history;
@@ -60,8 +51,8 @@ pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Re
         .arg(target)
         .arg(&*envelope.origin)
         .arg(envelope.frame.as_ref());
-    for u in users {
-        inv.arg(u);
+    for u in &users {
+        inv.arg(&**u);
     }
     let seq: i64 = inv.invoke_async(&mut shared.conn()).await?;
     Ok((seq >= 0).then_some(seq as u64))

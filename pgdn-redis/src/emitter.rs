@@ -27,10 +27,6 @@ impl std::fmt::Debug for Emitter {
     }
 }
 
-fn request(target: Target, kind: &str, payload: impl Serialize) -> Result<PublishRequest> {
-    Ok(PublishRequest::from_parts(target, kind, payload)?)
-}
-
 impl Emitter {
     /// Connects to the cluster's Redis at `url`. Use the same
     /// [`ClusterConfig`] (prefix, history and dedup bounds) as the nodes.
@@ -71,8 +67,12 @@ impl Emitter {
         kind: &str,
         payload: impl Serialize,
     ) -> Result<PublishReceipt> {
-        self.publish(request(Target::user(user_id), kind, payload)?)
-            .await
+        self.publish(PublishRequest::from_parts(
+            Target::user(user_id),
+            kind,
+            payload,
+        )?)
+        .await
     }
 
     /// Notifies every connection of each listed user.
@@ -83,7 +83,8 @@ impl Emitter {
         payload: impl Serialize,
     ) -> Result<PublishReceipt> {
         let target = Target::users(user_ids.iter().map(|u| u.as_ref()));
-        self.publish(request(target, kind, payload)?).await
+        self.publish(PublishRequest::from_parts(target, kind, payload)?)
+            .await
     }
 
     /// Notifies every connection in a group.
@@ -93,8 +94,12 @@ impl Emitter {
         kind: &str,
         payload: impl Serialize,
     ) -> Result<PublishReceipt> {
-        self.publish(request(Target::group(group), kind, payload)?)
-            .await
+        self.publish(PublishRequest::from_parts(
+            Target::group(group),
+            kind,
+            payload,
+        )?)
+        .await
     }
 
     /// Notifies everyone except `exclude_users`.
@@ -105,6 +110,7 @@ impl Emitter {
         exclude_users: &[S],
     ) -> Result<PublishReceipt> {
         let target = Target::broadcast(exclude_users.iter().map(|u| u.as_ref()));
-        self.publish(request(target, kind, payload)?).await
+        self.publish(PublishRequest::from_parts(target, kind, payload)?)
+            .await
     }
 }

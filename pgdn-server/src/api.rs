@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use pgdn_core::{Hub, PublishRequest, Target};
+use pgdn_core::{Hub, PublishRequest};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use warp::http::{StatusCode, header};
@@ -223,14 +223,9 @@ where
         })
 }
 
-fn validate(req: &PublishRequest) -> Result<(), pgdn_core::Error> {
-    Target::validate(&req.target)
-}
-
 async fn publish(body: Bytes, shared: Arc<Shared>) -> Result<Response, Rejection> {
     let req: PublishRequest =
         parse(&body).inspect_err(|_| shared.metrics.api_request("bad_request"))?;
-    validate(&req).map_err(|e| publish_error(&shared, e))?;
     let receipt = detached(&shared, async move |hub: Hub| hub.publish(req).await)
         .await
         .map_err(|e| publish_error(&shared, e))?;
