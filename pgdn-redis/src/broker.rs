@@ -10,7 +10,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use pgdn_core::{Broker, Envelope, MessageId, Published, Target, WeakHub};
 
-use crate::cluster::Shared;
+use redis::aio::ConnectionManager;
+
+use crate::cluster::{ClusterConfig, Shared};
 use crate::error::{Error, Result};
 use crate::scripts;
 
@@ -31,20 +33,25 @@ impl std::fmt::Debug for RedisBroker {
     }
 }
 
-/// Runs the publish script for `envelope`; `None` for a repeated id.
-pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Result<Option<u64>> {
+/// Runs the publish script for `envelope` with the key prefix and bounds of
+/// `config`; `None` for a repeated id. Shared by the broker and the emitter.
+pub(crate) async fn publish_envelope(
+    conn: &mut ConnectionManager,
+    config: &ClusterConfig,
+    envelope: &Envelope,
+) -> Result<Option<u64>> {
     let users = envelope.target.user_recipients();
     let kind = match &envelope.target {
         Target::User(_) | Target::Users(_) => "u",
         _ => "a",
     };
     let target = serde_json::to_string(&envelope.target).expect("targets serialize");
-    let history = shared.config.history;
+    let history = config.history;
     let mut inv = scripts::PUBLISH.prepare_invoke();
-    inv.arg(&shared.keys.prefix)
+    inv.arg(&config.prefix)
         .arg(envelope.id.as_str())
         .arg(if envelope.chosen_id { "1" } else { "0" })
-        .arg(shared.config.dedup_window.as_millis() as u64)
+        .arg(config.dedup_window.as_millis() as u64)
         .arg(history.max_messages)
         .arg(history.max_age.as_millis() as u64)
         .arg(kind)
@@ -54,7 +61,7 @@ pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Re
     for u in &users {
         inv.arg(&**u);
     }
-    let seq: i64 = inv.invoke_async(&mut shared.conn()).await?;
+    let seq: i64 = inv.invoke_async(conn).await?;
     Ok((seq >= 0).then_some(seq as u64))
 }
 
@@ -76,7 +83,8 @@ impl Broker for RedisBroker {
                 "this node is not subscribed to redis (yet); try again".into(),
             ));
         }
-        match publish_envelope(&self.shared, envelope).await? {
+        let shared = &self.shared;
+        match publish_envelope(&mut shared.conn(), &shared.config, envelope).await? {
             Some(_) => Ok(Published::Sent),
             None => Ok(Published::Duplicate),
         }

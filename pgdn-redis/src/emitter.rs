@@ -11,14 +11,14 @@ use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use crate::broker::publish_envelope;
-use crate::cluster::{ClusterConfig, Local, Shared, connect_manager};
+use crate::cluster::{ClusterConfig, connect_manager};
 use crate::error::Result;
-use crate::keys::Keys;
 
 /// Publishes into the cluster's Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct Emitter {
-    shared: Arc<Shared>,
+    conn: ConnectionManager,
+    config: Arc<ClusterConfig>,
 }
 
 impl std::fmt::Debug for Emitter {
@@ -31,20 +31,10 @@ impl Emitter {
     /// Connects to the cluster's Redis at `url`. Use the same
     /// [`ClusterConfig`] (prefix, history and dedup bounds) as the nodes.
     pub async fn connect(url: &str, config: ClusterConfig) -> Result<Emitter> {
-        let (client, conn): (redis::Client, ConnectionManager) =
-            connect_manager(url, config.command_timeout).await?;
+        let (_client, conn) = connect_manager(url, config.command_timeout).await?;
         Ok(Emitter {
-            shared: Arc::new(Shared {
-                client,
-                conn,
-                node: "emitter".into(),
-                keys: Keys::new(&config.prefix),
-                config,
-                local: std::sync::Mutex::new(Local::default()),
-                hub: std::sync::OnceLock::new(),
-                subscribed: tokio::sync::watch::Sender::new(false),
-                heartbeat_now: tokio::sync::Notify::new(),
-            }),
+            conn,
+            config: Arc::new(config),
         })
     }
 
@@ -53,7 +43,7 @@ impl Emitter {
     pub async fn publish(&self, req: PublishRequest) -> Result<PublishReceipt> {
         req.target.validate()?;
         let envelope = Envelope::from_request(req, Arc::from("emitter"));
-        publish_envelope(&self.shared, &envelope).await?;
+        publish_envelope(&mut self.conn.clone(), &self.config, &envelope).await?;
         Ok(PublishReceipt {
             id: envelope.id,
             delivered: None,
