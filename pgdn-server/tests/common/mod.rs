@@ -161,6 +161,13 @@ impl TestServer {
         res.json().await.unwrap()
     }
 
+    /// The Prometheus text at `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let res = self.http.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        res.text().await.unwrap()
+    }
+
     /// Waits until this node has exactly `n` open connections.
     pub async fn wait_connections(&self, n: usize) {
         let mut rx = self.pgdn.hub().watch_connections();

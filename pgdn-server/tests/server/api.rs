@@ -212,15 +212,7 @@ async fn health_metrics_and_unknown_api_paths() {
     assert_eq!(res.text().await.unwrap(), "ok");
     s.publish(json!({"target":{"broadcast":{}},"type":"info"}))
         .await;
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("pgdn_messages_published_total 1"),
         "{metrics}"

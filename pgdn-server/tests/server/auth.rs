@@ -79,15 +79,7 @@ async fn each_auth_failure_closes_1008_with_its_reason_and_registers_nothing() {
         stats["connections_opened"], 0,
         "nothing was ever registered"
     );
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains(r#"pgdn_auth_failures_total{reason="invalid token"} 4"#),
         "{metrics}"
