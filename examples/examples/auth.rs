@@ -27,15 +27,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pgdn_examples::{DEV_PUBLISH_KEY, env_or, init_tracing, key_for_curl};
 use pgdn_server::core::{HandlerError, Hub};
 use pgdn_server::{AuthError, Authenticator, Identity, MessageType, Pgdn, shutdown_signal};
 use serde_json::{Map, Value, json};
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
-
-/// Used when `PGDN_PUBLISH_KEY` is not set. Never in production.
-const DEV_PUBLISH_KEY: &str = "dev-only-publish-key-change-me";
 
 /// The demo sessions: token, user, groups.
 pub const DEMO_SESSIONS: &[(&str, &str, &[&str])] = &[
@@ -190,21 +188,10 @@ pub fn app(
 /// Serves the app until Ctrl-C or SIGTERM.
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    init_tracing();
 
-    let publish_key = std::env::var("PGDN_PUBLISH_KEY").unwrap_or_else(|_| {
-        eprintln!("warning: PGDN_PUBLISH_KEY is not set, using a development value");
-        DEV_PUBLISH_KEY.to_string()
-    });
-    // Printed commands never show a real key: the shell expands the variable.
-    let key = match std::env::var_os("PGDN_PUBLISH_KEY") {
-        Some(_) => "$PGDN_PUBLISH_KEY",
-        None => DEV_PUBLISH_KEY,
-    };
+    let publish_key = env_or("PGDN_PUBLISH_KEY", DEV_PUBLISH_KEY);
+    let key = key_for_curl();
     let sessions = SessionStore::with_demo_sessions();
     let pgdn = build_pgdn(sessions.clone(), &publish_key)?;
 

@@ -21,6 +21,7 @@ use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use pgdn_examples::{DEV_PUBLISH_KEY, env_or, init_tracing, key_for_curl};
 use pgdn_server::{JwtAuthenticator, MessageType, Pgdn, shutdown_signal};
 use serde::Deserialize;
 use serde_json::json;
@@ -30,8 +31,6 @@ use warp::{Filter, Rejection, Reply};
 
 /// Used when `PGDN_JWT_SECRET` is not set. Never in production.
 const DEV_JWT_SECRET: &str = "dev-only-jwt-secret-change-me";
-/// Used when `PGDN_PUBLISH_KEY` is not set. Never in production.
-const DEV_PUBLISH_KEY: &str = "dev-only-publish-key-change-me";
 
 /// The body of `POST /trigger`.
 #[derive(Debug, Deserialize)]
@@ -94,31 +93,10 @@ async fn trigger(body: Trigger, pgdn: Pgdn) -> Result<Response, Infallible> {
     Ok(reply)
 }
 
-/// An environment variable, or `fallback` with a warning.
-fn env_or(name: &str, fallback: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        eprintln!("warning: {name} is not set, using a development value");
-        fallback.to_string()
-    })
-}
-
-/// How the printed curl commands spell the publish key: a real key is never
-/// printed, the shell expands the variable instead.
-fn key_for_curl() -> &'static str {
-    match std::env::var_os("PGDN_PUBLISH_KEY") {
-        Some(_) => "$PGDN_PUBLISH_KEY",
-        None => DEV_PUBLISH_KEY,
-    }
-}
-
 /// Serves the app until Ctrl-C or SIGTERM.
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    init_tracing();
 
     let jwt_secret = env_or("PGDN_JWT_SECRET", DEV_JWT_SECRET);
     let publish_key = env_or("PGDN_PUBLISH_KEY", DEV_PUBLISH_KEY);

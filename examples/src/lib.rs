@@ -41,3 +41,32 @@
 //! Each prints, at startup, its address, ready tokens and curl commands.
 //! `tests/examples.rs` runs both apps on a free port and checks them end to
 //! end with a WebSocket client.
+
+/// Used when `PGDN_PUBLISH_KEY` is not set. Never in production.
+pub const DEV_PUBLISH_KEY: &str = "dev-only-publish-key-change-me";
+
+/// Logs through `tracing`, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
+/// An environment variable, or `fallback` with a warning.
+pub fn env_or(name: &str, fallback: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        eprintln!("warning: {name} is not set, using a development value");
+        fallback.to_string()
+    })
+}
+
+/// How printed curl commands spell the publish key: a real key is never
+/// printed, the shell expands the variable instead.
+pub fn key_for_curl() -> &'static str {
+    match std::env::var_os("PGDN_PUBLISH_KEY") {
+        Some(_) => "$PGDN_PUBLISH_KEY",
+        None => DEV_PUBLISH_KEY,
+    }
+}
