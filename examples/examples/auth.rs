@@ -4,7 +4,8 @@
 //! cargo run -p pgdn-examples --example auth
 //! ```
 //!
-//! - [`SessionStore`] implements [`Authenticator`]: subscriber tokens are
+//! - [`SessionStore`] implements [`Authenticator`]: subscriber tokens (or
+//!   the app's `session` cookie, for a logged-in browser) are
 //!   opaque session ids looked up in a table (standing in for your database
 //!   or session store), not JWTs. Unlike a JWT, a session can be revoked:
 //!   `POST /logout` with `Authorization: Bearer <token>` deletes it and
@@ -29,7 +30,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pgdn_examples::{DEV_PUBLISH_KEY, env_or, init_tracing, key_for_curl};
 use pgdn_server::core::{HandlerError, Hub};
-use pgdn_server::{AuthError, Authenticator, Identity, MessageType, Pgdn, shutdown_signal};
+use pgdn_server::{
+    AuthError, AuthRequest, Authenticator, Identity, MessageType, Pgdn, shutdown_signal,
+};
 use serde_json::{Map, Value, json};
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -86,7 +89,13 @@ impl SessionStore {
 
 #[async_trait]
 impl Authenticator for SessionStore {
-    async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+    async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Identity, AuthError> {
+        // The session id comes as `?token=` (or Bearer) from scripts, or
+        // as the app's `session` cookie from a logged-in browser.
+        let token = match req.token.filter(|t| !t.is_empty()) {
+            Some(t) => t,
+            None => req.cookie("session").ok_or(AuthError::MissingToken)?,
+        };
         // A real store would be an async query here (sqlx, redis, an HTTP
         // call to an auth service). Never log `token`.
         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -349,8 +349,10 @@ async fn a_retry_after_a_timeout_is_not_delivered_twice() {
     p.notify_user("u1", "info", json!({"n": 2})).await.unwrap();
     assert_eq!(next_n(&mut sub).await, 2, "the first was delivered once");
     assert!(MessageId::new(receipt.id.as_str()).is_ok());
+    // Whether the server saw the hang-up (the first attempt was cancelled
+    // and released its id) or not (the retry waited for it and got its
+    // receipt), each message went out once.
     assert_eq!(s.pgdn.hub().stats().messages_published, 2);
-    assert!(s.pgdn.hub().stats().duplicates_suppressed >= 1);
     s.stop().await;
 }
 

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::identity::Identity;
+use crate::transport::Frame;
 
 /// Bounds of a connection's outbound queue. A connection whose queue would
 /// exceed either bound is disconnected as a slow consumer (close 1013).
@@ -76,6 +77,13 @@ pub enum DisconnectReason {
     /// Nothing was received for too long, not even a Pong to the server's
     /// Ping: the peer is presumed gone (a laptop asleep, a dead NAT entry).
     IdleTimeout,
+    /// The connection's token expired and was not refreshed (close 4001):
+    /// the client fetches a fresh token and reconnects with `since=`.
+    TokenExpired,
+    /// The peer broke the transport's protocol (close 1002).
+    ProtocolError,
+    /// The peer sent text that is not UTF-8 (close 1007).
+    InvalidUtf8,
 }
 
 impl DisconnectReason {
@@ -91,6 +99,9 @@ impl DisconnectReason {
             DisconnectReason::RateLimited => Some((1008, "rate limit exceeded")),
             DisconnectReason::ServerShutdown => Some((1001, "server shutting down")),
             DisconnectReason::Kicked => Some((1008, "disconnected by server")),
+            DisconnectReason::TokenExpired => Some((4001, "token expired")),
+            DisconnectReason::ProtocolError => Some((1002, "protocol error")),
+            DisconnectReason::InvalidUtf8 => Some((1007, "invalid utf-8")),
         }
     }
 
@@ -105,6 +116,9 @@ impl DisconnectReason {
             DisconnectReason::Kicked => "kicked",
             DisconnectReason::TransportError => "transport_error",
             DisconnectReason::IdleTimeout => "idle_timeout",
+            DisconnectReason::TokenExpired => "token_expired",
+            DisconnectReason::ProtocolError => "protocol_error",
+            DisconnectReason::InvalidUtf8 => "invalid_utf8",
         }
     }
 }
@@ -123,8 +137,8 @@ pub enum SendError {
 
 #[derive(Debug, Default)]
 struct Queue {
-    /// (delivery sequence number or 0 for replies, frame).
-    frames: VecDeque<(u64, Bytes)>,
+    /// Frames with their delivery sequence number (0 for replies).
+    frames: VecDeque<Frame>,
     bytes: usize,
     closed: Option<DisconnectReason>,
     /// Sequence numbers already sent by a resume replay, not to be sent
@@ -139,7 +153,12 @@ struct Shared {
     id: u64,
     /// The opaque id sent to the client.
     wire_id: Arc<str>,
-    identity: Identity,
+    /// The user; fixed for the connection's life (a refresh must name the
+    /// same user).
+    user_id: Arc<str>,
+    /// Groups and expiry change on an in-band refresh; the registry swaps
+    /// them under its own write lock.
+    identity: Mutex<Identity>,
     limits: QueueLimits,
     queue: Mutex<Queue>,
     /// Wakes the outbox when frames arrive or the connection closes.
@@ -178,7 +197,8 @@ pub fn channel(
     let shared = Arc::new(Shared {
         id,
         wire_id,
-        identity,
+        user_id: identity.user_id.clone(),
+        identity: Mutex::new(identity),
         limits,
         queue: Mutex::new(Queue::default()),
         data: Notify::new(),
@@ -203,9 +223,30 @@ impl Connection {
         &self.shared.wire_id
     }
 
-    /// Who this connection belongs to.
-    pub fn identity(&self) -> &Identity {
-        &self.shared.identity
+    /// The user this connection belongs to.
+    pub fn user_id(&self) -> &str {
+        &self.shared.user_id
+    }
+
+    /// Who this connection belongs to now (groups and expiry may change
+    /// on a refresh).
+    pub fn identity(&self) -> Identity {
+        self.shared
+            .identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the identity (same user). Only the registry calls this,
+    /// under its write lock, so that group membership moves in one step.
+    pub(crate) fn set_identity(&self, identity: Identity) -> Identity {
+        let mut cur = self
+            .shared
+            .identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *cur, identity)
     }
 
     /// Queues one frame without waiting. A full queue closes the connection
@@ -234,7 +275,7 @@ impl Connection {
             }
             was_empty = q.frames.is_empty();
             q.bytes += frame.len();
-            q.frames.push_back((seq, frame));
+            q.frames.push_back(Frame { seq, data: frame });
         }
         if was_empty {
             self.shared.data.notify_one();
@@ -284,7 +325,7 @@ impl Outbox {
     /// Waits for frames and moves every queued frame into `buf`. Returns the
     /// reason once the connection is closing and nothing more is to be
     /// written. Cancel-safe: frames are only taken when it returns.
-    pub async fn recv_many(&self, buf: &mut Vec<Bytes>) -> Result<usize, DisconnectReason> {
+    pub async fn recv_many(&self, buf: &mut Vec<Frame>) -> Result<usize, DisconnectReason> {
         loop {
             {
                 let mut q = self.shared.lock();
@@ -292,17 +333,16 @@ impl Outbox {
                     let n = q.frames.len();
                     let Queue { frames, skip, .. } = &mut *q;
                     match skip.take() {
-                        None => buf.extend(frames.drain(..).map(|(_, f)| f)),
+                        None => buf.extend(frames.drain(..)),
                         Some(set) => {
                             let (replayed, max) = &*set;
                             // Messages are queued in delivery order: once one
                             // is past the replay, no replayed one can follow.
-                            let past = frames.iter().any(|(seq, _)| seq > max);
+                            let past = frames.iter().any(|f| f.seq > *max);
                             buf.extend(
                                 frames
                                     .drain(..)
-                                    .filter(|(seq, _)| *seq == 0 || !replayed.contains(seq))
-                                    .map(|(_, f)| f),
+                                    .filter(|f| f.seq == 0 || !replayed.contains(&f.seq)),
                             );
                             if !past {
                                 *skip = Some(set);
@@ -360,6 +400,10 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn data(frames: Vec<Frame>) -> Vec<Bytes> {
+        frames.into_iter().map(|f| f.data).collect()
+    }
+
     fn pair(limits: QueueLimits) -> (Connection, Outbox) {
         channel(1, "n-1".into(), Identity::new("u1", ["g"]), limits)
     }
@@ -373,7 +417,7 @@ mod tests {
         let mut buf = Vec::new();
         assert_eq!(outbox.recv_many(&mut buf).await, Ok(5));
         assert_eq!(
-            buf,
+            data(buf),
             (0..5u8).map(|i| Bytes::from(vec![i])).collect::<Vec<_>>()
         );
     }
@@ -430,14 +474,16 @@ mod tests {
         outbox.skip_replayed([3, 5]);
         let mut buf = Vec::new();
         outbox.recv_many(&mut buf).await.unwrap();
-        assert_eq!(buf, vec![Bytes::from_static(b"broadcast4")]);
-        buf.clear();
+        assert_eq!(
+            data(std::mem::take(&mut buf)),
+            vec![Bytes::from_static(b"broadcast4")]
+        );
         conn.try_send_seq(5, Bytes::from_static(b"m5")).unwrap();
         conn.try_send(Bytes::from_static(b"reply")).unwrap();
         conn.try_send_seq(6, Bytes::from_static(b"m6")).unwrap();
         outbox.recv_many(&mut buf).await.unwrap();
         assert_eq!(
-            buf,
+            data(buf),
             vec![Bytes::from_static(b"reply"), Bytes::from_static(b"m6")]
         );
         assert!(
@@ -455,6 +501,9 @@ mod tests {
         });
         tokio::task::yield_now().await;
         conn.try_send(Bytes::from_static(b"x")).unwrap();
-        assert_eq!(task.await.unwrap().unwrap(), vec![Bytes::from_static(b"x")]);
+        assert_eq!(
+            data(task.await.unwrap().unwrap()),
+            vec![Bytes::from_static(b"x")]
+        );
     }
 }

@@ -1,25 +1,56 @@
 //! De-duplication of publisher-chosen message ids for a time window
 //! (PROTOCOL.md section 5: 5 minutes).
+//!
+//! An id is claimed while its publish is in flight and completed when it
+//! is done. A retry that arrives while the first attempt is still in
+//! flight waits for it ([`Claim::Wait`]) instead of being answered at
+//! once: the first attempt may yet be cancelled (its publisher hung up)
+//! and release the id, and answering "accepted" for a message that then
+//! never goes out would lose it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use crate::message::MessageId;
 use crate::target::PublishReceipt;
 
 /// What [`Dedup::claim`] found.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Claim {
     /// The id is new and now reserved; publish it and call `complete`.
     New,
     /// The id was taken within the window; repeat this receipt.
     Duplicate(PublishReceipt),
+    /// The id's first publish is still in flight: wait until this changes
+    /// (completed or released), then claim again.
+    Wait(watch::Receiver<()>),
+}
+
+impl PartialEq for Claim {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Claim::New, Claim::New) => true,
+            (Claim::Duplicate(a), Claim::Duplicate(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Where a claimed id stands.
+#[derive(Debug)]
+enum State {
+    /// Being published; dropping the sender wakes whoever waits.
+    InFlight(watch::Sender<()>),
+    /// Published; what it delivered.
+    Done(Option<usize>),
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    seen: HashMap<MessageId, (Instant, Option<usize>)>,
+    seen: HashMap<MessageId, (Instant, State)>,
     order: VecDeque<(Instant, MessageId)>,
 }
 
@@ -60,29 +91,36 @@ impl Dedup {
                 inner.seen.remove(&old);
             }
         }
-        if let Some((t, delivered)) = inner.seen.get(id)
+        if let Some((t, state)) = inner.seen.get(id)
             && now.duration_since(*t) < self.ttl
         {
-            return Claim::Duplicate(PublishReceipt {
-                id: id.clone(),
-                delivered: *delivered,
-            });
+            return match state {
+                State::Done(delivered) => Claim::Duplicate(PublishReceipt {
+                    id: id.clone(),
+                    delivered: *delivered,
+                }),
+                State::InFlight(tx) => Claim::Wait(tx.subscribe()),
+            };
         }
-        inner.seen.insert(id.clone(), (now, None));
+        let (tx, _) = watch::channel(());
+        inner.seen.insert(id.clone(), (now, State::InFlight(tx)));
         inner.order.push_back((now, id.clone()));
         Claim::New
     }
 
     /// Records what the publish of a claimed id delivered.
     pub(crate) fn complete(&self, id: &MessageId, delivered: Option<usize>) {
+        // Replacing the in-flight state drops its sender: waiters wake.
         if let Some(entry) = self.lock().seen.get_mut(id) {
-            entry.1 = delivered;
+            entry.1 = State::Done(delivered);
         }
     }
 
-    /// Releases a claimed id whose publish failed, so a retry can go through.
+    /// Releases a claimed id whose publish failed or was cancelled, so a
+    /// retry can go through (waiters wake and claim again).
     pub(crate) fn release(&self, id: &MessageId) {
-        self.lock().seen.remove(id);
+        let removed = self.lock().seen.remove(id);
+        drop(removed);
     }
 }
 
@@ -119,6 +157,31 @@ mod tests {
         assert_eq!(d.claim(&id), Claim::New);
         d.release(&id);
         assert_eq!(d.claim(&id), Claim::New);
+    }
+
+    #[tokio::test]
+    async fn a_retry_waits_for_the_first_attempt() {
+        let d = Dedup::new(Duration::from_secs(300), 100);
+        let id = MessageId::new("job-2").unwrap();
+        assert_eq!(d.claim(&id), Claim::New);
+        let Claim::Wait(mut rx) = d.claim(&id) else {
+            panic!("in flight: wait")
+        };
+        d.release(&id);
+        assert!(rx.changed().await.is_err(), "woken by the release");
+        assert_eq!(d.claim(&id), Claim::New, "released: the retry publishes");
+        let Claim::Wait(mut rx) = d.claim(&id) else {
+            panic!("in flight: wait")
+        };
+        d.complete(&id, Some(1));
+        assert!(rx.changed().await.is_err(), "woken by the completion");
+        assert_eq!(
+            d.claim(&id),
+            Claim::Duplicate(PublishReceipt {
+                id: id.clone(),
+                delivered: Some(1)
+            })
+        );
     }
 
     #[test]

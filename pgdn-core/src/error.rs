@@ -22,6 +22,9 @@ pub enum Error {
     /// The session tracker failed. Connections keep working locally.
     #[error("session tracker: {0}")]
     Session(String),
+    /// A setting is invalid; the message names it. Fix the configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// Result with [`Error`] as the default error.

@@ -46,6 +46,13 @@ pub fn pong_json(timestamp: &Value) -> String {
     serde_json::json!({"type": "pong", "timestamp": timestamp}).to_string()
 }
 
+/// The answer to an accepted in-band refresh:
+/// `{"type":"refreshed","expires_at":"<RFC 3339 UTC or null>"}`.
+pub fn refreshed_json(expires_at: Option<std::time::SystemTime>) -> String {
+    let at = expires_at.map(|t| humantime::format_rfc3339_millis(t).to_string());
+    serde_json::json!({"type": "refreshed", "expires_at": at}).to_string()
+}
+
 /// Machine-readable codes of error frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -60,6 +67,9 @@ pub enum ErrorCode {
     HandlerError,
     /// Resume could not reach back to the requested id (PROTOCOL.md section 4).
     HistoryGap,
+    /// An in-band token refresh was refused; the old expiry stands
+    /// (PROTOCOL.md section 1).
+    RefreshFailed,
 }
 
 impl ErrorCode {
@@ -71,6 +81,7 @@ impl ErrorCode {
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::HandlerError => "handler_error",
             ErrorCode::HistoryGap => "history_gap",
+            ErrorCode::RefreshFailed => "refresh_failed",
         }
     }
 }
@@ -136,6 +147,13 @@ pub enum ClientFrame {
         /// Echoed in the pong.
         timestamp: Value,
     },
+    /// `{"type":"refresh","token":"..."}`: a new token for this connection
+    /// (PROTOCOL.md section 1). `None` when `token` is missing or not a
+    /// string.
+    Refresh {
+        /// The new token.
+        token: Option<String>,
+    },
     /// Any other type: for the handler registered for it.
     Custom {
         /// The frame's `type`.
@@ -168,6 +186,13 @@ impl ClientFrame {
         if kind == "ping" {
             let timestamp = data.remove("timestamp").unwrap_or(Value::Null);
             return Ok(ClientFrame::Ping { timestamp });
+        }
+        if kind == "refresh" {
+            let token = match data.remove("token") {
+                Some(Value::String(t)) => Some(t),
+                _ => None,
+            };
+            return Ok(ClientFrame::Refresh { token });
         }
         Ok(ClientFrame::Custom { kind, data })
     }
@@ -224,6 +249,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"refresh","token":"t"}"#).unwrap(),
+            ClientFrame::Refresh {
+                token: Some("t".into())
+            }
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"refresh","token":5}"#).unwrap(),
+            ClientFrame::Refresh { token: None }
+        );
+        let v: Value = serde_json::from_str(&refreshed_json(None)).unwrap();
+        assert_eq!(v, json!({"type":"refreshed","expires_at":null}));
         let code = |s: &str| ClientFrame::parse(s).unwrap_err().code;
         assert_eq!(code("{nope"), ErrorCode::InvalidJson);
         assert_eq!(code("[1,2]"), ErrorCode::InvalidMessage);

@@ -152,7 +152,7 @@ struct Counters {
     disconnects: [AtomicU64; REASONS.len()],
 }
 
-const REASONS: [DisconnectReason; 8] = [
+const REASONS: [DisconnectReason; 11] = [
     DisconnectReason::ClientClosed,
     DisconnectReason::SlowConsumer,
     DisconnectReason::FrameTooLarge,
@@ -161,6 +161,9 @@ const REASONS: [DisconnectReason; 8] = [
     DisconnectReason::Kicked,
     DisconnectReason::TransportError,
     DisconnectReason::IdleTimeout,
+    DisconnectReason::TokenExpired,
+    DisconnectReason::ProtocolError,
+    DisconnectReason::InvalidUtf8,
 ];
 
 /// Where a reason is counted: its place in [`REASONS`].
@@ -188,6 +191,29 @@ struct Inner {
     /// The number of open connections, for whoever waits on a change.
     connections: watch::Sender<usize>,
     started: Instant,
+}
+
+/// A claimed publisher-chosen id: released when dropped unless the publish
+/// completed (what makes [`Hub::publish`] cancel-safe).
+struct ClaimGuard<'a> {
+    dedup: &'a Dedup,
+    id: Option<crate::message::MessageId>,
+}
+
+impl ClaimGuard<'_> {
+    fn complete(mut self, delivered: Option<usize>) {
+        if let Some(id) = self.id.take() {
+            self.dedup.complete(&id, delivered);
+        }
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.dedup.release(&id);
+        }
+    }
 }
 
 /// Numbers about this node (`GET /api/v1/stats`): pgdn-ws's `total_users`,
@@ -301,7 +327,7 @@ impl Hub {
         if let Err(e) = self
             .inner
             .sessions
-            .register(self.node_id(), conn.identity(), conn.wire_id())
+            .register(self.node_id(), &conn.identity(), conn.wire_id())
             .await
         {
             // The connection still works on this node; other nodes may not
@@ -322,7 +348,7 @@ impl Hub {
         if let Err(e) = self
             .inner
             .sessions
-            .unregister(self.node_id(), conn.identity(), conn.wire_id())
+            .unregister(self.node_id(), &conn.identity(), conn.wire_id())
             .await
         {
             tracing::warn!(error = %e, "session tracker failed to unregister a connection");
@@ -377,38 +403,49 @@ impl Hub {
     /// publisher-chosen id, serializes it once, hands it to the broker for
     /// the other nodes and queues the same bytes to every matching
     /// connection here.
+    ///
+    /// Cancel-safe: if the returned future is dropped before it completes
+    /// (the publisher hung up), the claim on a publisher-chosen id is
+    /// released, so a retry with the same id is published, not answered
+    /// as a duplicate of a publish that never finished. A broker that
+    /// already took the message de-duplicates the retry itself.
     pub async fn publish(&self, req: PublishRequest) -> Result<PublishReceipt> {
         req.target.validate()?;
-        let claimed = req.id.clone();
-        if let Some(id) = &claimed
-            && let Claim::Duplicate(receipt) = self.inner.dedup.claim(id)
-        {
+        let mut claim = ClaimGuard {
+            dedup: &self.inner.dedup,
+            id: None,
+        };
+        if let Some(id) = &req.id {
+            loop {
+                match self.inner.dedup.claim(id) {
+                    Claim::New => break,
+                    Claim::Duplicate(receipt) => {
+                        self.inner
+                            .counters
+                            .duplicates
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Ok(receipt);
+                    }
+                    // The first attempt is in flight: its outcome decides.
+                    Claim::Wait(mut rx) => {
+                        let _ = rx.changed().await;
+                    }
+                }
+            }
+            claim.id = Some(id.clone());
+        }
+        let envelope = Envelope::from_request(req, self.inner.config.node_id.clone());
+        let id = envelope.id.clone();
+        // An error drops `claim`, which releases the id: a retry may publish.
+        if let Published::Duplicate = self.inner.broker.publish(&envelope).await? {
             self.inner
                 .counters
                 .duplicates
                 .fetch_add(1, Ordering::Relaxed);
-            return Ok(receipt);
-        }
-        let envelope = Envelope::from_request(req, self.inner.config.node_id.clone());
-        let id = envelope.id.clone();
-        match self.inner.broker.publish(&envelope).await {
-            Err(e) => {
-                if let Some(id) = &claimed {
-                    self.inner.dedup.release(id);
-                }
-                return Err(e);
-            }
-            Ok(Published::Duplicate) => {
-                self.inner
-                    .counters
-                    .duplicates
-                    .fetch_add(1, Ordering::Relaxed);
-                return Ok(PublishReceipt {
-                    id,
-                    delivered: None,
-                });
-            }
-            Ok(_) => {}
+            return Ok(PublishReceipt {
+                id,
+                delivered: None,
+            });
         }
         self.inner
             .counters
@@ -419,9 +456,7 @@ impl Hub {
         } else {
             Some(self.deliver_local(&envelope))
         };
-        if let Some(id) = &claimed {
-            self.inner.dedup.complete(id, delivered);
-        }
+        claim.complete(delivered);
         Ok(PublishReceipt { id, delivered })
     }
 
@@ -467,7 +502,7 @@ impl Hub {
             Err(SendError::Full) => {
                 tracing::warn!(
                     connection = c.wire_id(),
-                    user = &*c.identity().user_id,
+                    user = c.user_id(),
                     "outbound queue full: disconnecting slow consumer"
                 );
             }
@@ -569,17 +604,52 @@ impl Hub {
 
     /// Answers one client text frame from `conn` (PROTOCOL.md section 3):
     /// the reply to send back, if any. Never fails: a bad frame or a failing
-    /// (even panicking) handler yields an error frame.
+    /// (even panicking) handler yields an error frame. A `refresh` needs the
+    /// authenticator and is answered by the [`Session`](crate::Session).
     pub async fn handle_text(&self, conn: &Connection, text: &str) -> Option<String> {
+        match ClientFrame::parse(text) {
+            Err(e) => {
+                self.count_frame();
+                Some(e.to_frame().to_json())
+            }
+            Ok(frame) => self.handle_frame(conn, frame).await,
+        }
+    }
+
+    /// Answers one parsed client frame: a pong for a ping, a handler's
+    /// reply (or error frame) for any other type.
+    pub async fn handle_frame(&self, conn: &Connection, frame: ClientFrame) -> Option<String> {
+        self.count_frame();
+        match frame {
+            ClientFrame::Ping { timestamp } => Some(pong_json(&timestamp)),
+            ClientFrame::Custom { kind, data } => self.run_handler(conn, kind, data).await,
+            ClientFrame::Refresh { .. } => Some(
+                ErrorFrame::new(
+                    ErrorCode::RefreshFailed,
+                    "refresh is answered by the connection's session",
+                )
+                .to_json(),
+            ),
+        }
+    }
+
+    /// Counts one client frame received (for stats).
+    pub(crate) fn count_frame(&self) {
         self.inner
             .counters
             .frames_received
             .fetch_add(1, Ordering::Relaxed);
-        match ClientFrame::parse(text) {
-            Err(e) => Some(e.to_frame().to_json()),
-            Ok(ClientFrame::Ping { timestamp }) => Some(pong_json(&timestamp)),
-            Ok(ClientFrame::Custom { kind, data }) => self.run_handler(conn, kind, data).await,
+    }
+
+    /// Gives a live connection a new identity of the same user, after an
+    /// in-band refresh: its groups (group publishes reach the new ones
+    /// from now on) and its expiry. False when the connection is gone or
+    /// the user differs.
+    pub fn update_identity(&self, conn: &Connection, identity: Identity) -> bool {
+        if &*identity.user_id != conn.user_id() {
+            return false;
         }
+        self.inner.registry.update_identity(conn, identity)
     }
 
     async fn run_handler(
@@ -604,7 +674,7 @@ impl Hub {
                 .to_json(),
             );
         };
-        let identity = conn.identity().clone();
+        let identity = conn.identity();
         // Run in its own task so that a panicking handler becomes an error
         // frame instead of taking the connection down.
         let task = tokio::spawn(async move { handler.handle(&identity, data).await });
@@ -668,7 +738,7 @@ mod tests {
         let mut buf = Vec::new();
         outbox.recv_many(&mut buf).await.unwrap();
         buf.iter()
-            .map(|b| serde_json::from_slice(b).unwrap())
+            .map(|f| serde_json::from_slice(&f.data).unwrap())
             .collect()
     }
 
@@ -736,7 +806,7 @@ mod tests {
         for o in &outboxes {
             let mut buf = Vec::new();
             o.recv_many(&mut buf).await.unwrap();
-            frames.push(buf.pop().unwrap());
+            frames.push(buf.pop().unwrap().data);
         }
         // Serialized once: every queue holds a handle to one buffer.
         assert!(frames.iter().all(|f| f.as_ptr() == frames[0].as_ptr()));
@@ -756,6 +826,76 @@ mod tests {
         assert_eq!(first, again);
         assert_eq!(recv(&outbox).await.len(), 1);
         assert_eq!(hub.stats().duplicates_suppressed, 1);
+    }
+
+    /// A broker whose first publish blocks until released.
+    #[derive(Default)]
+    struct Gate {
+        calls: AtomicU64,
+        open: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl Broker for Gate {
+        async fn publish(&self, _: &Envelope) -> Result<Published> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.open.notified().await;
+            }
+            Ok(Published::Sent)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_publish_releases_its_id() {
+        let gate = Arc::new(Gate::default());
+        let hub = Hub::builder().broker(gate.clone()).build();
+        let (_c, outbox) = hub
+            .connect(Identity::new("u", Vec::<&str>::new()))
+            .await
+            .unwrap();
+        let req = PublishRequest::new(Target::user("u"), MessageType::info())
+            .with_id(MessageId::new("job-9").unwrap());
+        // The first attempt hangs in the broker, and its caller gives up.
+        let first = tokio::time::timeout(Duration::from_millis(20), hub.publish(req.clone())).await;
+        assert!(first.is_err(), "the first attempt was cancelled");
+        // The retry is published, not answered as a duplicate of nothing.
+        let retry = hub.publish(req.clone()).await.unwrap();
+        assert_eq!(retry.delivered, Some(1));
+        assert_eq!(recv(&outbox).await.len(), 1);
+        assert_eq!(hub.publish(req).await.unwrap(), retry, "now a duplicate");
+        assert_eq!(hub.stats().messages_published, 1);
+    }
+
+    #[tokio::test]
+    async fn a_retry_during_the_first_attempt_waits_for_it() {
+        let gate = Arc::new(Gate::default());
+        let hub = Hub::builder().broker(gate.clone()).build();
+        let (_c, outbox) = hub
+            .connect(Identity::new("u", Vec::<&str>::new()))
+            .await
+            .unwrap();
+        let req = PublishRequest::new(Target::user("u"), MessageType::info())
+            .with_id(MessageId::new("job-10").unwrap());
+        let first = tokio::spawn({
+            let (hub, req) = (hub.clone(), req.clone());
+            async move { hub.publish(req).await }
+        });
+        while gate.calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let retry = tokio::spawn({
+            let (hub, req) = (hub.clone(), req.clone());
+            async move { hub.publish(req).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            !retry.is_finished(),
+            "the retry waits for the first attempt"
+        );
+        gate.open.notify_one();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(retry.await.unwrap().unwrap(), first);
+        assert_eq!(recv(&outbox).await.len(), 1, "delivered once");
     }
 
     #[tokio::test]

@@ -10,7 +10,14 @@ use crate::error::Error;
 
 /// Message types a publisher may not use: they name protocol frames
 /// (PROTOCOL.md section 2).
-pub const RESERVED_TYPES: [&str; 3] = ["connection", "ping", "pong"];
+pub const RESERVED_TYPES: [&str; 6] = [
+    "connection",
+    "ping",
+    "pong",
+    "refresh",
+    "refreshed",
+    "close",
+];
 
 /// The built-in message types of pgdn-ws; any other non-empty string is a
 /// custom type.

@@ -35,7 +35,7 @@ impl Registry {
     /// Adds a connection under its user and groups.
     pub fn insert(&self, conn: Connection) {
         let id = conn.id();
-        let identity = conn.identity().clone();
+        let identity = conn.identity();
         let mut inner = self.write();
         inner
             .users
@@ -46,6 +46,31 @@ impl Registry {
             inner.groups.entry(g.clone()).or_default().insert(id);
         }
         inner.conns.insert(id, conn);
+    }
+
+    /// Gives a registered connection a new identity of the same user (an
+    /// in-band token refresh): its group memberships move in one step, so
+    /// a group publish sees either the old groups or the new ones.
+    /// Returns false when the connection is not registered.
+    pub fn update_identity(&self, conn: &Connection, identity: crate::Identity) -> bool {
+        let id = conn.id();
+        let mut inner = self.write();
+        if !inner.conns.contains_key(&id) {
+            return false;
+        }
+        let old = conn.set_identity(identity.clone());
+        for g in &old.groups {
+            if let Some(ids) = inner.groups.get_mut(g) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    inner.groups.remove(g);
+                }
+            }
+        }
+        for g in &identity.groups {
+            inner.groups.entry(g.clone()).or_default().insert(id);
+        }
+        true
     }
 
     /// Removes a connection; emptied user and group entries go with it.
@@ -104,7 +129,7 @@ impl Registry {
         }
         let excluded: HashSet<&str> = exclude_users.iter().map(|u| &**u).collect();
         for c in inner.conns.values() {
-            if !excluded.contains(&*c.identity().user_id) {
+            if !excluded.contains(c.user_id()) {
                 f(c);
             }
         }

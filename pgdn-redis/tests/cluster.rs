@@ -51,7 +51,7 @@ async fn recv(rx: &Rx) -> Value {
                 .expect("a frame in time")
                 .unwrap();
             let mut buf = rx.buf.lock().unwrap();
-            buf.extend(batch);
+            buf.extend(batch.into_iter().map(|f| f.data));
             buf.pop_front().unwrap()
         }
     };

@@ -13,7 +13,7 @@ pub enum Error {
     /// A JWT could not be created (only when issuing dev tokens).
     #[error("jwt: {0}")]
     Jwt(#[from] jsonwebtoken::errors::Error),
-    /// An error from the hub.
+    /// An error from pgdn-core (an invalid configuration among them).
     #[error(transparent)]
     Core(#[from] pgdn_core::Error),
 }

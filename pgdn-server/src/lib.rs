@@ -1,8 +1,12 @@
 //! The warp adapter and standalone server of pgdn.
 //!
 //! Mount [`Pgdn::routes`] into your own warp app, or run the `pgdn-server`
-//! binary. Either way the wire is PROTOCOL.md: `/ws` for subscribers,
-//! `/api/v1/*` for publishers, `/healthz`, `/metrics` and a demo page at `/`.
+//! binary. Either way the wire is pgdn's protocol: `/ws` (WebSocket) and
+//! `/sse` (Server-Sent Events) for subscribers, `/api/v1/*` for
+//! publishers, `/healthz`, `/readyz`, `/metrics`, the browser client at
+//! `/pgdn.js` and a demo page at `/`. The protocol itself lives in
+//! pgdn-core ([`Service`](pgdn_core::Service)); this crate only translates
+//! between warp (and tungstenite) and it.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -19,35 +23,32 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: [`Config`], every limit with its default.
-//! - [`jwt`]: [`JwtAuthenticator`], the built-in HS256 authenticator.
 //! - `upgrade`: the WebSocket upgrade with pgdn's own tungstenite settings.
-//! - `socket`: one subscriber connection, from auth to close.
-//! - `api`: the publish API and the JSON error replies.
-//! - `metrics`: the Prometheus text at `/metrics`.
-//! - `demo`: the demo page at `/`.
-//! - [`server`]: [`Pgdn`], its builder, the routes and `serve`.
+//! - `socket`: tungstenite messages <-> pgdn-core's `Transport`.
+//! - [`server`]: [`Pgdn`], its builder, the warp routes and `serve`.
 //! - [`error`]: the crate's [`Error`].
+//!
+//! [`Config`] and [`JwtAuthenticator`] are pgdn-core's, re-exported.
 
-pub mod config;
 pub mod error;
-pub mod jwt;
 pub mod server;
 
-mod api;
-mod demo;
-mod metrics;
 mod socket;
 mod upgrade;
 
-pub use config::Config;
 pub use error::{Error, Result};
-pub use jwt::JwtAuthenticator;
 pub use server::{Pgdn, PgdnBuilder, shutdown_signal};
+pub use socket::WsTransport;
 
 /// pgdn-core, re-exported so that a warp app needs one dependency.
 pub use pgdn_core as core;
+pub use pgdn_core::jwt;
 pub use pgdn_core::{
-    AuthError, Authenticator, Hub, Identity, MessageType, PublishReceipt, PublishRequest,
-    StaticAuthenticator, Target,
+    AuthError, AuthRequest, Authenticator, Config, Hub, Identity, JwtAuthenticator, MessageType,
+    PublishReceipt, PublishRequest, Service, StaticAuthenticator, Target,
 };
+
+/// pgdn-core's settings module, re-exported under its old path.
+pub mod config {
+    pub use pgdn_core::Config;
+}

@@ -8,28 +8,27 @@
 //! the request extensions and builds the `WebSocketStream` with a
 //! [`WebSocketConfig`] whose read buffer is 4 KiB by default.
 
-use std::collections::HashMap;
+use std::net::SocketAddr;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use pgdn_core::ConnectInfo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
-use warp::{Filter, Rejection};
+use warp::{Filter, Rejection, Reply};
 
 /// The socket type every connection task works on.
 pub(crate) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-/// A valid WebSocket upgrade request, with the query and headers pgdn reads.
+/// A valid WebSocket upgrade request, with what the session needs of it.
 pub(crate) struct UpgradeRequest {
     key: HeaderValue,
     on_upgrade: Option<OnUpgrade>,
-    /// The token from `?token=` or `Authorization: Bearer`.
-    pub token: Option<String>,
-    /// The `since` query parameter (resume after reconnect).
-    pub since: Option<String>,
+    /// Token, `since`, headers and peer address, for the session.
+    pub info: ConnectInfo,
 }
 
 /// Why a request to the WebSocket path is not an upgrade.
@@ -52,19 +51,6 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
     })
 }
 
-/// Token from the query first (what browsers can send), then the
-/// `Authorization: Bearer` header.
-fn token_of(query: &HashMap<String, String>, headers: &HeaderMap) -> Option<String> {
-    if let Some(t) = query.get("token") {
-        return Some(t.clone());
-    }
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, rest) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| rest.trim().to_string())
-}
-
 /// Matches a GET WebSocket upgrade request; rejects with [`NotAnUpgrade`]
 /// otherwise.
 pub(crate) fn upgrade_request()
@@ -72,13 +58,13 @@ pub(crate) fn upgrade_request()
     warp::get()
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
-        .and(
-            warp::query::<HashMap<String, String>>()
-                .or(warp::any().map(HashMap::new))
-                .unify(),
-        )
+        .and(crate::server::raw_query())
+        .and(warp::addr::remote())
         .and_then(
-            |headers: HeaderMap, on_upgrade: Option<OnUpgrade>, query: HashMap<String, String>| async move {
+            |headers: HeaderMap,
+             on_upgrade: Option<OnUpgrade>,
+             query: Option<String>,
+             remote: Option<SocketAddr>| async move {
                 if !header_has_token(&headers, header::CONNECTION, "upgrade")
                     || !header_has_token(&headers, header::UPGRADE, "websocket")
                 {
@@ -86,20 +72,25 @@ pub(crate) fn upgrade_request()
                         "expected a WebSocket upgrade request",
                     )));
                 }
-                if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13")
+                if headers
+                    .get(header::SEC_WEBSOCKET_VERSION)
+                    .map(|v| v.as_bytes())
+                    != Some(b"13")
                 {
                     return Err(warp::reject::custom(NotAnUpgrade(
                         "unsupported Sec-WebSocket-Version, expected 13",
                     )));
                 }
                 let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
-                    return Err(warp::reject::custom(NotAnUpgrade("missing Sec-WebSocket-Key")));
+                    return Err(warp::reject::custom(NotAnUpgrade(
+                        "missing Sec-WebSocket-Key",
+                    )));
                 };
                 Ok(UpgradeRequest {
                     key,
                     on_upgrade,
-                    token: token_of(&query, &headers),
-                    since: query.get("since").cloned(),
+                    info: ConnectInfo::from_request(query.as_deref(), headers)
+                        .with_remote_addr(remote),
                 })
             },
         )
@@ -115,17 +106,18 @@ impl UpgradeRequest {
         on_socket: F,
     ) -> warp::reply::Response
     where
-        F: FnOnce(Socket, Option<String>, Option<String>) -> Fut + Send + 'static,
+        F: FnOnce(Socket, ConnectInfo) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Some(on_upgrade) = self.on_upgrade else {
             // Only under test harnesses that cannot upgrade (e.g. HTTP/2).
-            return crate::api::json_error(
+            return pgdn_core::json_error(
                 StatusCode::BAD_REQUEST,
                 "this connection cannot be upgraded to a WebSocket",
-            );
+            )
+            .into_response();
         };
-        let (token, since) = (self.token, self.since);
+        let info = self.info;
         tasks.spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
@@ -135,7 +127,7 @@ impl UpgradeRequest {
                         Some(config),
                     )
                     .await;
-                    on_socket(socket, token, since).await;
+                    on_socket(socket, info).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
             }

@@ -2,9 +2,10 @@
 //!
 //! The hub's counters are read at scrape time by a collector, so the hot
 //! path only bumps atomics it already keeps; the server adds its own
-//! counters for authentication failures and API requests.
+//! counters for authentication failures and API requests. It lives in core
+//! so that every adapter serves the same `/metrics`.
 
-use pgdn_core::Hub;
+use crate::Hub;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -29,7 +30,7 @@ impl Metrics {
         let api_requests = Family::<Labels, Counter>::default();
         registry.register(
             "pgdn_auth_failures",
-            "WebSocket connections refused at authentication, by close reason",
+            "Connections (WebSocket or SSE) refused at authentication, by close reason",
             auth_failures.clone(),
         );
         registry.register(
@@ -93,7 +94,7 @@ impl Collector for HubCollector {
         gauge(
             &mut enc,
             "pgdn_connections",
-            "Open WebSocket connections",
+            "Open connections (WebSocket and SSE)",
             s.total_connections as i64,
         )?;
         gauge(

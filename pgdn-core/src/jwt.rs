@@ -1,18 +1,20 @@
-//! The built-in authenticator: HS256 JWTs (the `jsonwebtoken` crate).
+//! The built-in authenticator: HS256 JWTs (the `jsonwebtoken` crate), on
+//! by default through the `jwt` feature, usable by any adapter.
 //!
 //! `sub` is the user id and the `groups` claim (array of strings) the groups;
-//! `exp` is required and enforced with at most 60 s of leeway; the algorithm
-//! is pinned to HS256, so a token signed with anything else (or `none`) is
-//! refused.
+//! `exp` is required and enforced with at most 60 s of leeway, at connect
+//! and on live connections (the identity expires at `exp` + leeway); the
+//! algorithm is pinned to HS256, so a token signed with anything else (or
+//! `none`) is refused.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::{AuthError, AuthRequest, Authenticator, Identity};
 use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use pgdn_core::{AuthError, Authenticator, Identity};
 use serde::{Deserialize, Serialize};
 
-/// Leeway allowed on `exp`, in seconds (PROTOCOL.md: at most 60).
+/// Default leeway allowed on `exp`, in seconds (PROTOCOL.md: at most 60).
 pub const LEEWAY_SECS: u64 = 60;
 
 /// The claims pgdn reads and writes.
@@ -34,6 +36,7 @@ pub struct JwtAuthenticator {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
+    leeway: u64,
 }
 
 impl std::fmt::Debug for JwtAuthenticator {
@@ -44,18 +47,29 @@ impl std::fmt::Debug for JwtAuthenticator {
 }
 
 impl JwtAuthenticator {
-    /// An authenticator for tokens signed with `secret`.
+    /// An authenticator for tokens signed with `secret`, with the default
+    /// leeway of 60 s on `exp`.
     pub fn new(secret: impl AsRef<[u8]>) -> Self {
         let secret = secret.as_ref();
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
         validation.set_required_spec_claims(&["exp"]);
         JwtAuthenticator {
             decoding: DecodingKey::from_secret(secret),
             encoding: EncodingKey::from_secret(secret),
             validation,
+            leeway: 0,
         }
+        .leeway(Duration::from_secs(LEEWAY_SECS))
+    }
+
+    /// Sets the leeway on `exp` (whole seconds, at most 60: PROTOCOL.md
+    /// section 1): a token is accepted, and a live connection kept, until
+    /// `exp` + leeway. Zero makes expiry exact.
+    pub fn leeway(mut self, leeway: Duration) -> Self {
+        self.leeway = leeway.as_secs().min(LEEWAY_SECS);
+        self.validation.leeway = self.leeway;
+        self
     }
 
     /// Issues a token for `user_id` in `groups`, valid for `ttl`: for dev
@@ -87,15 +101,15 @@ impl JwtAuthenticator {
 
 #[async_trait]
 impl Authenticator for JwtAuthenticator {
-    async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
-        if token.is_empty() {
-            return Err(AuthError::MissingToken);
-        }
+    async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Identity, AuthError> {
+        let token = req.require_token()?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             // The error names what failed (signature, expiry, format), never the token.
             .map_err(|e| AuthError::InvalidToken(e.kind_description()))?;
         let user_id = data.claims.sub.unwrap_or_default();
-        let identity = Identity::new(user_id, data.claims.groups);
+        let expires_at =
+            UNIX_EPOCH + Duration::from_secs(data.claims.exp.saturating_add(self.leeway));
+        let identity = Identity::new(user_id, data.claims.groups).with_expiry(Some(expires_at));
         if !identity.is_valid() {
             return Err(AuthError::InvalidIdentity);
         }
@@ -138,20 +152,23 @@ mod tests {
         let t = auth
             .issue("u1", &["admins"], Duration::from_secs(60))
             .unwrap();
-        let id = auth.authenticate(&t).await.unwrap();
+        let id = auth.authenticate(&AuthRequest::token(&t)).await.unwrap();
         assert_eq!(&*id.user_id, "u1");
         assert!(id.in_group("admins"));
 
-        assert_eq!(auth.authenticate("").await, Err(AuthError::MissingToken));
+        assert_eq!(
+            auth.authenticate(&AuthRequest::token("")).await,
+            Err(AuthError::MissingToken)
+        );
         assert!(matches!(
-            auth.authenticate("garbage").await,
+            auth.authenticate(&AuthRequest::token("garbage")).await,
             Err(AuthError::InvalidToken(_))
         ));
 
         let other = JwtAuthenticator::new(b"other");
         let forged = other.issue("u1", &[], Duration::from_secs(60)).unwrap();
         assert!(matches!(
-            auth.authenticate(&forged).await,
+            auth.authenticate(&AuthRequest::token(&forged)).await,
             Err(AuthError::InvalidToken(_))
         ));
 
@@ -163,7 +180,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(
-            auth.authenticate(&expired).await,
+            auth.authenticate(&AuthRequest::token(&expired)).await,
             Err(AuthError::InvalidToken("expired".into()))
         );
         let within_leeway = auth
@@ -173,7 +190,11 @@ mod tests {
                 exp: now() - 10,
             })
             .unwrap();
-        assert!(auth.authenticate(&within_leeway).await.is_ok());
+        assert!(
+            auth.authenticate(&AuthRequest::token(&within_leeway))
+                .await
+                .is_ok()
+        );
 
         let no_sub = auth
             .encode(&Claims {
@@ -183,7 +204,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(
-            auth.authenticate(&no_sub).await,
+            auth.authenticate(&AuthRequest::token(&no_sub)).await,
             Err(AuthError::InvalidIdentity)
         );
 
@@ -198,7 +219,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            auth.authenticate(&hs384).await,
+            auth.authenticate(&AuthRequest::token(&hs384)).await,
             Err(AuthError::InvalidToken(_))
         ));
     }
@@ -211,7 +232,7 @@ mod tests {
         let body = b64::encode(format!(r#"{{"sub":"u1","exp":{}}}"#, now() + 60).as_bytes());
         let none = format!("{header}.{body}.");
         assert!(matches!(
-            auth.authenticate(&none).await,
+            auth.authenticate(&AuthRequest::token(&none)).await,
             Err(AuthError::InvalidToken(_))
         ));
 
@@ -226,7 +247,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            auth.authenticate(&no_exp).await,
+            auth.authenticate(&AuthRequest::token(&no_exp)).await,
             Err(AuthError::InvalidToken(_))
         ));
     }

@@ -1,16 +1,22 @@
-//! Settings of a pgdn server, each with its default.
+//! Settings of a pgdn service (the protocol, the publish API and every
+//! limit), each with its default. Every adapter reads the same [`Config`],
+//! so a warp server, an axum app and the binary behave alike.
 
 use std::time::Duration;
 
-use pgdn_core::{HistoryConfig, QueueLimits};
+use crate::{HistoryConfig, QueueLimits};
 
-/// Settings of a [`Pgdn`](crate::Pgdn) server. Start from
+/// Settings of a [`Service`](crate::Service). Start from
 /// `Config::default()` and change what you need.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// Path of the WebSocket route. Default `/ws`.
+    /// Path of the WebSocket route, relative to where the routes are
+    /// mounted. Default `/ws`.
     pub ws_path: String,
+    /// Path of the Server-Sent Events route (PROTOCOL.md section 7).
+    /// Default `/sse`.
+    pub sse_path: String,
     /// Largest inbound WebSocket message; a larger one closes the connection
     /// with 1009. Default 64 KiB.
     pub max_frame_size: usize,
@@ -35,8 +41,9 @@ pub struct Config {
     /// tungstenite's read buffer per connection, allocated eagerly: it
     /// decides most of the memory of an idle connection. Default 4 KiB.
     pub read_buffer_size: usize,
-    /// How often the server sends a WebSocket Ping to each connection, so
-    /// that dead peers are noticed. Default 25 s.
+    /// How often the server sends a keepalive to each connection (a
+    /// WebSocket Ping; an SSE `: keepalive` comment), so that dead peers
+    /// are noticed and proxies keep idle streams open. Default 25 s.
     pub ping_interval: Duration,
     /// A connection that answers none of the server's Pings (sends nothing
     /// at all, not even a Pong) for about this long is dropped: precisely,
@@ -46,6 +53,9 @@ pub struct Config {
     /// How long a connection may take to write its close frame before it is
     /// dropped. Default 5 s.
     pub close_timeout: Duration,
+    /// A write to a connection that makes no progress for this long closes
+    /// it as a slow consumer (1013). Default 10 s.
+    pub write_timeout: Duration,
     /// How long a shutdown waits for connections to close. Default 10 s.
     pub shutdown_timeout: Duration,
     /// Whether `/` serves the demo page. Default true.
@@ -56,6 +66,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             ws_path: "/ws".into(),
+            sse_path: "/sse".into(),
             max_frame_size: 64 * 1024,
             rate_limit_per_sec: 20.0,
             rate_limit_burst: 50.0,
@@ -68,6 +79,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             close_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
             demo_page: true,
         }
@@ -78,11 +90,20 @@ impl Config {
     /// Checks the settings for values that cannot work.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: &str| Err(crate::Error::Config(m.to_string()));
-        if !self.ws_path.starts_with('/') || self.ws_path.len() < 2 {
-            return bad("ws_path must start with `/` and name a path, e.g. /ws");
+        for (name, path) in [("ws_path", &self.ws_path), ("sse_path", &self.sse_path)] {
+            if !path.starts_with('/') || path.len() < 2 {
+                return Err(crate::Error::Config(format!(
+                    "{name} must start with `/` and name a path, e.g. /ws"
+                )));
+            }
+            if path.trim_start_matches('/').contains("//") || path.ends_with('/') {
+                return Err(crate::Error::Config(format!(
+                    "{name} must not contain empty segments"
+                )));
+            }
         }
-        if self.ws_path.trim_start_matches('/').contains("//") {
-            return bad("ws_path must not contain empty segments");
+        if self.ws_path == self.sse_path {
+            return bad("ws_path and sse_path must differ");
         }
         if self.max_frame_size < 128 {
             return bad("max_frame_size must be at least 128 bytes");
@@ -97,6 +118,9 @@ impl Config {
         }
         if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
             return bad("ping_interval must be > 0 and idle_timeout longer than ping_interval");
+        }
+        if self.write_timeout.is_zero() || self.close_timeout.is_zero() {
+            return bad("write_timeout and close_timeout must be > 0");
         }
         if self.read_buffer_size < 1024 {
             return bad("read_buffer_size must be at least 1 KiB");

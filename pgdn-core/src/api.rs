@@ -1,0 +1,306 @@
+//! The HTTP side of a pgdn service, free of any web framework
+//! (PROTOCOL.md section 5): the publish API behind the publish key,
+//! `/healthz`, `/readyz`, `/metrics`, the browser client and the demo
+//! page. An adapter asks [`Service::route`] whether a request is ours and
+//! hands it to [`Service::respond`] with its headers and body stream; it
+//! sends back the [`HttpResponse`] as is.
+//!
+//! Order of checks for the API: route and method, then the key (so a
+//! request without it learns nothing and its body is never read), then
+//! the body, read up to the limit (also when chunked), then the publish.
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, Method, StatusCode, header};
+use subtle::ConstantTimeEq;
+
+use crate::error::Error;
+use crate::protocol::bearer;
+use crate::service::{HttpResponse, Service, json_error};
+use crate::target::PublishRequest;
+
+/// A request path the service answers (see [`Service::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Route {
+    /// `POST /api/v1/publish`.
+    Publish,
+    /// `POST /api/v1/publish/batch`.
+    PublishBatch,
+    /// `GET /api/v1/stats`.
+    Stats,
+    /// A path under `/api` with the wrong method (405, behind the key).
+    ApiMethodNotAllowed,
+    /// Any other path under `/api` (404, behind the key).
+    ApiNotFound,
+    /// `GET /healthz`: liveness.
+    Health,
+    /// `GET /readyz`: readiness.
+    Ready,
+    /// `GET /metrics`: Prometheus text.
+    Metrics,
+    /// `GET /pgdn.js`: the browser client.
+    Script,
+    /// `GET /`: the demo page, when [`Config::demo_page`](crate::Config::demo_page) is on.
+    DemoPage,
+}
+
+fn ok_text(content_type: &'static str, body: impl Into<Bytes>) -> HttpResponse {
+    http::Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body.into())
+        .expect("a valid response")
+}
+
+fn json_ok<T: serde::Serialize>(value: &T) -> HttpResponse {
+    ok_text(
+        "application/json",
+        serde_json::to_vec(value).expect("replies serialize"),
+    )
+}
+
+impl Service {
+    /// Which of the service's HTTP routes `path` (relative to where the
+    /// routes are mounted) and `method` name; `None` for paths that are
+    /// not the service's, which the adapter answers itself (its own
+    /// routes, a 404). The WebSocket and SSE paths are not among these:
+    /// the adapter routes [`Config::ws_path`](crate::Config::ws_path) and
+    /// [`Config::sse_path`](crate::Config::sse_path) itself.
+    pub fn route(&self, method: &Method, path: &str) -> Option<Route> {
+        let get = method == Method::GET || method == Method::HEAD;
+        let route = match path {
+            "/api/v1/publish" if method == Method::POST => Route::Publish,
+            "/api/v1/publish/batch" if method == Method::POST => Route::PublishBatch,
+            "/api/v1/stats" if get => Route::Stats,
+            "/api/v1/publish" | "/api/v1/publish/batch" | "/api/v1/stats" => {
+                Route::ApiMethodNotAllowed
+            }
+            p if p == "/api" || p.starts_with("/api/") => Route::ApiNotFound,
+            "/healthz" if get => Route::Health,
+            "/readyz" if get => Route::Ready,
+            "/metrics" if get => Route::Metrics,
+            "/pgdn.js" if get => Route::Script,
+            "/" if get && self.inner.config.demo_page => Route::DemoPage,
+            _ => return None,
+        };
+        Some(route)
+    }
+
+    /// Answers a request [`Service::route`] matched. `body` is the
+    /// request body as a stream of chunks; it is read only for a publish
+    /// with the right key, and never past the body limit.
+    pub async fn respond<S, E>(&self, route: Route, headers: &HeaderMap, body: S) -> HttpResponse
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send,
+    {
+        match route {
+            Route::Health => self.health(),
+            Route::Ready => self.ready(),
+            Route::Metrics => ok_text(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.inner.metrics.render(),
+            ),
+            Route::Script => {
+                let mut res = ok_text(crate::assets::JS_CONTENT_TYPE, crate::assets::PGDN_JS);
+                // Revalidate on every load, so pages pick up a new server's client.
+                res.headers_mut()
+                    .insert(header::CACHE_CONTROL, "no-cache".parse().expect("valid"));
+                res
+            }
+            Route::DemoPage => ok_text("text/html; charset=utf-8", crate::assets::INDEX_HTML),
+            api => {
+                if let Err(res) = self.check_key(headers) {
+                    return res;
+                }
+                match api {
+                    Route::Publish => self.publish(headers, body).await,
+                    Route::PublishBatch => self.publish_batch(headers, body).await,
+                    Route::Stats => self.stats().await,
+                    Route::ApiMethodNotAllowed => {
+                        json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+                    }
+                    _ => json_error(StatusCode::NOT_FOUND, "not found"),
+                }
+            }
+        }
+    }
+
+    /// `GET /healthz`: `ok` while the process serves; 503 while shutting
+    /// down.
+    pub fn health(&self) -> HttpResponse {
+        if self.is_shutting_down() {
+            let mut res = ok_text("text/plain; charset=utf-8", "shutting down");
+            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            res
+        } else {
+            ok_text("text/plain; charset=utf-8", "ok")
+        }
+    }
+
+    /// `GET /readyz` (PROTOCOL.md section 5): `ready`, or 503 with why not.
+    pub fn ready(&self) -> HttpResponse {
+        if self.is_shutting_down() {
+            json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+        } else {
+            ok_text("text/plain; charset=utf-8", "ready")
+        }
+    }
+
+    /// Requires `Authorization: Bearer <publish key>`, compared in
+    /// constant time.
+    #[allow(clippy::result_large_err)] // a refusal is the answer to send; cold path
+    fn check_key(&self, headers: &HeaderMap) -> std::result::Result<(), HttpResponse> {
+        let metrics = &self.inner.metrics;
+        if headers.get(header::AUTHORIZATION).is_none() {
+            metrics.api_request("unauthorized");
+            return Err(json_error(StatusCode::UNAUTHORIZED, "missing publish key"));
+        }
+        let given = bearer(headers).unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(self.inner.publish_key.as_bytes())) {
+            Ok(())
+        } else {
+            metrics.api_request("unauthorized");
+            Err(json_error(StatusCode::UNAUTHORIZED, "invalid publish key"))
+        }
+    }
+
+    /// Reads a JSON body up to the limit and parses it; 400/413 otherwise.
+    async fn read_json<T, S, E>(
+        &self,
+        headers: &HeaderMap,
+        body: S,
+    ) -> std::result::Result<T, HttpResponse>
+    where
+        T: serde::de::DeserializeOwned,
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send,
+    {
+        let limit = self.inner.config.max_body_size;
+        let bad = |status, message: String| {
+            self.inner.metrics.api_request("bad_request");
+            json_error(status, &message)
+        };
+        let too_large = || {
+            bad(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body larger than {limit} bytes"),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|l| l > limit) {
+            return Err(too_large());
+        }
+        let mut body = std::pin::pin!(body);
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|_| bad(StatusCode::BAD_REQUEST, "could not read body".into()))?;
+            if (buf.len() + chunk.len()) as u64 > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.is_empty() {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "empty body: expected JSON".into(),
+            ));
+        }
+        serde_json::from_slice(&buf)
+            .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
+    }
+
+    fn publish_error(&self, e: Error) -> HttpResponse {
+        match e {
+            Error::InvalidPublish(m) => {
+                self.inner.metrics.api_request("bad_request");
+                json_error(StatusCode::BAD_REQUEST, &m)
+            }
+            other => {
+                tracing::error!(error = %other, "publish failed");
+                self.inner.metrics.api_request("unavailable");
+                json_error(StatusCode::SERVICE_UNAVAILABLE, &other.to_string())
+            }
+        }
+    }
+
+    /// `POST /api/v1/publish`. The publish is cancel-safe
+    /// ([`Hub::publish`](crate::Hub::publish)): a publisher that hangs up
+    /// mid-way leaves its id free for the retry.
+    async fn publish<S, E>(&self, headers: &HeaderMap, body: S) -> HttpResponse
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send,
+    {
+        let req: PublishRequest = match self.read_json(headers, body).await {
+            Ok(req) => req,
+            Err(res) => return res,
+        };
+        match self.inner.hub.publish(req).await {
+            Ok(receipt) => {
+                self.inner.metrics.api_request("ok");
+                json_ok(&receipt)
+            }
+            Err(e) => self.publish_error(e),
+        }
+    }
+
+    /// `POST /api/v1/publish/batch`: all or nothing for malformed items.
+    async fn publish_batch<S, E>(&self, headers: &HeaderMap, body: S) -> HttpResponse
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send,
+    {
+        let reqs: Vec<PublishRequest> = match self.read_json(headers, body).await {
+            Ok(reqs) => reqs,
+            Err(res) => return res,
+        };
+        let max = self.inner.config.max_batch_len;
+        if reqs.len() > max {
+            self.inner.metrics.api_request("bad_request");
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("batch larger than {max} items"),
+            );
+        }
+        match self.inner.hub.publish_batch(reqs).await {
+            Ok(receipts) => {
+                self.inner.metrics.api_request("ok");
+                json_ok(&receipts)
+            }
+            Err(e) => self.publish_error(e),
+        }
+    }
+
+    /// `GET /api/v1/stats`: this node's numbers; in cluster mode the totals,
+    /// `users` and `groups` are the cluster's, `nodes` lists the live nodes
+    /// and `node` keeps this node's own numbers.
+    async fn stats(&self) -> HttpResponse {
+        let hub = &self.inner.hub;
+        let local = hub.stats();
+        let cluster = match hub.cluster_stats().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster stats unavailable");
+                return json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("cluster stats unavailable: {e}"),
+                );
+            }
+        };
+        let mut body = serde_json::to_value(&local).expect("stats serialize");
+        if let Some(c) = cluster {
+            let node = body.clone();
+            let obj = body.as_object_mut().expect("stats are an object");
+            obj.insert("total_users".into(), c.total_users.into());
+            obj.insert("total_connections".into(), c.total_connections.into());
+            obj.insert("total_groups".into(), c.groups.len().into());
+            obj.insert("users".into(), serde_json::json!(c.users));
+            obj.insert("groups".into(), serde_json::json!(c.groups));
+            obj.insert("nodes".into(), serde_json::json!(c.nodes));
+            obj.insert("node".into(), node);
+        }
+        json_ok(&body)
+    }
+}

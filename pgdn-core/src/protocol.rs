@@ -1,0 +1,499 @@
+//! The connection protocol (PROTOCOL.md sections 1 to 4), once, for every
+//! transport: what a subscriber connection does from its request to its
+//! close, minus the bytes on a socket.
+//!
+//! [`Service::open`](crate::Service::open) authenticates a [`ConnectInfo`],
+//! registers the connection and reads the resume replay; [`Session::run`]
+//! then drives a [`Transport`]:
+//!
+//! 1. **Register, then greet.** The connection is registered before the
+//!    connection frame is written, so a publish made after the client saw
+//!    that frame reaches it; whatever is published meanwhile waits in the
+//!    connection's queue.
+//! 2. **Replay before live.** For `since=`, `history_gap` (if the window
+//!    does not reach back) and the replayed messages follow the connection
+//!    frame, before anything from the queue; messages both replayed and
+//!    queued are skipped once (the skip set).
+//! 3. **Live.** One task `select!`s, outbound first, between the queue
+//!    (written in batches), the peer (client frames, answered through the
+//!    queue so replies keep their place), the keepalive timer and the
+//!    token's expiry.
+//! 4. **Close** with the code of the [`DisconnectReason`], bounded by the
+//!    close timeout, then unregister.
+//!
+//! Limits enforced here for every transport: the inbound rate limit (every
+//! inbound frame counts), the frame size (reported by the transport), the
+//! write timeout and the queue bound (slow consumer, 1013), the idle
+//! timeout (for transports whose peer answers keepalives), token expiry
+//! (4001) and in-band refresh.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::FutureExt;
+use http::HeaderMap;
+
+use crate::auth::AuthRequest;
+use crate::connection::{Connection, DisconnectReason, Outbox};
+use crate::frame::{ClientFrame, ConnectionFrame, ErrorCode, ErrorFrame, refreshed_json};
+use crate::history::Replay;
+use crate::service::Service;
+use crate::transport::{Frame, Inbound, Transport};
+
+/// What a connecting request carries: the token, the resume point, the
+/// headers (for authenticators that read cookies) and the peer's address.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct ConnectInfo {
+    /// From `?token=`, else `Authorization: Bearer`.
+    pub token: Option<String>,
+    /// From `?since=` (or, for Server-Sent Events, `Last-Event-ID`).
+    pub since: Option<String>,
+    /// The request's headers; handed to the authenticator, then dropped.
+    pub headers: HeaderMap,
+    /// The peer's address, where the adapter knows it.
+    pub remote_addr: Option<SocketAddr>,
+}
+
+impl ConnectInfo {
+    /// Reads the token and `since` from a request's raw query string
+    /// (URL-encoded, without `?`) and headers: the token from `token=`
+    /// first (what browsers can send), then `Authorization: Bearer`.
+    pub fn from_request(query: Option<&str>, headers: HeaderMap) -> Self {
+        let mut token = None;
+        let mut since = None;
+        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*k {
+                "token" if token.is_none() => token = Some(v.into_owned()),
+                "since" if since.is_none() => since = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        if token.is_none() {
+            token = bearer(&headers).map(str::to_string);
+        }
+        ConnectInfo {
+            token,
+            since: since.filter(|s| !s.is_empty()),
+            headers,
+            remote_addr: None,
+        }
+    }
+
+    /// For Server-Sent Events: a `Last-Event-ID` header (what a browser's
+    /// `EventSource` sends when it reconnects by itself) wins over `since=`
+    /// (PROTOCOL.md section 7).
+    pub fn with_last_event_id(mut self) -> Self {
+        if let Some(id) = self
+            .headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            self.since = Some(id.to_string());
+        }
+        self
+    }
+
+    /// Sets the peer's address.
+    pub fn with_remote_addr(mut self, addr: Option<SocketAddr>) -> Self {
+        self.remote_addr = addr;
+        self
+    }
+
+    /// What the authenticator sees of this request.
+    pub fn auth_request(&self) -> AuthRequest<'_> {
+        AuthRequest::connect(self.token.as_deref(), &self.headers)
+            .with_remote_addr(self.remote_addr)
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// A token bucket: `rate` frames per second, at most `burst` at once.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(rate: f64, burst: f64) -> Self {
+        RateLimiter {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token; false when the client is over its limit.
+    pub(crate) fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A registered connection, ready to be driven over a transport. Made by
+/// [`Service::open`](crate::Service::open); frames published from then on
+/// wait in its queue until [`Session::run`] writes them.
+#[derive(Debug)]
+pub struct Session {
+    pub(crate) service: Service,
+    pub(crate) conn: Connection,
+    pub(crate) outbox: Outbox,
+    pub(crate) replay: Option<Replay>,
+}
+
+/// The tokio instant at which `at` passes (far in the future for `None`).
+fn deadline(at: Option<SystemTime>) -> (bool, tokio::time::Instant) {
+    const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    match at {
+        None => (false, tokio::time::Instant::now() + FAR),
+        Some(at) => {
+            let left = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .min(FAR);
+            (true, tokio::time::Instant::now() + left)
+        }
+    }
+}
+
+impl Session {
+    /// The connection, e.g. for its id or user.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Runs the connection over `transport` to its end (see the module
+    /// docs for the order of things), closes it with the matching code and
+    /// unregisters it. Returns why it ended.
+    pub async fn run<T: Transport>(self, mut transport: T) -> DisconnectReason {
+        let Session {
+            service,
+            conn,
+            outbox,
+            replay,
+        } = self;
+        let config = service.config();
+        tracing::debug!(
+            connection = conn.wire_id(),
+            user = conn.user_id(),
+            "subscriber connected"
+        );
+        let greeting = tokio::time::timeout(
+            config.write_timeout,
+            greet(&mut transport, &conn, &outbox, replay),
+        );
+        let reason = match greeting.await {
+            Ok(true) => serve(&mut transport, &service, &conn, &outbox).await,
+            Ok(false) => DisconnectReason::TransportError,
+            Err(_) => DisconnectReason::SlowConsumer,
+        };
+        let reason = outbox.mark_closed(reason);
+        if let Some((code, why)) = reason.close_frame() {
+            let _ = tokio::time::timeout(config.close_timeout, transport.close(code, why)).await;
+        }
+        service.hub().disconnect(&conn, reason).await;
+        tracing::debug!(
+            connection = conn.wire_id(),
+            reason = reason.as_str(),
+            "subscriber disconnected"
+        );
+        reason
+    }
+}
+
+/// Writes the connection frame, then, for a resuming client, `history_gap`
+/// if the window does not reach back and the replayed messages, all before
+/// any live traffic (PROTOCOL.md section 4). False when the transport
+/// failed.
+async fn greet<T: Transport>(
+    t: &mut T,
+    conn: &Connection,
+    outbox: &Outbox,
+    replay: Option<Replay>,
+) -> bool {
+    let hello = ConnectionFrame::new(conn.user_id(), conn.wire_id()).to_json();
+    let mut frames = vec![Frame::reply(hello)];
+    if let Some(replay) = replay {
+        if replay.gap {
+            let gap = ErrorFrame::new(
+                ErrorCode::HistoryGap,
+                "history does not reach back to the requested message; refetch state",
+            );
+            frames.push(Frame::reply(gap.to_json()));
+        }
+        outbox.skip_replayed(replay.frames.iter().map(|(seq, _)| *seq));
+        frames.extend(
+            replay
+                .frames
+                .into_iter()
+                .map(|(seq, data)| Frame { seq, data }),
+        );
+    }
+    t.send(&mut frames).await.is_ok()
+}
+
+/// The connection's main loop; returns why it ended.
+async fn serve<T: Transport>(
+    t: &mut T,
+    service: &Service,
+    conn: &Connection,
+    outbox: &Outbox,
+) -> DisconnectReason {
+    let config = service.config();
+    let mut limiter = RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst);
+    let mut batch: Vec<Frame> = Vec::new();
+    let interval = config.ping_interval;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let idle_applies = t.answers_keepalive();
+    // The first of our keepalives that the peer has not answered (by
+    // sending anything at all) yet.
+    let mut unanswered_since: Option<tokio::time::Instant> = None;
+    let (mut expires, at) = deadline(conn.identity().expires_at);
+    let expiry = tokio::time::sleep_until(at);
+    tokio::pin!(expiry);
+    let mut batches = 0u32;
+    loop {
+        // Biased, outbound first: a wake-up for queued frames then costs no
+        // read attempt. So that a flood of outbound frames cannot starve
+        // the reader (pings, closes), the peer is also read, without
+        // waiting, after every 8th batch.
+        let inbound = tokio::select! {
+            biased;
+            queued = outbox.recv_many(&mut batch) => {
+                if let Err(reason) = queued {
+                    return reason;
+                }
+                if let Err(reason) = write_queued(t, service, outbox, &mut batch).await {
+                    return reason;
+                }
+                batches = batches.wrapping_add(1);
+                if batches % 8 != 0 {
+                    continue;
+                }
+                match t.recv().now_or_never() {
+                    Some(inbound) => inbound,
+                    None => continue,
+                }
+            }
+            inbound = t.recv() => inbound,
+            _ = &mut expiry, if expires => {
+                tracing::debug!(connection = conn.wire_id(), "token expired");
+                return DisconnectReason::TokenExpired;
+            }
+            _ = ping.tick() => {
+                // Dead only if a keepalive went unanswered for long enough:
+                // while a flood of outbound frames keeps this branch from
+                // running, none goes out and a live peer is never blamed.
+                let patience = config.idle_timeout.saturating_sub(interval);
+                if unanswered_since.is_some_and(|t| t.elapsed() >= patience) {
+                    return DisconnectReason::IdleTimeout;
+                }
+                match tokio::time::timeout(config.write_timeout, t.keepalive()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return DisconnectReason::TransportError,
+                    Err(_) => return DisconnectReason::SlowConsumer,
+                }
+                if idle_applies {
+                    unanswered_since.get_or_insert_with(tokio::time::Instant::now);
+                }
+                continue;
+            }
+        };
+        unanswered_since = None;
+        match on_inbound(service, conn, outbox, &mut limiter, inbound).await {
+            Err(reason) => return reason,
+            Ok(Some(new_expiry)) => {
+                let (has, at) = deadline(new_expiry);
+                expires = has;
+                expiry.as_mut().reset(at);
+            }
+            Ok(None) => {}
+        }
+    }
+}
+
+/// Writes a drained batch. If the hub closes the connection while the
+/// transport is slow (a slow consumer, a kick), stops at once; at
+/// shutdown, finishes the batch within the close timeout so that nothing
+/// already queued is lost. A write that makes no progress for the write
+/// timeout closes the connection as a slow consumer.
+async fn write_queued<T: Transport>(
+    t: &mut T,
+    service: &Service,
+    outbox: &Outbox,
+    batch: &mut Vec<Frame>,
+) -> Result<(), DisconnectReason> {
+    let config = service.config();
+    let mut write = std::pin::pin!(t.send(batch));
+    // Most writes complete at once; only a pending one needs to watch for
+    // the connection being closed meanwhile.
+    let written = match futures_util::poll!(write.as_mut()) {
+        std::task::Poll::Ready(written) => written,
+        std::task::Poll::Pending => tokio::select! {
+            written = &mut write => written,
+            _ = tokio::time::sleep(config.write_timeout) => {
+                return Err(DisconnectReason::SlowConsumer);
+            }
+            reason = outbox.closed() => {
+                if reason != DisconnectReason::ServerShutdown {
+                    return Err(reason);
+                }
+                match tokio::time::timeout(config.close_timeout, write).await {
+                    Ok(written) => written,
+                    Err(_) => return Err(reason),
+                }
+            }
+        },
+    };
+    written.map_err(|_| DisconnectReason::TransportError)
+}
+
+/// Handles one thing read from the peer. `Ok(Some(expiry))` when a refresh
+/// changed the connection's expiry.
+async fn on_inbound(
+    service: &Service,
+    conn: &Connection,
+    outbox: &Outbox,
+    limiter: &mut RateLimiter,
+    inbound: Inbound,
+) -> Result<Option<Option<SystemTime>>, DisconnectReason> {
+    let reply = match inbound {
+        Inbound::Closed => return Err(DisconnectReason::ClientClosed),
+        Inbound::Failed(e) => {
+            tracing::debug!(error = %e, "read failed");
+            return Err(DisconnectReason::TransportError);
+        }
+        Inbound::TooLarge => return Err(DisconnectReason::FrameTooLarge),
+        Inbound::InvalidUtf8 => return Err(DisconnectReason::InvalidUtf8),
+        Inbound::ProtocolError => return Err(DisconnectReason::ProtocolError),
+        counted => {
+            // Every frame counts, control frames included (PROTOCOL.md
+            // section 3): a Ping flood costs the flooder its connection.
+            if !limiter.allow() {
+                return Err(DisconnectReason::RateLimited);
+            }
+            match counted {
+                Inbound::Text(text) => match ClientFrame::parse(&text) {
+                    Ok(ClientFrame::Refresh { token }) => {
+                        service.hub().count_frame();
+                        let (reply, expiry) = refresh(service, conn, token).await;
+                        send_reply(conn, outbox, reply)?;
+                        return Ok(expiry);
+                    }
+                    Ok(frame) => service.hub().handle_frame(conn, frame).await,
+                    Err(e) => {
+                        service.hub().count_frame();
+                        Some(e.to_frame().to_json())
+                    }
+                },
+                Inbound::Binary => Some(
+                    ErrorFrame::new(
+                        ErrorCode::InvalidMessage,
+                        "binary frames are not supported; send JSON text",
+                    )
+                    .to_json(),
+                ),
+                _ => None,
+            }
+        }
+    };
+    match reply {
+        Some(reply) => send_reply(conn, outbox, reply).map(|()| None),
+        None => Ok(None),
+    }
+}
+
+/// Queues a reply, so that it keeps its place after what the hub queued
+/// before it (a handler's own publishes, say) and obeys the same bound.
+fn send_reply(conn: &Connection, outbox: &Outbox, reply: String) -> Result<(), DisconnectReason> {
+    conn.try_send(bytes::Bytes::from(reply))
+        // A full queue already marked the connection closed.
+        .map_err(|_| outbox.mark_closed(DisconnectReason::SlowConsumer))
+}
+
+/// An in-band token refresh (PROTOCOL.md section 1): the reply, and the
+/// new expiry when it was accepted.
+async fn refresh(
+    service: &Service,
+    conn: &Connection,
+    token: Option<String>,
+) -> (String, Option<Option<SystemTime>>) {
+    let failed = |why: &str| {
+        ErrorFrame::new(ErrorCode::RefreshFailed, format!("refresh refused: {why}")).to_json()
+    };
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return (failed("a refresh needs a string `token`"), None);
+    };
+    let identity = match service
+        .authenticator()
+        .authenticate(&AuthRequest::refresh(&token))
+        .await
+    {
+        Ok(identity) => identity,
+        Err(e) => {
+            tracing::debug!(connection = conn.wire_id(), error = %e, "refresh refused");
+            return (failed(e.close_reason()), None);
+        }
+    };
+    if &*identity.user_id != conn.user_id() {
+        tracing::debug!(
+            connection = conn.wire_id(),
+            "refresh for another user refused"
+        );
+        return (failed("the token names another user"), None);
+    }
+    if identity.is_expired_at(SystemTime::now()) {
+        return (failed("the token has expired"), None);
+    }
+    let expires_at = identity.expires_at;
+    service.hub().update_identity(conn, identity);
+    (refreshed_json(expires_at), Some(expires_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_burst_then_refuses() {
+        let mut l = RateLimiter::new(1.0, 3.0);
+        assert!(l.allow() && l.allow() && l.allow());
+        assert!(!l.allow());
+    }
+
+    #[test]
+    fn connect_info_reads_query_and_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer hdr".parse().unwrap());
+        let i = ConnectInfo::from_request(Some("token=a%2Bb&since=m-1&x=y"), h.clone());
+        assert_eq!(i.token.as_deref(), Some("a+b"));
+        assert_eq!(i.since.as_deref(), Some("m-1"));
+        let i = ConnectInfo::from_request(Some("since="), h.clone());
+        assert_eq!(i.token.as_deref(), Some("hdr"));
+        assert_eq!(i.since, None, "an empty since is no since");
+        h.insert("last-event-id", "m-9".parse().unwrap());
+        let i = ConnectInfo::from_request(Some("since=m-1"), h).with_last_event_id();
+        assert_eq!(i.since.as_deref(), Some("m-9"), "Last-Event-ID wins");
+    }
+}
