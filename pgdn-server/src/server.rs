@@ -257,22 +257,39 @@ impl Pgdn {
 
     /// Serves [`Pgdn::routes`] on `listener` until `shutdown` resolves, then
     /// stops accepting, closes every connection with 1001 and returns once
-    /// they are closed (or [`Config::shutdown_timeout`] passed).
+    /// they are closed, or once [`Config::shutdown_timeout`] has passed:
+    /// an HTTP connection that never finishes (a client that stopped
+    /// reading its stream) cannot hold the process.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
         let this = self.clone();
+        let (began, began_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
             this.service.begin_shutdown();
+            let _ = began.send(());
         };
-        warp::serve(self.routes())
+        let server = warp::serve(self.routes())
             .incoming(listener)
             .graceful(signal)
-            .run()
-            .await;
+            .run();
+        let limit = self.config().shutdown_timeout;
+        let deadline = async move {
+            if began_rx.await.is_ok() {
+                tokio::time::sleep(limit).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = server => {}
+            _ = deadline => {
+                tracing::warn!("shutdown timed out with HTTP connections still open; leaving them");
+            }
+        }
         self.shutdown().await;
     }
 

@@ -14,5 +14,9 @@ mod delivery;
 mod frames;
 #[path = "server/lifecycle.rs"]
 mod lifecycle;
+#[path = "server/lifetime.rs"]
+mod lifetime;
 #[path = "server/resume.rs"]
 mod resume;
+#[path = "server/sse.rs"]
+mod sse;
