@@ -643,13 +643,30 @@ impl Hub {
 
     /// Gives a live connection a new identity of the same user, after an
     /// in-band refresh: its groups (group publishes reach the new ones
-    /// from now on) and its expiry. False when the connection is gone or
-    /// the user differs.
-    pub fn update_identity(&self, conn: &Connection, identity: Identity) -> bool {
+    /// from now on) and its expiry; the session tracker learns the new
+    /// groups. False when the connection is gone or the user differs.
+    pub async fn update_identity(&self, conn: &Connection, identity: Identity) -> bool {
         if &*identity.user_id != conn.user_id() {
             return false;
         }
-        self.inner.registry.update_identity(conn, identity)
+        let groups_changed = {
+            let Some(old) = self.inner.registry.update_identity(conn, identity.clone()) else {
+                return false;
+            };
+            (old.groups != identity.groups).then_some(old)
+        };
+        if let Some(old) = groups_changed {
+            // The tracker counts connections per group: move this one.
+            let sessions = &self.inner.sessions;
+            let node = self.node_id();
+            if let Err(e) = sessions.unregister(node, &old, conn.wire_id()).await {
+                tracing::warn!(error = %e, "session tracker failed to move a refreshed connection");
+            }
+            if let Err(e) = sessions.register(node, &identity, conn.wire_id()).await {
+                tracing::warn!(error = %e, "session tracker failed to move a refreshed connection");
+            }
+        }
+        true
     }
 
     async fn run_handler(

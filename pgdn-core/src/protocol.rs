@@ -28,7 +28,9 @@
 //! (4001) and in-band refresh.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use futures_util::FutureExt;
 use http::HeaderMap;
@@ -467,13 +469,226 @@ async fn refresh(
         return (failed("the token has expired"), None);
     }
     let expires_at = identity.expires_at;
-    service.hub().update_identity(conn, identity);
+    if !service.hub().update_identity(conn, identity).await {
+        return (failed("the connection is closing"), None);
+    }
     (refreshed_json(expires_at), Some(expires_at))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::TransportError;
+    use crate::{Config, Identity, MessageType, StaticAuthenticator};
+    use serde_json::{Value, json};
+    use tokio::sync::mpsc;
+
+    /// What the session did to the transport.
+    #[derive(Debug)]
+    enum Out {
+        Frames(Vec<Value>),
+        Keepalive,
+        Close(u16, String),
+    }
+
+    /// An in-memory transport: the test reads what the session wrote and
+    /// feeds what the peer sends.
+    struct Mem {
+        out: mpsc::UnboundedSender<Out>,
+        inbound: mpsc::UnboundedReceiver<Inbound>,
+        answers: bool,
+    }
+
+    impl Transport for Mem {
+        async fn send(&mut self, frames: &mut Vec<Frame>) -> Result<(), TransportError> {
+            let values = frames
+                .drain(..)
+                .map(|f| serde_json::from_slice(&f.data).unwrap())
+                .collect();
+            let _ = self.out.send(Out::Frames(values));
+            Ok(())
+        }
+        async fn keepalive(&mut self) -> Result<(), TransportError> {
+            let _ = self.out.send(Out::Keepalive);
+            Ok(())
+        }
+        async fn recv(&mut self) -> Inbound {
+            self.inbound.recv().await.unwrap_or(Inbound::Closed)
+        }
+        async fn close(&mut self, code: u16, reason: &str) {
+            let _ = self.out.send(Out::Close(code, reason.into()));
+        }
+        fn answers_keepalive(&self) -> bool {
+            self.answers
+        }
+    }
+
+    struct Peer {
+        out: mpsc::UnboundedReceiver<Out>,
+        inbound: mpsc::UnboundedSender<Inbound>,
+    }
+
+    impl Peer {
+        /// The next batch of frames (skipping keepalives).
+        async fn frames(&mut self) -> Vec<Value> {
+            loop {
+                match self.out.recv().await.expect("session alive") {
+                    Out::Frames(f) => return f,
+                    Out::Keepalive => continue,
+                    other => panic!("expected frames, got {other:?}"),
+                }
+            }
+        }
+        /// The close code and reason (skipping frames and keepalives).
+        async fn close(&mut self) -> (u16, String) {
+            loop {
+                match self.out.recv().await.expect("session alive") {
+                    Out::Close(c, r) => return (c, r),
+                    _ => continue,
+                }
+            }
+        }
+    }
+
+    fn mem(answers: bool) -> (Mem, Peer) {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        (
+            Mem {
+                out: out_tx,
+                inbound: in_rx,
+                answers,
+            },
+            Peer {
+                out: out_rx,
+                inbound: in_tx,
+            },
+        )
+    }
+
+    fn service(config: Config, identity: Identity) -> Service {
+        Service::builder()
+            .config(config)
+            .authenticator(StaticAuthenticator::new().with_token("t", identity))
+            .publish_key("a-publish-key-for-tests")
+            .build()
+            .unwrap()
+    }
+
+    fn info(since: Option<&str>) -> ConnectInfo {
+        let mut i = ConnectInfo::from_request(Some("token=t"), HeaderMap::new());
+        i.since = since.map(str::to_string);
+        i
+    }
+
+    #[tokio::test]
+    async fn register_then_greet_then_replay_then_live() {
+        let svc = service(Config::default(), Identity::new("u1", ["g"]));
+        let hub = svc.hub().clone();
+        let first = hub
+            .notify_user("u1", MessageType::info(), json!({"n": 1}))
+            .await
+            .unwrap();
+        hub.notify_user("u1", MessageType::info(), json!({"n": 2}))
+            .await
+            .unwrap();
+        let session = svc.open(info(Some(first.id.as_str()))).await.unwrap();
+        // Registered before anything is written: this one is queued.
+        hub.notify_group("g", MessageType::info(), json!({"n": 3}))
+            .await
+            .unwrap();
+        let (t, mut peer) = mem(true);
+        let task = tokio::spawn(session.run(t));
+        let greeting = peer.frames().await;
+        assert_eq!(greeting[0]["type"], "connection");
+        assert_eq!(greeting[1]["payload"]["n"], 2, "the replay follows at once");
+        assert_eq!(greeting.len(), 2);
+        assert_eq!(peer.frames().await[0]["payload"]["n"], 3, "then live");
+        drop(peer);
+        assert_eq!(task.await.unwrap(), DisconnectReason::ClientClosed);
+        assert_eq!(hub.connection_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_expiry_closes_with_4001() {
+        let expiry = SystemTime::now() + Duration::from_secs(3600);
+        let svc = service(
+            Config::default(),
+            Identity::new("u1", Vec::<&str>::new()).with_expiry(Some(expiry)),
+        );
+        let (t, mut peer) = mem(true);
+        let task = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.serve(info(None), t).await }
+        });
+        assert_eq!(peer.frames().await[0]["type"], "connection");
+        // Keepalives are answered meanwhile, so only the expiry can end it.
+        let inbound = peer.inbound.clone();
+        tokio::spawn(async move {
+            while inbound.send(Inbound::Control).is_ok() {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+        });
+        assert_eq!(peer.close().await, (4001, "token expired".into()));
+        assert_eq!(task.await.unwrap(), Some(DisconnectReason::TokenExpired));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_dropped_unless_its_transport_cannot_answer() {
+        let svc = service(Config::default(), Identity::new("u1", Vec::<&str>::new()));
+        let (t, mut peer) = mem(true);
+        let task = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.serve(info(None), t).await }
+        });
+        peer.frames().await;
+        assert_eq!(task.await.unwrap(), Some(DisconnectReason::IdleTimeout));
+        assert!(matches!(peer.out.recv().await, Some(Out::Keepalive)));
+
+        // An SSE-like transport: keepalives go out, silence is normal.
+        let (t, mut peer) = mem(false);
+        let task = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.serve(info(None), t).await }
+        });
+        peer.frames().await;
+        for _ in 0..10 {
+            assert!(matches!(peer.out.recv().await, Some(Out::Keepalive)));
+        }
+        assert!(!task.is_finished());
+        svc.begin_shutdown();
+        assert_eq!(peer.close().await, (1001, "server shutting down".into()));
+        assert_eq!(task.await.unwrap(), Some(DisconnectReason::ServerShutdown));
+    }
+
+    #[tokio::test]
+    async fn every_inbound_frame_counts_toward_the_rate_limit() {
+        let mut config = Config::default();
+        config.rate_limit_per_sec = 1.0;
+        config.rate_limit_burst = 3.0;
+        let svc = service(config, Identity::new("u1", Vec::<&str>::new()));
+        let (t, mut peer) = mem(true);
+        let task = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.serve(info(None), t).await }
+        });
+        peer.frames().await;
+        for _ in 0..4 {
+            peer.inbound.send(Inbound::Control).unwrap();
+        }
+        assert_eq!(peer.close().await, (1008, "rate limit exceeded".into()));
+        assert_eq!(task.await.unwrap(), Some(DisconnectReason::RateLimited));
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_closes_with_1008_and_registers_nothing() {
+        let svc = service(Config::default(), Identity::new("u1", Vec::<&str>::new()));
+        let (t, mut peer) = mem(true);
+        let bad = ConnectInfo::from_request(Some("token=nope"), HeaderMap::new());
+        assert_eq!(svc.serve(bad, t).await, None);
+        assert_eq!(peer.close().await, (1008, "invalid token".into()));
+        assert_eq!(svc.hub().stats().connections_opened, 0);
+    }
 
     #[test]
     fn rate_limiter_allows_burst_then_refuses() {

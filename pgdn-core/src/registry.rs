@@ -51,12 +51,17 @@ impl Registry {
     /// Gives a registered connection a new identity of the same user (an
     /// in-band token refresh): its group memberships move in one step, so
     /// a group publish sees either the old groups or the new ones.
-    /// Returns false when the connection is not registered.
-    pub fn update_identity(&self, conn: &Connection, identity: crate::Identity) -> bool {
+    /// Returns the identity it replaced, `None` when the connection is not
+    /// registered.
+    pub fn update_identity(
+        &self,
+        conn: &Connection,
+        identity: crate::Identity,
+    ) -> Option<crate::Identity> {
         let id = conn.id();
         let mut inner = self.write();
         if !inner.conns.contains_key(&id) {
-            return false;
+            return None;
         }
         let old = conn.set_identity(identity.clone());
         for g in &old.groups {
@@ -70,7 +75,7 @@ impl Registry {
         for g in &identity.groups {
             inner.groups.entry(g.clone()).or_default().insert(id);
         }
-        true
+        Some(old)
     }
 
     /// Removes a connection; emptied user and group entries go with it.
