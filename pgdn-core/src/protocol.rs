@@ -663,9 +663,11 @@ mod tests {
 
     #[tokio::test]
     async fn every_inbound_frame_counts_toward_the_rate_limit() {
-        let mut config = Config::default();
-        config.rate_limit_per_sec = 1.0;
-        config.rate_limit_burst = 3.0;
+        let config = Config {
+            rate_limit_per_sec: 1.0,
+            rate_limit_burst: 3.0,
+            ..Config::default()
+        };
         let svc = service(config, Identity::new("u1", Vec::<&str>::new()));
         let (t, mut peer) = mem(true);
         let task = tokio::spawn({
