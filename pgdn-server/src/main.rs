@@ -9,7 +9,8 @@ use pgdn_server::{Config, JwtAuthenticator, Pgdn, shutdown_signal};
 use rand::Rng;
 use tracing_subscriber::EnvFilter;
 
-/// pgdn: real-time notifications over WebSocket, published over HTTP.
+/// pgdn: real-time notifications over WebSocket and Server-Sent Events,
+/// published over HTTP.
 #[derive(Debug, Parser)]
 #[command(name = "pgdn-server", version, about)]
 struct Cli {
@@ -50,6 +51,9 @@ struct Args {
     /// Path of the WebSocket route.
     #[arg(long, env = "PGDN_WS_PATH", default_value = "/ws")]
     ws_path: String,
+    /// Path of the Server-Sent Events route.
+    #[arg(long, env = "PGDN_SSE_PATH", default_value = "/sse")]
+    sse_path: String,
     /// Largest inbound WebSocket message in bytes (larger closes with 1009).
     #[arg(long, env = "PGDN_MAX_FRAME_SIZE", default_value_t = 64 * 1024)]
     max_frame_size: usize,
@@ -80,6 +84,9 @@ struct Args {
     /// Drop a connection that sent nothing, not even a Pong, for this long.
     #[arg(long, env = "PGDN_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// Close a connection (1013) whose write makes no progress for this long.
+    #[arg(long, env = "PGDN_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    write_timeout: Duration,
     /// Messages kept per user for resume after reconnect (`since=`).
     #[arg(long, env = "PGDN_HISTORY_MESSAGES", default_value_t = 100)]
     history_messages: usize,
@@ -224,6 +231,8 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     };
     let mut config = Config::default();
     config.ws_path = args.ws_path.clone();
+    config.sse_path = args.sse_path.clone();
+    config.write_timeout = args.write_timeout;
     config.max_frame_size = args.max_frame_size;
     config.rate_limit_per_sec = args.rate_limit;
     config.rate_limit_burst = args.rate_burst;
@@ -264,6 +273,7 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
             &jwt_secret,
             addr,
             &pgdn.config().ws_path,
+            &pgdn.config().sse_path,
         )?;
     }
     pgdn.serve(listener, shutdown_signal()).await;
@@ -277,6 +287,7 @@ fn print_dev_banner(
     jwt_secret: &str,
     addr: SocketAddr,
     ws_path: &str,
+    sse_path: &str,
 ) -> Result<(), pgdn_server::Error> {
     let token = auth.issue("demo-user", &["demo"], Duration::from_secs(24 * 3600))?;
     let host = match addr {
@@ -297,6 +308,7 @@ fn print_dev_banner(
 
  Demo page:   http://{host}/?token={token}
  WebSocket:   ws://{host}{ws_path}?token=<token>
+ SSE:         curl -N 'http://{host}{sse_path}?token={token}'
 
  Publish to the demo user:
    curl -sS -X POST http://{host}/api/v1/publish \
