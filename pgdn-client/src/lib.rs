@@ -7,6 +7,9 @@
 //! - [`Subscriber`] connects over WebSocket with a token, yields
 //!   notifications as a `Stream`, reconnects by itself, resumes with
 //!   `since=` so nothing is missed, and stops on an auth failure (1008).
+//!   With a token callback it refreshes a JWT in band before it expires,
+//!   and after a 4001 `token expired` reconnects at once with a fresh one
+//!   ([`subscriber`], "Token lifetime").
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), pgdn_client::Error> {

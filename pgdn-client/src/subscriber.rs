@@ -3,18 +3,51 @@
 //! it was away is missed (PROTOCOL.md section 4), keeps the connection alive
 //! with pings, asks for a fresh token before each reconnect, and stops with
 //! [`Error::Unauthorized`] on close code 1008 instead of retrying forever.
+//!
+//! # Token lifetime (PROTOCOL.md section 1)
+//!
+//! A server closes a live connection whose token expired with 4001
+//! `token expired`. With a token callback
+//! ([`Subscriber::with_token_callback`]) the subscriber avoids that:
+//!
+//! - It reads the token's expiry from the JWT payload's `exp` claim
+//!   (decoded, **not** verified: only the server verifies). An opaque,
+//!   non-JWT token has no known expiry and is never refreshed in band.
+//! - At `expiry - min(margin, remaining / 5)` (80 % of the remaining
+//!   lifetime for short tokens, `margin` before expiry for long ones;
+//!   `margin` defaults to 30 s, see [`SubscriberBuilder::refresh_margin`])
+//!   it asks the callback for a fresh token and sends
+//!   `{"type":"refresh","token":...}` on the open connection.
+//! - The server's `{"type":"refreshed","expires_at":...}` answer extends the
+//!   connection; its `expires_at` (which includes the server's leeway)
+//!   becomes the expiry the next refresh is scheduled from (`null`: the
+//!   connection no longer expires). It is yielded as
+//!   [`Event::TokenRefreshed`], not as a [`Event::Frame`].
+//! - If the callback fails or the server answers `refresh_failed` (or, a
+//!   v1 server, `unknown_type`), [`Event::TokenRefreshFailed`] is yielded
+//!   and the connection is kept as it is; no second in-band attempt is
+//!   made on it. When the server then closes it with 4001, the subscriber
+//!   asks the callback for a fresh token and reconnects at once (no
+//!   backoff) with `since=<last id>`, so nothing is lost either way.
+//!
+//! With a fixed token ([`Subscriber::new`]) there is nothing to refresh: a
+//! 4001 is followed by one reconnect attempt with the same, expired, token,
+//! which the server refuses with 1008, ending the subscription with
+//! [`Error::Unauthorized`]. [`SubscriberBuilder::in_band_refresh`] turns
+//! in-band refresh off (then every expiry is a 4001 and a reconnect).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, Stream, StreamExt};
 use pgdn_core::Notification;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::error::{Error, Result};
@@ -39,9 +72,26 @@ pub enum Event {
     /// message (`history_gap`): refetch your state. What it still had
     /// follows.
     HistoryGap,
+    /// The server accepted an in-band token refresh (module docs, "Token
+    /// lifetime"): the connection now lasts until `expires_at` (`None`:
+    /// it no longer expires).
+    TokenRefreshed {
+        /// The connection's new expiry, as the server stated it.
+        expires_at: Option<SystemTime>,
+    },
+    /// An in-band token refresh failed: the token callback failed or the
+    /// server refused the new token. The connection stays open until its
+    /// token expires; the server then closes it with 4001 and the
+    /// subscriber reconnects at once with a fresh token.
+    TokenRefreshFailed {
+        /// What failed: the callback's error or the server's message.
+        reason: String,
+    },
     /// Any other frame: a pong, a handler's reply, an error frame.
     Frame(Value),
-    /// The connection ended; the subscriber reconnects after `retry_in`.
+    /// The connection ended; the subscriber reconnects after `retry_in`
+    /// (zero after a 4001 `token expired`: it reconnects at once with a
+    /// fresh token).
     Disconnected {
         /// The close code, when the server sent one.
         code: Option<u16>,
@@ -67,7 +117,28 @@ impl TokenSource {
             TokenSource::Callback(f) => f().await,
         }
     }
+
+    /// The callback, when tokens can be renewed.
+    fn callback(&self) -> Option<&Arc<dyn Fn() -> TokenFuture + Send + Sync>> {
+        match self {
+            TokenSource::Fixed(_) => None,
+            TokenSource::Callback(f) => Some(f),
+        }
+    }
 }
+
+/// Default cap on how long before its expiry a token is refreshed in band.
+const REFRESH_MARGIN: Duration = Duration::from_secs(30);
+
+/// After an accepted refresh, the next one is not scheduled sooner than
+/// this, whatever the clocks say (a server clock far behind ours would
+/// otherwise make every new expiry look past).
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A connection lasting less than this before its 4001 is reconnected with
+/// the usual backoff rather than at once: the token callback hands out
+/// tokens about to expire, and reconnecting at once would spin.
+const MIN_LIFETIME_FOR_QUICK_RECONNECT: Duration = Duration::from_secs(1);
 
 /// Builds a [`Subscription`].
 #[derive(Clone)]
@@ -78,6 +149,8 @@ pub struct SubscriberBuilder {
     backoff: Backoff,
     ping_interval: Duration,
     buffer: usize,
+    refresh_margin: Duration,
+    in_band_refresh: bool,
 }
 
 impl std::fmt::Debug for SubscriberBuilder {
@@ -103,8 +176,12 @@ impl Subscriber {
     }
 
     /// Subscribes at `url`, asking `tokens` for a token before every
-    /// connection attempt (so an expired token is replaced). An error from
-    /// it ends the subscription with [`Error::Token`].
+    /// connection attempt (so an expired token is replaced) and, for a JWT,
+    /// shortly before it expires, to refresh the open connection in band
+    /// (module docs, "Token lifetime"). An error from it before a
+    /// connection attempt ends the subscription with [`Error::Token`]; one
+    /// during an in-band refresh is yielded as
+    /// [`Event::TokenRefreshFailed`].
     pub fn with_token_callback<F, Fut>(url: impl Into<String>, tokens: F) -> SubscriberBuilder
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -127,6 +204,8 @@ impl SubscriberBuilder {
             },
             ping_interval: Duration::from_secs(25),
             buffer: 256,
+            refresh_margin: REFRESH_MARGIN,
+            in_band_refresh: true,
         }
     }
 
@@ -148,6 +227,24 @@ impl SubscriberBuilder {
     /// long is considered dead and replaced. Default 25 s.
     pub fn ping_interval(mut self, every: Duration) -> Self {
         self.ping_interval = every;
+        self
+    }
+
+    /// How long before its expiry a token is refreshed in band, at most:
+    /// the refresh happens at `expiry - min(margin, remaining / 5)`, so a
+    /// short-lived token is refreshed at 80 % of its remaining lifetime.
+    /// Default 30 s. Only with a token callback and a JWT token.
+    pub fn refresh_margin(mut self, margin: Duration) -> Self {
+        self.refresh_margin = margin;
+        self
+    }
+
+    /// Whether to refresh the token on the open connection before it
+    /// expires (default `true`). With `false` the server closes the
+    /// connection with 4001 at expiry and the subscriber reconnects at once
+    /// with a fresh token and `since=`, which also loses nothing.
+    pub fn in_band_refresh(mut self, enabled: bool) -> Self {
+        self.in_band_refresh = enabled;
         self
     }
 
@@ -246,14 +343,16 @@ async fn drive(
                 return;
             }
         };
+        let expiry = jwt_expiry(&token);
         let since = last_id.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sep = if cfg.url.contains('?') { '&' } else { '?' };
         let mut url = format!("{}{sep}token={}", cfg.url, encode(&token));
         if let Some(since) = &since {
             url.push_str(&format!("&since={}", encode(since)));
         }
+        let started = Instant::now();
         let end = match tokio_tungstenite::connect_async(url).await {
-            Ok((ws, _)) => session(ws, &cfg, &tx, &last_id, since.is_some()).await,
+            Ok((ws, _)) => session(ws, &cfg, &tx, &last_id, since.is_some(), expiry).await,
             Err(e) => End::Closed {
                 code: None,
                 reason: e.to_string(),
@@ -272,7 +371,16 @@ async fn drive(
                 connected,
             } => {
                 failures = if connected { 1 } else { failures + 1 };
-                let retry_in = cfg.backoff.delay(failures);
+                // Token expired (PROTOCOL.md section 1): a fresh token and
+                // an immediate reconnect with since= lose nothing.
+                let expired = code == Some(4001)
+                    && connected
+                    && started.elapsed() >= MIN_LIFETIME_FOR_QUICK_RECONNECT;
+                let retry_in = if expired {
+                    Duration::ZERO
+                } else {
+                    cfg.backoff.delay(failures)
+                };
                 tracing::debug!(?code, %reason, ?retry_in, "subscriber disconnected");
                 let event = Event::Disconnected {
                     code,
@@ -288,12 +396,99 @@ async fn drive(
     }
 }
 
+/// In-band token refresh on one connection (module docs, "Token
+/// lifetime").
+struct Refresher {
+    /// The token callback; `None` when there is nothing to refresh (a
+    /// fixed token, in-band refresh turned off, or a server without it).
+    tokens: Option<Arc<dyn Fn() -> TokenFuture + Send + Sync>>,
+    margin: Duration,
+    /// When to ask the callback for the next token.
+    at: Option<Instant>,
+    /// The callback's answer, while awaited.
+    fetching: Option<TokenFuture>,
+    /// The JWT expiry of the token sent in a refresh frame, while its
+    /// answer is awaited (`Some(None)`: sent, no known expiry).
+    sent: Option<Option<SystemTime>>,
+}
+
+impl Refresher {
+    fn new(cfg: &SubscriberBuilder, expiry: Option<SystemTime>) -> Self {
+        let tokens = cfg
+            .token
+            .callback()
+            .filter(|_| cfg.in_band_refresh)
+            .cloned();
+        let mut r = Refresher {
+            tokens,
+            margin: cfg.refresh_margin,
+            at: None,
+            fetching: None,
+            sent: None,
+        };
+        r.schedule(expiry, Duration::ZERO);
+        r
+    }
+
+    /// Schedules the next refresh before `expiry`, not sooner than `floor`.
+    fn schedule(&mut self, expiry: Option<SystemTime>, floor: Duration) {
+        self.at = match (&self.tokens, expiry) {
+            (Some(_), Some(expiry)) => {
+                Some(Instant::now() + refresh_delay(expiry, self.margin).max(floor))
+            }
+            _ => None,
+        };
+    }
+
+    /// Waits until it is time to ask for a token (never, if not scheduled).
+    async fn due(at: Option<Instant>) {
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits for the callback's answer (never, if none is awaited).
+    async fn fetched(fetching: &mut Option<TokenFuture>) -> std::result::Result<String, String> {
+        match fetching {
+            Some(f) => f.await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The server answered `refreshed`; `stated` is its `expires_at`
+    /// (`None` when absent or unreadable: the sent token's own `exp` is
+    /// used). Returns the new expiry.
+    fn accepted(&mut self, stated: Option<Option<SystemTime>>) -> Option<SystemTime> {
+        let sent = self.sent.take().flatten();
+        let expiry = stated.unwrap_or(sent);
+        self.schedule(expiry, MIN_REFRESH_INTERVAL);
+        expiry
+    }
+
+    /// A refresh failed: no second attempt on this connection.
+    fn failed(&mut self) {
+        self.sent = None;
+        self.at = None;
+    }
+}
+
+/// How long from now to refresh a token expiring at `expiry`:
+/// `remaining - min(margin, remaining / 5)`.
+fn refresh_delay(expiry: SystemTime, margin: Duration) -> Duration {
+    let remaining = expiry
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    remaining - (remaining / 5).min(margin)
+}
+
 async fn session<S>(
     mut ws: S,
     cfg: &SubscriberBuilder,
     tx: &mpsc::Sender<Result<Event>>,
     last_id: &Mutex<Option<String>>,
     resumed: bool,
+    expiry: Option<SystemTime>,
 ) -> End
 where
     S: Stream<Item = std::result::Result<Message, tokio_tungstenite::tungstenite::Error>>
@@ -303,7 +498,8 @@ where
     let mut connected = false;
     let mut ping = tokio::time::interval(cfg.ping_interval);
     ping.tick().await;
-    let mut last_seen = tokio::time::Instant::now();
+    let mut last_seen = Instant::now();
+    let mut refresh = Refresher::new(cfg, expiry);
     loop {
         let msg = tokio::select! {
             msg = ws.next() => msg,
@@ -317,8 +513,35 @@ where
                 }
                 continue;
             }
+            _ = Refresher::due(refresh.at) => {
+                refresh.at = None;
+                refresh.fetching = refresh.tokens.as_ref().map(|f| f());
+                continue;
+            }
+            token = Refresher::fetched(&mut refresh.fetching) => {
+                refresh.fetching = None;
+                let event = match token {
+                    Ok(token) => {
+                        refresh.sent = Some(jwt_expiry(&token));
+                        let frame = serde_json::json!({"type": "refresh", "token": token}).to_string();
+                        if ws.send(Message::text(frame)).await.is_err() {
+                            return End::Closed { code: None, reason: "send failed".into(), connected };
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        refresh.failed();
+                        tracing::debug!(error = %e, "token callback failed; the connection expires");
+                        Event::TokenRefreshFailed { reason: format!("token callback: {e}") }
+                    }
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return End::Gone;
+                }
+                continue;
+            }
         };
-        last_seen = tokio::time::Instant::now();
+        last_seen = Instant::now();
         let text = match msg {
             None => {
                 return End::Closed {
@@ -364,6 +587,27 @@ where
                 Event::Notification(n)
             }
             Ok(Parsed::Gap) => Event::HistoryGap,
+            Ok(Parsed::Refreshed(stated)) => {
+                let expires_at = refresh.accepted(stated);
+                tracing::debug!(?expires_at, "token refreshed");
+                Event::TokenRefreshed { expires_at }
+            }
+            Ok(Parsed::RefreshFailed(reason)) => {
+                refresh.failed();
+                tracing::debug!(%reason, "refresh refused; the connection expires");
+                Event::TokenRefreshFailed { reason }
+            }
+            // A v1 server does not know `refresh`: stop trying.
+            Ok(Parsed::Other(v))
+                if refresh.sent.is_some()
+                    && v.get("code").and_then(Value::as_str) == Some("unknown_type") =>
+            {
+                refresh.failed();
+                refresh.tokens = None;
+                Event::TokenRefreshFailed {
+                    reason: "the server does not support in-band refresh".into(),
+                }
+            }
             Ok(Parsed::Other(v)) => Event::Frame(v),
             Err(e) => {
                 tracing::warn!(error = %e, "ignoring a frame that is not pgdn's protocol");
@@ -374,6 +618,50 @@ where
             return End::Gone;
         }
     }
+}
+
+/// The `exp` claim of a JWT, read without verifying anything (only the
+/// server verifies tokens; this only schedules the refresh). `None` for a
+/// token that is not a JWT or has no numeric `exp`.
+fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let claims: Value = serde_json::from_slice(&base64url_decode(payload)?).ok()?;
+    let exp = claims.get("exp")?;
+    // A NumericDate may have a fraction (RFC 7519 section 2).
+    let secs = match exp.as_u64() {
+        Some(s) => Duration::from_secs(s),
+        None => Duration::try_from_secs_f64(exp.as_f64()?).ok()?,
+    };
+    UNIX_EPOCH.checked_add(secs)
+}
+
+/// Decodes unpadded (or padded) base64url, as in a JWT's segments.
+fn base64url_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_end_matches('=');
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 fn now_ms() -> u128 {
@@ -387,6 +675,11 @@ enum Parsed {
     Connection(String, String),
     Notification(Notification),
     Gap,
+    /// `refreshed`, with its `expires_at`: `Some(None)` for `null`, `None`
+    /// when absent or not RFC 3339.
+    Refreshed(Option<Option<SystemTime>>),
+    /// An error frame with code `refresh_failed`, and its message.
+    RefreshFailed(String),
     Other(Value),
 }
 
@@ -408,7 +701,21 @@ fn parse(text: &str) -> std::result::Result<Parsed, String> {
             v["user_id"].as_str().unwrap_or_default().to_string(),
             v["connection_id"].as_str().unwrap_or_default().to_string(),
         )),
-        "error" if v.get("code").and_then(Value::as_str) == Some("history_gap") => Ok(Parsed::Gap),
+        "error" => match v.get("code").and_then(Value::as_str) {
+            Some("history_gap") => Ok(Parsed::Gap),
+            Some("refresh_failed") => Ok(Parsed::RefreshFailed(
+                v.get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("refresh refused")
+                    .to_string(),
+            )),
+            _ => Ok(Parsed::Other(v)),
+        },
+        "refreshed" => Ok(Parsed::Refreshed(match v.get("expires_at") {
+            Some(Value::Null) => Some(None),
+            Some(Value::String(at)) => humantime::parse_rfc3339(at).ok().map(Some),
+            _ => None,
+        })),
         _ => Ok(Parsed::Other(v)),
     }
 }
@@ -442,5 +749,66 @@ mod tests {
             Ok(Parsed::Other(_))
         ));
         assert!(parse("nope").is_err());
+        assert!(matches!(
+            parse(r#"{"type":"refreshed","expires_at":"2026-11-27T03:30:16.123Z"}"#),
+            Ok(Parsed::Refreshed(Some(Some(t))))
+                if t == UNIX_EPOCH + Duration::from_millis(1_795_750_216_123)
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"refreshed","expires_at":null}"#),
+            Ok(Parsed::Refreshed(Some(None)))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"refreshed"}"#),
+            Ok(Parsed::Refreshed(None))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"error","code":"refresh_failed","message":"refresh refused: expired"}"#),
+            Ok(Parsed::RefreshFailed(m)) if m == "refresh refused: expired"
+        ));
+    }
+
+    #[test]
+    fn decodes_base64url() {
+        assert_eq!(base64url_decode("").unwrap(), b"");
+        assert_eq!(base64url_decode("Zg").unwrap(), b"f");
+        assert_eq!(base64url_decode("Zm8").unwrap(), b"fo");
+        assert_eq!(base64url_decode("Zm9v").unwrap(), b"foo");
+        assert_eq!(base64url_decode("Zm9vYg==").unwrap(), b"foob");
+        assert_eq!(base64url_decode("-_8").unwrap(), [0xfb, 0xff]);
+        assert!(base64url_decode("a+b/").is_none(), "not the url alphabet");
+    }
+
+    #[test]
+    fn reads_a_jwt_expiry_without_verifying() {
+        // {"alg":"HS256","typ":"JWT"} . {"sub":"u1","exp":1700000000} . junk
+        let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.\
+                   eyJzdWIiOiJ1MSIsImV4cCI6MTcwMDAwMDAwMH0.c2ln";
+        assert_eq!(
+            jwt_expiry(jwt),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        // {"exp":1700000000.5}
+        let fractional = "e30.eyJleHAiOjE3MDAwMDAwMDAuNX0.x";
+        assert_eq!(
+            jwt_expiry(fractional),
+            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_500))
+        );
+        // {"sub":"u1"}: no exp.
+        assert_eq!(jwt_expiry("e30.eyJzdWIiOiJ1MSJ9.x"), None);
+        assert_eq!(jwt_expiry("an-opaque-token"), None);
+        assert_eq!(jwt_expiry("a.b.c.d"), None);
+        assert_eq!(jwt_expiry("e30.!!!.x"), None);
+    }
+
+    #[test]
+    fn refreshes_at_80_percent_or_the_margin_before_expiry() {
+        let margin = Duration::from_secs(30);
+        let short = refresh_delay(SystemTime::now() + Duration::from_secs(10), margin);
+        assert!(short <= Duration::from_secs(8) && short > Duration::from_millis(7900));
+        let long = refresh_delay(SystemTime::now() + Duration::from_secs(3600), margin);
+        assert!(long <= Duration::from_secs(3570) && long > Duration::from_secs(3569));
+        let past = refresh_delay(SystemTime::now() - Duration::from_secs(1), margin);
+        assert_eq!(past, Duration::ZERO);
     }
 }

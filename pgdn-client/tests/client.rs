@@ -582,3 +582,166 @@ async fn retries_5xx_and_429_with_the_same_id_and_not_4xx() {
     }
     assert_eq!(seen.lock().unwrap().len(), 4, "a 400 is not retried");
 }
+
+/// A server that closes a connection the moment its token's `exp` passes
+/// (leeway 0), so that token lifetimes of a few seconds can be tested.
+async fn start_expiring() -> Server {
+    let pgdn = Pgdn::builder()
+        .authenticator(JwtAuthenticator::new(SECRET).leeway(Duration::ZERO))
+        .publish_key(KEY)
+        .build()
+        .unwrap();
+    Server::on(TcpListener::bind("127.0.0.1:0").await.unwrap(), pgdn).await
+}
+
+/// A token for `user` valid for `ttl` (`exp` is whole seconds, so it
+/// lives between `ttl - 1 s` and `ttl`).
+fn token_for(user: &str, ttl: Duration) -> String {
+    JwtAuthenticator::new(SECRET)
+        .issue(user, &["g"], ttl)
+        .unwrap()
+}
+
+/// Publishes `{"n": 0..count}` to `users`, one every 50 ms.
+fn publish_stream(http: String, users: &'static [&'static str], count: u64) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let p = Publisher::new(http, KEY).unwrap();
+        let mut every = tokio::time::interval(Duration::from_millis(50));
+        for n in 0..count {
+            every.tick().await;
+            p.notify_users(users, "info", json!({"n": n}))
+                .await
+                .unwrap();
+        }
+    })
+}
+
+/// What a subscriber saw until its `count`th notification.
+#[derive(Debug, Default)]
+struct Seen {
+    ns: Vec<u64>,
+    refreshed: usize,
+    refresh_failed: usize,
+    /// (close code, retry_in) of every disconnect.
+    disconnects: Vec<(Option<u16>, Duration)>,
+    /// `resumed` of every reconnect.
+    reconnects: Vec<bool>,
+}
+
+async fn collect(sub: &mut Subscription, count: usize) -> Seen {
+    let mut seen = Seen::default();
+    while seen.ns.len() < count {
+        match next_event(sub).await {
+            Event::Notification(n) => seen.ns.push(n.payload["n"].as_u64().unwrap()),
+            Event::TokenRefreshed { expires_at } => {
+                assert!(expires_at.is_some(), "a JWT connection keeps an expiry");
+                seen.refreshed += 1;
+            }
+            Event::TokenRefreshFailed { .. } => seen.refresh_failed += 1,
+            Event::Disconnected { code, retry_in, .. } => seen.disconnects.push((code, retry_in)),
+            Event::Connected { resumed, .. } => seen.reconnects.push(resumed),
+            // The subscriber's keepalive (every 25 s).
+            Event::Frame(f) if f["type"] == "pong" => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    seen
+}
+
+/// The issue's scenario: tokens that live 5 s, a steady stream for 30 s.
+/// The subscriber refreshes in band before each expiry, so the connection
+/// is never closed, and every message arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_with_5_s_tokens_refreshes_in_band_and_misses_nothing_for_30_s() {
+    const COUNT: u64 = 600; // 30 s at one per 50 ms
+    let s = start_expiring().await;
+    let minted = Arc::new(AtomicUsize::new(0));
+    let counter = minted.clone();
+    let mut sub = Subscriber::with_token_callback(s.ws(), move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Ok(token_for("u1", Duration::from_secs(5))) }
+    })
+    .backoff(Duration::from_millis(20), Duration::from_millis(200))
+    .subscribe();
+    assert!(!expect_connected(&mut sub).await);
+    let publisher = publish_stream(s.http(), &["u1"], COUNT);
+    let seen = collect(&mut sub, COUNT as usize).await;
+    publisher.await.unwrap();
+    assert_eq!(
+        seen.ns,
+        (0..COUNT).collect::<Vec<_>>(),
+        "all, once, in order"
+    );
+    assert_eq!(seen.disconnects, vec![], "refreshed in time, never closed");
+    assert_eq!(seen.refresh_failed, 0);
+    // Tokens live 4-5 s and are refreshed at 80 %: at least 6 refreshes in 30 s.
+    assert!(seen.refreshed >= 6, "{seen:?}");
+    // One for the connection, one per refresh (and maybe one in flight).
+    let minted = minted.load(Ordering::SeqCst);
+    assert!(
+        (seen.refreshed + 1..=seen.refreshed + 2).contains(&minted),
+        "{minted} {seen:?}"
+    );
+    assert_eq!(s.pgdn.hub().stats().messages_published, COUNT);
+    s.stop().await;
+}
+
+/// When the token cannot be refreshed in band, the server closes with 4001
+/// at expiry and the subscriber reconnects at once with a fresh token and
+/// `since=`: nothing is lost either. `a` does not refresh in band; `b`'s
+/// in-band refreshes are refused (its callback then hands out a token for
+/// another user).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_whose_token_expires_reconnects_with_since_and_misses_nothing() {
+    const COUNT: u64 = 140; // 7 s at one per 50 ms
+    let ttl = Duration::from_secs(3);
+    let s = start_expiring().await;
+    let mut a =
+        Subscriber::with_token_callback(s.ws(), move || async move { Ok(token_for("a", ttl)) })
+            .in_band_refresh(false)
+            .backoff(Duration::from_millis(20), Duration::from_millis(200))
+            .subscribe();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let mut b = Subscriber::with_token_callback(s.ws(), move || {
+        // Calls alternate: a connection, then its in-band refresh.
+        let user = if counter.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            "b"
+        } else {
+            "someone-else"
+        };
+        async move { Ok(token_for(user, ttl)) }
+    })
+    .backoff(Duration::from_millis(20), Duration::from_millis(200))
+    .subscribe();
+    expect_connected(&mut a).await;
+    expect_connected(&mut b).await;
+    let publisher = publish_stream(s.http(), &["a", "b"], COUNT);
+    let (seen_a, seen_b) = tokio::join!(
+        collect(&mut a, COUNT as usize),
+        collect(&mut b, COUNT as usize)
+    );
+    publisher.await.unwrap();
+    for (name, seen) in [("a", &seen_a), ("b", &seen_b)] {
+        assert_eq!(
+            seen.ns,
+            (0..COUNT).collect::<Vec<_>>(),
+            "{name}: all, once, in order"
+        );
+        assert!(seen.disconnects.len() >= 2, "{name}: {seen:?}");
+        assert!(
+            seen.disconnects
+                .iter()
+                .all(|d| *d == (Some(4001), Duration::ZERO)),
+            "{name}: closed for expiry, reconnected at once: {seen:?}"
+        );
+        assert!(
+            seen.reconnects.iter().all(|r| *r),
+            "{name}: resumed with since="
+        );
+        assert_eq!(seen.refreshed, 0, "{name}");
+    }
+    assert_eq!(seen_a.refresh_failed, 0, "a never tried");
+    assert!(seen_b.refresh_failed >= 2, "{seen_b:?}");
+    s.stop().await;
+}

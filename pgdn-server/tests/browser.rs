@@ -1,7 +1,7 @@
 //! The browser client (`/pgdn.js`) and the demo page in a real headless
 //! Chromium, driven over the Chrome DevTools Protocol (`browser/cdp.rs`).
 //!
-//! One scenario, in one browser: the demo page (a) receives a notification,
+//! The main scenario, in one browser: the demo page (a) receives a notification,
 //! (b) has its connection cut by a TCP proxy the test controls while the
 //! server keeps running, and gets what was published meanwhile after
 //! reconnecting by itself, (c) follows the server across a restart on the
@@ -9,8 +9,17 @@
 //! (e) a bad token stops the client (1008, no retry); (f) an app uses
 //! pgdn.js directly, and a link gone silent is found dead by its pings.
 //!
-//! The server runs in-process. Waits poll the page's state every 50 ms up
-//! to 15 s; the one sleep checks that nothing happens after 1008.
+//! Then, each in a browser of its own: a plain `EventSource` page resumes
+//! through the browser's own `Last-Event-ID`; `/pgdn.js` falls back to
+//! Server-Sent Events behind a proxy that refuses WebSocket upgrades,
+//! keeping its resume point across both transports; and pgdn.js lives with
+//! tokens valid for a few seconds (in-band refresh on WebSocket, reconnect
+//! on 4001 over SSE), as does a raw pgdn-ws page.
+//!
+//! The server runs in-process, inside a small warp app that also serves
+//! the test's pages (same origin as the endpoints) and mints tokens. Waits
+//! poll the page's state every 50 ms up to 15 s; the two sleeps check that
+//! nothing happens after 1008 (or its SSE equivalent, a 401).
 //! Chromium is required: the test fails, saying how to install it, when it
 //! is missing. `PGDN_SCREENSHOT=<file.png>` saves a screenshot of the demo
 //! page. A last test checks how `/pgdn.js` is served, without a browser.
@@ -18,6 +27,7 @@
 #[path = "browser/cdp.rs"]
 mod cdp;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +36,7 @@ use std::time::{Duration, Instant};
 use cdp::Browser;
 use pgdn_server::{Config, JwtAuthenticator, Pgdn};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -35,40 +46,67 @@ const KEY: &str = "browser-test-key";
 const USER: &str = "browser-user";
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A pgdn server on a listener of its own, restartable on the same address.
+/// The test's pages, by name: served at `/app/<name>`.
+type Pages = Arc<Mutex<HashMap<String, String>>>;
+
+/// A pgdn server on a listener of its own, restartable on the same address:
+/// a warp app that mounts pgdn's routes next to its own, `/app/<name>`
+/// (the pages set with [`Server::page`]) and `/app/token?user=<id>&secs=<n>`
+/// (a token for `user`, valid `n` seconds: the app's backend minting them).
 struct Server {
     addr: SocketAddr,
     pgdn: Pgdn,
     http: reqwest::Client,
+    pages: Pages,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
 
 impl Server {
     async fn start(addr: SocketAddr) -> Server {
-        Self::start_with(addr, Config::default()).await
+        Self::start_with(addr, Config::default(), JwtAuthenticator::new(SECRET)).await
     }
 
-    async fn start_with(addr: SocketAddr, config: Config) -> Server {
+    async fn start_with(addr: SocketAddr, config: Config, auth: JwtAuthenticator) -> Server {
+        use warp::Filter;
         let listener = TcpListener::bind(addr).await.expect("bind the server");
         let pgdn = Pgdn::builder()
             .config(config)
-            .jwt_secret(SECRET)
+            .authenticator(auth)
             .publish_key(KEY)
             .build()
             .unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(pgdn.clone().serve(listener, async {
-            let _ = rx.await;
-        }));
+        let pages = Pages::default();
+        let routes = pgdn.routes().or(app_routes(pages.clone())).unify();
+        // What `Pgdn::serve` does, for an app that serves the routes itself.
+        let app = pgdn.clone();
+        let task = tokio::spawn(async move {
+            let service = app.service().clone();
+            warp::serve(routes)
+                .incoming(listener)
+                .graceful(async move {
+                    let _ = rx.await;
+                    service.begin_shutdown();
+                })
+                .run()
+                .await;
+            app.shutdown().await;
+        });
         Server {
             addr,
             pgdn,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            pages,
             stop: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// Serves `html` at `/app/<name>`.
+    fn page(&self, name: &str, html: String) {
+        self.pages.lock().unwrap().insert(name.into(), html);
     }
 
     /// Shuts down (closing every WebSocket with 1001) and waits for it.
@@ -113,21 +151,52 @@ impl Server {
 }
 
 fn token(user: &str) -> String {
+    token_for(user, Duration::from_secs(600))
+}
+
+fn token_for(user: &str, ttl: Duration) -> String {
     JwtAuthenticator::new(SECRET)
-        .issue(user, &["g"], Duration::from_secs(600))
+        .issue(user, &["g"], ttl)
         .unwrap()
+}
+
+/// The app's own routes: see [`Server`].
+fn app_routes(
+    pages: Pages,
+) -> impl warp::Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    use warp::{Filter, Reply};
+    let mint = warp::path!("app" / "token")
+        .and(warp::query::<HashMap<String, String>>())
+        .map(|q: HashMap<String, String>| {
+            let secs = q.get("secs").and_then(|s| s.parse().ok()).unwrap_or(600);
+            let user = q.get("user").map_or(USER, String::as_str);
+            let token = token_for(user, Duration::from_secs(secs));
+            warp::reply::with_header(token, "cache-control", "no-store").into_response()
+        });
+    let page = warp::path!("app" / String).map(move |name: String| {
+        match pages.lock().unwrap().get(&name) {
+            Some(html) => warp::reply::html(html.clone()).into_response(),
+            None => warp::http::StatusCode::NOT_FOUND.into_response(),
+        }
+    });
+    mint.or(page).unify()
 }
 
 /// A TCP proxy the test controls: `cut()` drops every connection through
 /// it while the server keeps running; `stall()` stops forwarding on the
 /// open ones without closing them (a dead link); while closed it drops new
-/// connections at once. Counts the connections it accepted.
+/// connections at once; while refusing upgrades it answers a request that
+/// asks for a WebSocket upgrade with 403 (as some corporate proxies do) and
+/// passes every other one through. Counts the connections it accepted and
+/// the upgrades it refused.
 struct Proxy {
     addr: SocketAddr,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     open: Arc<AtomicBool>,
+    refuse_upgrades: Arc<AtomicBool>,
     stall: tokio::sync::watch::Sender<u64>,
     accepted: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -137,10 +206,13 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let open = Arc::new(AtomicBool::new(true));
+        let refuse_upgrades = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
         // Bumped by stall(): connections opened before stop forwarding.
         let (stall, stall_rx) = tokio::sync::watch::channel(0u64);
         let (list, is_open, count) = (conns.clone(), open.clone(), accepted.clone());
+        let (refusing, refusals) = (refuse_upgrades.clone(), refused.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
@@ -148,11 +220,36 @@ impl Proxy {
                     continue; // dropped: the browser sees a failed connection
                 }
                 let mut stalled = stall_rx.clone();
+                let refuse = refusing.load(Ordering::SeqCst);
+                let refusals = refusals.clone();
                 let task = tokio::spawn(async move {
                     let epoch = *stalled.borrow_and_update();
+                    // Only a connection's first request is looked at:
+                    // browsers open each WebSocket on a connection of its own.
+                    let mut head = Vec::new();
+                    if refuse {
+                        let Some(h) = read_request_head(&mut client).await else {
+                            return;
+                        };
+                        if is_websocket_upgrade(&h) {
+                            refusals.fetch_add(1, Ordering::SeqCst);
+                            let body = "WebSocket upgrades are not allowed here";
+                            let reply = format!(
+                                "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n\
+                                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            );
+                            let _ = client.write_all(reply.as_bytes()).await;
+                            return;
+                        }
+                        head = h;
+                    }
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
                     };
+                    if server.write_all(&head).await.is_err() {
+                        return;
+                    }
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         // Holds both sockets open, forwarding nothing, until cut().
@@ -168,10 +265,21 @@ impl Proxy {
             addr,
             conns,
             open,
+            refuse_upgrades,
             stall,
             accepted,
+            refused,
             accept,
         }
+    }
+
+    /// From now on, answers WebSocket upgrade requests with 403.
+    fn set_refuse_upgrades(&self, refuse: bool) {
+        self.refuse_upgrades.store(refuse, Ordering::SeqCst);
+    }
+
+    fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
     }
 
     fn stall(&self) {
@@ -191,6 +299,31 @@ impl Proxy {
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+}
+
+/// Reads up to the end of a request's head (what was read past it, too);
+/// `None` if the client closed first or the head is unreasonably long.
+async fn read_request_head(client: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = client.read(&mut chunk).await.ok()?;
+        if n == 0 || buf.len() > 64 * 1024 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(buf)
+}
+
+/// Whether a request head carries `Upgrade: websocket`.
+fn is_websocket_upgrade(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head).lines().any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("upgrade")
+                && value.trim().eq_ignore_ascii_case("websocket")
+        })
+    })
 }
 
 impl Drop for Proxy {
@@ -435,7 +568,12 @@ async fn pgdn_js_is_served_with_or_without_the_demo_page() {
     for demo_page in [true, false] {
         let mut config = Config::default();
         config.demo_page = demo_page;
-        let s = Server::start_with("127.0.0.1:0".parse().unwrap(), config).await;
+        let s = Server::start_with(
+            "127.0.0.1:0".parse().unwrap(),
+            config,
+            JwtAuthenticator::new(SECRET),
+        )
+        .await;
         let get = |path: &str| s.http.get(format!("http://{}{path}", s.addr)).send();
         let js = get("/pgdn.js").await.unwrap();
         assert_eq!(js.status(), 200);
@@ -458,4 +596,344 @@ async fn pgdn_js_is_served_with_or_without_the_demo_page() {
         }
         s.stop().await;
     }
+}
+
+/// A page with a plain `EventSource` (no pgdn.js) receives notifications;
+/// after its stream is cut it reconnects by itself, and the browser's own
+/// `Last-Event-ID` (the URL has no `since=`) makes the server replay what
+/// was published meanwhile: nothing lost, nothing twice.
+#[tokio::test]
+async fn a_plain_event_source_resumes_through_last_event_id() {
+    let started = Instant::now();
+    let mut b = Browser::launch().await;
+    let server = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    let proxy = Proxy::start(server.addr).await;
+    server.page(
+        "sse",
+        format!(
+            "<!doctype html><title>EventSource</title><script>
+             window.t = {{frames: [], eventIds: [], opens: 0, errors: 0}};
+             window.es = new EventSource('/sse?token={}');
+             es.onopen = () => {{ t.opens += 1; }};
+             es.onerror = () => {{ t.errors += 1; }};
+             es.onmessage = (ev) => {{ t.frames.push(JSON.parse(ev.data)); t.eventIds.push(ev.lastEventId); }};
+             </script>",
+            token(USER)
+        ),
+    );
+    b.navigate(&format!("http://{}/app/sse", proxy.addr)).await;
+    b.wait_for("the stream to open", "window.t && t.frames.length >= 1")
+        .await;
+    assert_eq!(b.eval("t.frames[0].type").await, "connection");
+    assert_eq!(b.eval("t.frames[0].user_id").await, USER);
+    let mut ids = vec![server.publish(USER, 0).await];
+    b.wait_for("notification 0", "t.frames.length >= 2").await;
+
+    // Cut, with the proxy refusing connections until both are published:
+    // they can only come from the replay.
+    proxy.set_open(false);
+    proxy.cut();
+    server.wait_connections(0).await;
+    b.wait_for(
+        "the page to see the stream end",
+        "t.errors >= 1 && es.readyState === EventSource.CONNECTING",
+    )
+    .await;
+    for n in 1..=2 {
+        ids.push(server.publish(USER, n).await);
+    }
+    proxy.set_open(true);
+    // Chromium waits 3 s before it reconnects (the server sends no `retry:`).
+    b.wait_for(
+        "the browser to reconnect by itself and get the replay",
+        "t.opens >= 2 && t.frames.length >= 5",
+    )
+    .await;
+    ids.push(server.publish(USER, 3).await);
+    b.wait_for("live traffic after the replay", "t.frames.length >= 6")
+        .await;
+
+    let frames = b.eval("t.frames").await;
+    let kinds: Vec<&str> = frames
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["connection", "info", "connection", "info", "info", "info"],
+        "no history_gap, no close: {frames}"
+    );
+    let notes: Vec<&str> = frames
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["id"].as_str())
+        .collect();
+    assert_eq!(notes, ids, "all of them, once, in order");
+    // Each notification's event carried its id (what Last-Event-ID echoes);
+    // the connection frame's event keeps the last one.
+    let event_ids = b.eval("t.eventIds").await;
+    assert_eq!(
+        event_ids,
+        json!(["", ids[0], ids[0], ids[1], ids[2], ids[3]])
+    );
+    assert_eq!(b.eval("[t.opens, es.readyState]").await, json!([2, 1]));
+    b.eval("es.close()").await;
+    server.wait_connections(0).await;
+    server.stop().await;
+    eprintln!("EventSource resume test: {:?}", started.elapsed());
+}
+
+/// An app page on `/pgdn.js` with the default transport (`auto`) behind a
+/// proxy that refuses WebSocket upgrades: it falls back to Server-Sent
+/// Events and receives; it keeps one resume point across transports (SSE
+/// to SSE, SSE to WebSocket once the proxy lets upgrades through, and
+/// WebSocket to SSE again); a bad token over SSE stops it like 1008.
+#[tokio::test]
+async fn pgdn_js_falls_back_to_sse_behind_a_proxy_that_refuses_websocket() {
+    let started = Instant::now();
+    let mut b = Browser::launch().await;
+    let server = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    let proxy = Proxy::start(server.addr).await;
+    server.page(
+        "fallback",
+        format!(
+            "<!doctype html><title>app</title><script src='/pgdn.js'></script><script>
+             window.t = {{events: [], notes: []}};
+             window.client = new Pgdn.Client({{
+               url: '/ws',
+               token: () => '{}',
+               minBackoff: 400, maxBackoff: 800,
+               onConnect: (e) => t.events.push(['connect', e.transport, e.resumed]),
+               onStop: (e) => t.events.push(['stop', e.code, e.reason]),
+               onHistoryGap: () => t.events.push(['history_gap']),
+               onNotification: (n) => t.notes.push(n.id),
+             }});
+             client.connect();
+             </script>",
+            token(USER)
+        ),
+    );
+    proxy.set_refuse_upgrades(true);
+    b.navigate(&format!("http://{}/app/fallback", proxy.addr))
+        .await;
+    b.wait_for(
+        "the client to connect over SSE",
+        "window.client && client.state === 'connected'",
+    )
+    .await;
+    assert_eq!(b.eval("client.transport").await, "sse");
+    assert_eq!(proxy.refused(), 1, "it tried a WebSocket first");
+    assert_eq!(
+        b.eval("client.send({type: 'ping'})").await,
+        false,
+        "SSE is receive-only"
+    );
+    let mut ids = vec![server.publish(USER, 0).await];
+    b.wait_for("notification 0 over SSE", "t.notes.length >= 1")
+        .await;
+
+    // Cut while the proxy refuses connections, publish, reopen: the client
+    // reconnects (a WebSocket first, then SSE if that is refused) with
+    // since=. `to` is the transport the proxy lets it have after reopening.
+    // The proxy reopens while the client waits between attempts (an
+    // attempt half made before it would go on over SSE), and the client
+    // is told to retry at once.
+    let mut away = async |b: &mut Browser, n: u64, to: &str| {
+        proxy.set_open(false);
+        proxy.cut();
+        server.wait_connections(0).await;
+        ids.push(server.publish(USER, n).await);
+        b.wait_for(
+            "the client to wait for its next attempt",
+            "client.state === 'disconnected' && client.retryAt - Date.now() > 100",
+        )
+        .await;
+        proxy.set_refuse_upgrades(to == "sse");
+        proxy.set_open(true);
+        b.eval("client.retryNow(); true").await;
+        let expr = format!(
+            "client.state === 'connected' && client.transport === '{to}' && t.notes.length >= {}",
+            ids.len()
+        );
+        b.wait_for(&format!("the resume over {to}"), &expr).await;
+    };
+    away(&mut b, 1, "sse").await;
+    away(&mut b, 2, "websocket").await;
+    away(&mut b, 3, "sse").await;
+    ids.push(server.publish(USER, 4).await);
+    b.wait_for("live traffic over SSE", "t.notes.length >= 5")
+        .await;
+    let state = b.eval("({events: t.events, notes: t.notes})").await;
+    assert_eq!(
+        state,
+        json!({
+            "events": [
+                ["connect", "sse", false],
+                ["connect", "sse", true],
+                ["connect", "websocket", true],
+                ["connect", "sse", true],
+            ],
+            "notes": ids,
+        }),
+        "every notification once, in order, across both transports"
+    );
+    assert_eq!(proxy.refused(), 3, "each SSE connect followed a refusal");
+    b.eval("client.disconnect()").await;
+
+    // A bad token: the WebSocket is refused, the stream answers 401, and
+    // the client stops with the server's reason, as after 1008.
+    b.eval(
+        "window.bad = new Pgdn.Client({url: '/ws', token: 'not-a-valid-token', minBackoff: 50, \
+         onStop: (e) => { t.stop = e; }}); bad.connect(); true",
+    )
+    .await;
+    b.wait_for("the bad client to stop", "bad.state === 'stopped'")
+        .await;
+    assert_eq!(
+        b.eval("t.stop").await,
+        json!({"code": 1008, "reason": "invalid token"})
+    );
+    let before = proxy.accepted();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(proxy.accepted(), before, "no retry after a 401");
+    server.stop().await;
+    eprintln!("SSE fallback test: {:?}", started.elapsed());
+}
+
+/// Tokens valid for 3 s (no leeway), a token callback that fetches fresh
+/// ones from the app, and a publish every 100 ms for 6 s: a pgdn.js client
+/// on WebSocket refreshes in-band and keeps its one connection; one on SSE
+/// is closed with 4001 at each expiry and reconnects at once with a fresh
+/// token and since=; both get every notification once. A raw pgdn-ws page
+/// sees the 4001 and reconnects as after any close.
+#[tokio::test]
+async fn pgdn_js_lives_with_short_lived_tokens() {
+    let started = Instant::now();
+    let mut b = Browser::launch().await;
+    let auth = JwtAuthenticator::new(SECRET).leeway(Duration::ZERO);
+    let server = Server::start_with("127.0.0.1:0".parse().unwrap(), Config::default(), auth).await;
+    server.page(
+        "lifetime",
+        format!(
+            "<!doctype html><title>app</title><script src='/pgdn.js'></script><script>
+             window.t = {{tokens: 0, raw: {{frames: [], closes: []}}}};
+             async function fresh() {{
+               t.tokens += 1;
+               const r = await fetch('/app/token?user={USER}&secs=3', {{cache: 'no-store'}});
+               if (!r.ok) throw new Error('token endpoint: ' + r.status);
+               return r.text();
+             }}
+             function client(transport) {{
+               const s = t[transport] = {{events: [], frames: [], notes: []}};
+               const c = new Pgdn.Client({{
+                 url: '/ws', transport, token: fresh, minBackoff: 50, maxBackoff: 200,
+                 onConnect: (e) => s.events.push(['connect', e.resumed]),
+                 onDisconnect: (e) => s.events.push(['disconnect', e.code, e.reason]),
+                 onStop: (e) => s.events.push(['stop', e.code, e.reason]),
+                 onHistoryGap: () => s.events.push(['history_gap']),
+                 onFrame: (f) => s.frames.push(f.type === 'error' ? f.code : f.type),
+                 onNotification: (n) => s.notes.push(n.id),
+               }});
+               c.connect();
+               return c;
+             }}
+             window.wsClient = client('websocket');
+             window.sseClient = client('sse');
+             // A pgdn-ws page: a raw WebSocket, a token from its backend, and
+             // a reconnect after any close.
+             function raw() {{
+               fresh().then((token) => {{
+                 const ws = new WebSocket('ws://' + location.host + '/ws?token=' + token);
+                 ws.onmessage = (ev) => t.raw.frames.push(JSON.parse(ev.data).type);
+                 ws.onclose = (ev) => {{ t.raw.closes.push([ev.code, ev.reason]); setTimeout(raw, 100); }};
+              }});
+             }}
+             raw();
+             </script>"
+        ),
+    );
+    b.navigate(&format!("http://{}/app/lifetime", server.addr))
+        .await;
+    b.wait_for(
+        "all three to connect",
+        "window.t && wsClient.state === 'connected' && sseClient.state === 'connected' \
+         && t.raw.frames.includes('connection')",
+    )
+    .await;
+    assert_eq!(b.eval("wsClient.transport").await, "websocket");
+    assert!(b.eval("wsClient.expiresAt > Date.now()").await == true);
+
+    let mut ids = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for n in 0..60 {
+        tick.tick().await;
+        ids.push(server.publish(USER, n).await);
+    }
+    let expr = format!(
+        "t.websocket.notes.length >= {0} && t.sse.notes.length >= {0}",
+        ids.len()
+    );
+    b.wait_for("every notification on both clients", &expr)
+        .await;
+    let ws = b.eval("t.websocket").await;
+    let sse = b.eval("t.sse").await;
+    assert_eq!(ws["notes"], json!(ids), "WebSocket: each once, in order");
+    assert_eq!(sse["notes"], json!(ids), "SSE: each once, in order");
+
+    // WebSocket: one connection all along, refreshed in-band.
+    assert_eq!(ws["events"], json!([["connect", false]]), "{ws}");
+    let frames: Vec<&str> = ws["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        frames.iter().filter(|f| **f == "refreshed").count() >= 2,
+        "{frames:?}"
+    );
+    assert!(frames.iter().all(|f| *f == "refreshed"), "{frames:?}");
+
+    // SSE: a 4001 at each expiry, then at once a resuming connection.
+    let events = sse["events"].as_array().unwrap();
+    assert_eq!(events[0], json!(["connect", false]), "{sse}");
+    let expired = events.len() / 2;
+    assert!(expired >= 2, "{sse}");
+    for pair in events[1..].chunks(2) {
+        assert_eq!(
+            pair,
+            [
+                json!(["disconnect", 4001, "token expired"]),
+                json!(["connect", true])
+            ],
+            "{sse}"
+        );
+    }
+
+    // The raw page saw 4001 and came back with a new token.
+    let raw = b.eval("t.raw").await;
+    assert!(
+        raw["closes"]
+            .as_array()
+            .unwrap()
+            .contains(&json!([4001, "token expired"])),
+        "{raw}"
+    );
+    let connections = raw["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| *f == "connection")
+        .count();
+    assert!(connections >= 2, "{raw}");
+    b.eval("wsClient.disconnect(); sseClient.disconnect(); true")
+        .await;
+    server.stop().await;
+    eprintln!(
+        "token lifetime test: {:?}, {expired} SSE reconnects on 4001",
+        started.elapsed()
+    );
 }
