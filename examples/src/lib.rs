@@ -38,9 +38,17 @@
 //!   PGDN_REDIS_URL=redis://127.0.0.1:6379 cargo run -p pgdn-examples --example emitter -- demo-user
 //!   ```
 //!
+//! - `axum` (`examples/axum.rs`): the whole wire contract of the
+//!   `pgdn-server` binary in an axum 0.8 app, on pgdn-core alone: routing
+//!   and translation only (see "Embedding in an axum app" in the README).
+//!
+//!   ```text
+//!   cargo run -p pgdn-examples --example axum
+//!   ```
+//!
 //! Each prints, at startup, its address, ready tokens and curl commands.
-//! `tests/examples.rs` runs both apps on a free port and checks them end to
-//! end with a WebSocket client.
+//! `tests/examples.rs` runs the apps on a free port (the axum one as its
+//! own process) and checks them end to end with a WebSocket client.
 
 /// Used when `PGDN_PUBLISH_KEY` is not set. Never in production.
 pub const DEV_PUBLISH_KEY: &str = "dev-only-publish-key-change-me";

@@ -258,3 +258,164 @@ async fn emitter_progress_reaches_a_cluster_node() {
         ]
     );
 }
+
+/// The axum example's binary, built (or found fresh) once, with the
+/// profile of this test: run as a user would, not compiled in as a module.
+fn axum_example_binary() -> &'static std::path::Path {
+    static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        let mut build = std::process::Command::new(env!("CARGO"));
+        build.args(["build", "-q", "-p", "pgdn-examples", "--example", "axum"]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success(), "the axum example builds");
+        // This test runs from <target>/<profile>/deps; examples are next to it.
+        let deps = std::env::current_exe().unwrap();
+        let profile_dir = deps.parent().unwrap().parent().unwrap();
+        profile_dir.join(format!("examples/axum{}", std::env::consts::EXE_SUFFIX))
+    })
+}
+
+/// A running `cargo run -p pgdn-examples --example axum`; killed on drop.
+struct AxumExample {
+    child: std::process::Child,
+    addr: SocketAddr,
+    /// The stdout lines after the listening line (the dev banner, if any).
+    banner: Vec<String>,
+    /// Kept open: the example may still write.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Drop for AxumExample {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AxumExample {
+    /// Starts the example on a free port with `env` (and no other
+    /// `PGDN_*` variable); reads stdout through `banner_lines` lines
+    /// after the listening line (blocking reads on a pipe: events).
+    fn start(env: &[(&str, &str)], banner_lines: usize) -> AxumExample {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(axum_example_binary());
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PGDN_")) {
+            cmd.env_remove(k);
+        }
+        cmd.env("PGDN_ADDR", "127.0.0.1:0")
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().expect("the example starts");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut read_line = || {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "stdout ended");
+            line.trim_end().to_string()
+        };
+        let listening = read_line();
+        let addr = listening
+            .strip_prefix("pgdn axum example listening on http://")
+            .unwrap_or_else(|| panic!("a listening line, got {listening:?}"))
+            .parse()
+            .unwrap();
+        let banner = (0..banner_lines).map(|_| read_line()).collect();
+        AxumExample {
+            child,
+            addr,
+            banner,
+            _stdout: stdout,
+        }
+    }
+
+    /// The value after `label` on the banner line that contains it.
+    fn banner_value(&self, label: &str) -> String {
+        let line = self.banner.iter().find(|l| l.contains(label)).unwrap();
+        let value = line.split(label).nth(1).unwrap().trim();
+        value.split_whitespace().next().unwrap().to_string()
+    }
+}
+
+#[tokio::test]
+async fn axum_example_binary_serves_subscribers_and_publishers() {
+    let app = AxumExample::start(
+        &[
+            ("PGDN_JWT_SECRET", "axum-secret"),
+            ("PGDN_PUBLISH_KEY", "axum-key"),
+        ],
+        0,
+    );
+    let addr = app.addr;
+    let token = JwtAuthenticator::new("axum-secret")
+        .issue("u1", &["staff"], Duration::from_secs(60))
+        .unwrap();
+    let mut ws = subscribe(addr, &token).await;
+    assert_eq!(next(&mut ws).await["user_id"], "u1");
+
+    let http = reqwest::Client::new();
+    let publish = |body: Value| {
+        http.post(format!("http://{addr}/api/v1/publish"))
+            .bearer_auth("axum-key")
+            .json(&body)
+            .send()
+    };
+    let reply = publish(json!({"target":{"group":"staff"},"type":"info","payload":{"n":1}}))
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let receipt: Value = reply.json().await.unwrap();
+    assert_eq!(receipt["delivered"], 1);
+    let note = next(&mut ws).await;
+    assert_eq!(
+        (&note["id"], &note["payload"]),
+        (&receipt["id"], &json!({"n":1}))
+    );
+    let health = http.get(format!("http://{addr}/healthz")).send().await;
+    assert_eq!(health.unwrap().text().await.unwrap(), "ok");
+
+    // SIGTERM: every socket gets 1001 and the process exits with 0.
+    #[cfg(unix)]
+    {
+        let mut app = app;
+        let pid = app.child.id().to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        assert!(kill.unwrap().success());
+        assert_eq!(
+            next(&mut ws).await,
+            json!({"close": 1001, "reason": "server shutting down"})
+        );
+        assert!(app.child.wait().unwrap().success());
+    }
+}
+
+#[tokio::test]
+async fn axum_example_dev_mode_prints_working_credentials() {
+    let app = AxumExample::start(&[], 6);
+    let (key, token) = (
+        app.banner_value("Publish key:"),
+        app.banner_value("Token for demo-user:"),
+    );
+    let mut ws = subscribe(app.addr, &token).await;
+    assert_eq!(next(&mut ws).await["user_id"], "demo-user");
+    let reply = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/publish", app.addr))
+        .bearer_auth(&key)
+        .json(&json!({"target":{"user":"demo-user"},"type":"info","payload":{"title":"Hello"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    assert_eq!(next(&mut ws).await["payload"]["title"], "Hello");
+    assert!(
+        app.banner
+            .iter()
+            .any(|l| l.contains(&format!("Bearer {key}"))),
+        "a curl command with the key: {:#?}",
+        app.banner
+    );
+}

@@ -1,22 +1,49 @@
-//! End-to-end tests of pgdn-server over real sockets: every behaviour of
-//! PROTOCOL.md sections 1, 2, 3 and 5. One test binary (faster to link),
-//! one module per section.
+//! End-to-end tests over real sockets: every behaviour of PROTOCOL.md
+//! sections 1 to 5 and 7. One test binary (faster to link), one module per
+//! section, and every module twice: `warp::<module>::<test>` against the
+//! warp adapter (`pgdn_server::Pgdn`) and `axum::<module>::<test>` against
+//! the axum example (`examples/examples/axum.rs`), the same test bodies.
+//!
+//! A new suite file `server/x.rs` starts with `use super::common::*;` and
+//! is listed as `mod x;` in both modules below.
+
+// Each suite file is compiled twice, once per server, on purpose.
+#![allow(clippy::duplicate_mod)]
 
 mod common;
 
-#[path = "server/api.rs"]
-mod api;
-#[path = "server/auth.rs"]
-mod auth;
-#[path = "server/delivery.rs"]
-mod delivery;
-#[path = "server/frames.rs"]
-mod frames;
-#[path = "server/lifecycle.rs"]
-mod lifecycle;
-#[path = "server/lifetime.rs"]
-mod lifetime;
-#[path = "server/resume.rs"]
-mod resume;
-#[path = "server/sse.rs"]
-mod sse;
+/// `TestServer` is `TestServer<Warp>` here.
+#[path = "server"]
+mod warp {
+    mod common {
+        pub use crate::common::*;
+        pub type TestServer = crate::common::TestServer<Warp>;
+    }
+
+    mod api;
+    mod auth;
+    mod delivery;
+    mod frames;
+    mod lifecycle;
+    mod lifetime;
+    mod resume;
+    mod sse;
+}
+
+/// `TestServer` is `TestServer<Axum>` here.
+#[path = "server"]
+mod axum {
+    mod common {
+        pub use crate::common::*;
+        pub type TestServer = crate::common::TestServer<Axum>;
+    }
+
+    mod api;
+    mod auth;
+    mod delivery;
+    mod frames;
+    mod lifecycle;
+    mod lifetime;
+    mod resume;
+    mod sse;
+}

@@ -2,21 +2,33 @@
 //! real HTTP publishes. Waits are on events (frames, closes, watched
 //! counts), each bounded by a generous timeout so a bug fails instead of
 //! hanging.
+//!
+//! The server is either the warp adapter ([`pgdn_server::Pgdn`]) or the
+//! axum example (`examples/examples/axum.rs`, compiled in here as
+//! `axum_example`), both on the same [`Service`]: [`TestServer`] is
+//! generic over the [`Adapter`], and `tests/server.rs` includes every
+//! suite once per adapter, where `TestServer` names `TestServer<Warp>` or
+//! `TestServer<Axum>`.
 #![allow(dead_code, missing_docs)]
 
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use pgdn_core::Service;
 use pgdn_server::{Config, JwtAuthenticator, Pgdn};
 use serde_json::Value;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+#[path = "../../../examples/examples/axum.rs"]
+pub mod axum_example;
 
 pub const SECRET: &[u8] = b"test-secret";
 pub const KEY: &str = "test-publish-key";
@@ -25,45 +37,106 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-pub struct TestServer {
-    pub addr: SocketAddr,
-    pub pgdn: Pgdn,
-    pub auth: JwtAuthenticator,
-    pub http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+/// The web framework a [`TestServer`] serves pgdn with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `pgdn_server::Pgdn`: warp.
+    Warp,
+    /// The axum example's `router`.
+    Axum,
 }
 
-impl TestServer {
+/// A [`Backend`] as a type, so that `TestServer::start()` knows it.
+pub trait Adapter: 'static {
+    const BACKEND: Backend;
+}
+
+/// The warp adapter.
+pub struct Warp;
+/// The axum example.
+pub struct Axum;
+
+impl Adapter for Warp {
+    const BACKEND: Backend = Backend::Warp;
+}
+
+impl Adapter for Axum {
+    const BACKEND: Backend = Backend::Axum;
+}
+
+pub struct TestServer<A: Adapter> {
+    pub addr: SocketAddr,
+    /// The service behind the routes, whichever the adapter.
+    pub service: Service,
+    pub auth: JwtAuthenticator,
+    pub http: reqwest::Client,
+    /// Where the routes are mounted (`""` or e.g. `"/rt"`); [`TestServer::url`],
+    /// [`TestServer::ws_raw`] and what builds on them prepend it.
+    pub prefix: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    adapter: PhantomData<fn() -> A>,
+}
+
+impl<A: Adapter> TestServer<A> {
     pub async fn start() -> Self {
         Self::start_with(Config::default()).await
     }
 
     pub async fn start_with(config: Config) -> Self {
-        let pgdn = Pgdn::builder()
-            .config(config)
-            .jwt_secret(SECRET)
-            .publish_key(KEY)
-            .build()
-            .expect("valid config");
-        Self::start_pgdn(pgdn).await
+        Self::start_pgdn(build(config)).await
     }
 
+    /// Serves `pgdn`'s service: with `pgdn` itself on warp, with the axum
+    /// example's router on axum.
     pub async fn start_pgdn(pgdn: Pgdn) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_under("", pgdn).await
+    }
+
+    /// Serves the routes mounted under `prefix` (one segment, e.g. `/rt`):
+    /// `warp::path("rt").and(pgdn.routes())`, or
+    /// `Router::new().nest("/rt", router(service))`.
+    pub async fn start_under(prefix: &str, pgdn: Pgdn) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(pgdn.clone().serve(listener, async {
+        let stop = async {
             let _ = rx.await;
-        }));
+        };
+        let service = pgdn.service().clone();
+        let task = match (A::BACKEND, prefix) {
+            (Backend::Warp, "") => tokio::spawn(pgdn.serve(listener, stop)),
+            (Backend::Warp, prefix) => {
+                tokio::spawn(serve_warp_under(prefix.to_string(), pgdn, listener, stop))
+            }
+            (Backend::Axum, prefix) => {
+                let mut app = axum_example::router(service.clone());
+                if !prefix.is_empty() {
+                    app = axum::Router::new().nest(prefix, app);
+                }
+                let service = service.clone();
+                tokio::spawn(async move {
+                    axum_example::serve(listener, app, service, stop)
+                        .await
+                        .unwrap()
+                })
+            }
+        };
         TestServer {
             addr,
-            pgdn,
+            service,
             auth: JwtAuthenticator::new(SECRET),
             http: reqwest::Client::new(),
+            prefix: prefix.to_string(),
             stop: Some(tx),
             task: Some(task),
+            adapter: PhantomData,
         }
+    }
+
+    /// Which framework serves this server.
+    pub fn backend(&self) -> Backend {
+        A::BACKEND
     }
 
     /// Triggers shutdown and waits until `serve` returned.
@@ -80,7 +153,13 @@ impl TestServer {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("http://{}{}{}", self.addr, self.prefix, path)
+    }
+
+    /// The WebSocket URL (without query).
+    pub fn ws_url(&self) -> String {
+        let path = &self.service.config().ws_path;
+        format!("ws://{}{}{}", self.addr, self.prefix, path)
     }
 
     pub fn token(&self, user: &str, groups: &[&str]) -> String {
@@ -89,9 +168,9 @@ impl TestServer {
             .unwrap()
     }
 
-    /// Opens a WebSocket to `/ws` with a raw query string.
+    /// Opens a WebSocket to the WebSocket path with a raw query string.
     pub async fn ws_raw(&self, query: &str) -> Ws {
-        let url = format!("ws://{}/ws{}", self.addr, query);
+        let url = format!("{}{}", self.ws_url(), query);
         let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
             .await
             .expect("connect in time")
@@ -109,15 +188,12 @@ impl TestServer {
 
     /// Connects with the token in `Authorization: Bearer`.
     pub async fn connect_bearer(&self, token: &str) -> Ws {
-        let mut req = format!("ws://{}/ws", self.addr)
-            .into_client_request()
-            .unwrap();
+        let mut req = self.ws_url().into_client_request().unwrap();
         req.headers_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
         let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         ws
     }
-
     pub async fn post(
         &self,
         path: &str,
@@ -170,12 +246,44 @@ impl TestServer {
 
     /// Waits until this node has exactly `n` open connections.
     pub async fn wait_connections(&self, n: usize) {
-        let mut rx = self.pgdn.hub().watch_connections();
+        let mut rx = self.service.hub().watch_connections();
         tokio::time::timeout(WAIT, rx.wait_for(|c| *c == n))
             .await
             .unwrap_or_else(|_| panic!("never reached {n} connections"))
             .unwrap();
     }
+}
+
+/// A pgdn with the test secret and key.
+pub fn build(config: Config) -> Pgdn {
+    Pgdn::builder()
+        .config(config)
+        .jwt_secret(SECRET)
+        .publish_key(KEY)
+        .build()
+        .expect("valid config")
+}
+
+/// What `Pgdn::serve` does, for routes mounted under `prefix`.
+async fn serve_warp_under(
+    prefix: String,
+    pgdn: Pgdn,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    use warp::Filter;
+    let service = pgdn.service().clone();
+    let signal = async move {
+        stop.await;
+        service.begin_shutdown();
+    };
+    let segment = prefix.trim_start_matches('/').to_string();
+    warp::serve(warp::path(segment).and(pgdn.routes()))
+        .incoming(listener)
+        .graceful(signal)
+        .run()
+        .await;
+    pgdn.shutdown().await;
 }
 
 pub struct Client {

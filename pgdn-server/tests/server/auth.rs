@@ -6,7 +6,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pgdn_server::jwt::Claims;
 use serde_json::json;
 
-use crate::common::*;
+use super::common::*;
 
 fn now() -> u64 {
     SystemTime::now()

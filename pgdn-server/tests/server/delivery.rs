@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::common::*;
+use super::common::*;
 
 #[tokio::test]
 async fn a_user_with_three_tabs_gets_three_copies_and_nobody_else_does() {
@@ -125,7 +125,7 @@ async fn in_process_publishing_through_the_hub() {
     use pgdn_server::MessageType;
     let s = TestServer::start().await;
     let mut c = s.connect("u1", &["g"]).await;
-    let hub = s.pgdn.hub();
+    let hub = s.service.hub();
     let r = hub
         .notify_user("u1", MessageType::info(), json!({"from":"handler"}))
         .await

@@ -6,7 +6,7 @@ use pgdn_server::{Config, Identity};
 use serde_json::{Map, Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::*;
+use super::common::*;
 
 #[tokio::test]
 async fn ping_gets_pong_with_the_same_timestamp() {
@@ -87,7 +87,7 @@ async fn invalid_frames_get_error_frames_and_the_connection_stays_open() {
 #[tokio::test]
 async fn custom_handlers_get_the_senders_identity_and_can_reply() {
     let s = TestServer::start().await;
-    let hub = s.pgdn.hub().clone();
+    let hub = s.service.hub().clone();
     let relay = hub.clone();
     hub.register_handler("chat", move |who: Identity, frame: Map<String, Value>| {
         let relay = relay.clone();
@@ -186,5 +186,52 @@ async fn the_websocket_path_is_configurable() {
     assert_eq!(c.user_id(), "u1");
     let res = s.http.get(s.url("/ws")).send().await.unwrap();
     assert_eq!(res.status(), 404, "the default path is not served");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn every_route_works_mounted_under_a_path_prefix() {
+    // warp: `warp::path("rt").and(pgdn.routes())`; axum: `nest("/rt", router(service))`.
+    let s = TestServer::start_under("/rt", build(Config::default())).await;
+    // The WebSocket at /rt/ws, the API at /rt/api/v1.
+    let mut c = s.connect("u1", &[]).await;
+    let reply = s
+        .publish(json!({"target":{"user":"u1"},"type":"info","payload":{"n":1}}))
+        .await;
+    assert_eq!(reply["delivered"], 1);
+    assert_eq!(c.next().await["id"], reply["id"]);
+    c.roundtrip("under-prefix").await;
+    // Server-Sent Events at /rt/sse.
+    let res = s
+        .http
+        .get(s.url(&format!("/sse?token={}", s.token("u2", &[]))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut body = res.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(WAIT, body.next()).await.unwrap();
+        text.push_str(std::str::from_utf8(&chunk.unwrap().unwrap()).unwrap());
+    }
+    let hello: Value = serde_json::from_str(text.trim().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(hello["user_id"], "u2", "{text}");
+    assert_eq!(s.stats().await["total_connections"], 2);
+    let health = s.http.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.text().await.unwrap(), "ok");
+    // Nothing is served outside the prefix.
+    for path in ["/ws", "/sse", "/api/v1/stats", "/healthz"] {
+        let res = s
+            .http
+            .get(format!("http://{}{path}", s.addr))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 404, "{path}");
+    }
+    drop(body);
     s.stop().await;
 }

@@ -4,7 +4,7 @@ use pgdn_core::QueueLimits;
 use pgdn_server::Config;
 use serde_json::json;
 
-use crate::common::*;
+use super::common::*;
 
 #[tokio::test]
 async fn a_slow_consumer_is_cut_off_with_1013_while_the_others_keep_receiving() {
@@ -20,7 +20,7 @@ async fn a_slow_consumer_is_cut_off_with_1013_while_the_others_keep_receiving() 
     // buffers hold a few MiB, so this takes some hundreds of messages; the
     // bound only stops a broken server from looping forever.
     let cut = || {
-        s.pgdn
+        s.service
             .hub()
             .connections_of("slow")
             .first()
@@ -90,7 +90,7 @@ async fn shutdown_closes_every_connection_with_1001() {
     let s = TestServer::start().await;
     let mut a = s.connect("a", &[]).await;
     let mut b = s.connect("b", &[]).await;
-    let pgdn = s.pgdn.clone();
+    let service = s.service.clone();
     let addr = s.addr;
     s.stop().await;
     assert_eq!(
@@ -101,7 +101,7 @@ async fn shutdown_closes_every_connection_with_1001() {
         b.expect_close().await,
         (1001, "server shutting down".to_string())
     );
-    assert_eq!(pgdn.hub().stats().total_connections, 0);
+    assert_eq!(service.hub().stats().total_connections, 0);
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "no longer accepting"
@@ -114,7 +114,7 @@ async fn kicking_a_user_closes_all_their_tabs_with_1008() {
     let mut t1 = s.connect("kick", &[]).await;
     let mut t2 = s.connect("kick", &[]).await;
     let mut other = s.connect("stay", &[]).await;
-    assert_eq!(s.pgdn.hub().disconnect_user("kick"), 2);
+    assert_eq!(s.service.hub().disconnect_user("kick"), 2);
     assert_eq!(t1.expect_close().await.0, 1008);
     assert_eq!(t2.expect_close().await.0, 1008);
     s.wait_connections(1).await;
@@ -147,7 +147,7 @@ async fn the_server_pings_and_drops_peers_that_stay_silent() {
     }
     s.wait_connections(1).await;
     assert_eq!(
-        s.pgdn.hub().connections_of("alive").len(),
+        s.service.hub().connections_of("alive").len(),
         1,
         "the live one stays"
     );

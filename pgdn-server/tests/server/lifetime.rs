@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::*;
+use super::common::*;
 
 fn now() -> u64 {
     SystemTime::now()

@@ -6,7 +6,7 @@ use pgdn_core::HistoryConfig;
 use pgdn_server::Config;
 use serde_json::{Value, json};
 
-use crate::common::*;
+use super::common::*;
 
 async fn connect_since(s: &TestServer, user: &str, since: &str) -> Client {
     let ws = s

@@ -8,7 +8,7 @@ use pgdn_core::QueueLimits;
 use pgdn_server::Config;
 use serde_json::{Value, json};
 
-use crate::common::*;
+use super::common::*;
 
 /// One event of the stream: its `id:` (if any) and its `data:` as JSON;
 /// comments come as `data: None` with the comment text in `comment`.
@@ -222,7 +222,7 @@ async fn sse_keepalive_comments_and_close_events() {
         assert_eq!(ev.comment.as_deref(), Some("keepalive"), "{ev:?}");
     }
     // Kicked: the close event with 1008, then the stream ends.
-    assert_eq!(s.pgdn.hub().disconnect_user("u1"), 1);
+    assert_eq!(s.service.hub().disconnect_user("u1"), 1);
     let close = sse.next_data().await;
     assert_eq!(
         close,
@@ -254,7 +254,7 @@ async fn a_slow_sse_consumer_is_cut_off_while_the_others_keep_receiving() {
     let pad = "x".repeat(32 * 1024);
     let mut published = 0;
     let cut = || {
-        s.pgdn
+        s.service
             .hub()
             .connections_of("slow")
             .first()
