@@ -138,3 +138,58 @@ async fn a_publish_after_the_connection_frame_reaches_the_socket() {
     }
     s.stop().await;
 }
+
+/// An app's own authenticator sees the request's headers and the peer's
+/// address: a logged-in browser connects with its session cookie alone.
+#[tokio::test]
+async fn an_authenticator_can_read_cookies_and_the_peer_address() {
+    use pgdn_server::{AuthError, AuthRequest, Authenticator, Identity, Pgdn};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    struct CookieSessions;
+
+    #[async_trait::async_trait]
+    impl Authenticator for CookieSessions {
+        async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Identity, AuthError> {
+            let peer = req.remote_addr.ok_or(AuthError::InvalidIdentity)?;
+            assert!(peer.ip().is_loopback(), "{peer}");
+            match req.cookie("sid") {
+                Some("alice-session") => Ok(Identity::new("alice", ["staff"])),
+                Some(_) => Err(AuthError::InvalidToken("unknown session".into())),
+                None => Err(AuthError::MissingToken),
+            }
+        }
+    }
+
+    let pgdn = Pgdn::builder()
+        .authenticator(CookieSessions)
+        .publish_key(KEY)
+        .build()
+        .unwrap();
+    let s = TestServer::start_pgdn(pgdn).await;
+    let mut req = s.ws_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("cookie", "theme=dark; sid=alice-session".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let c = Client::after_upgrade(ws).await;
+    assert_eq!(c.user_id(), "alice");
+    // Over SSE too; a wrong cookie is refused with the reason.
+    let res = s
+        .http
+        .get(s.url("/sse"))
+        .header("cookie", "sid=mallory")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let res = s
+        .http
+        .get(s.url("/sse"))
+        .header("cookie", "sid=alice-session")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    s.wait_connections(2).await;
+    s.stop().await;
+}

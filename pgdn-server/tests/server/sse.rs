@@ -293,3 +293,37 @@ async fn the_sse_path_is_configurable() {
     assert_eq!(res.status(), 404, "the default path is not served");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_cross_origin_sse_request_gets_its_origin_allowed_without_credentials() {
+    let s = TestServer::start().await;
+    let origin = "http://app.example:3000";
+    let res = s
+        .http
+        .get(s.url(&format!("/sse?token={}", s.token("u1", &[]))))
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["access-control-allow-origin"], origin);
+    assert!(
+        res.headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    let res = s
+        .http
+        .get(s.url("/sse"))
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        origin,
+        "so the page can read why"
+    );
+    s.stop().await;
+}
