@@ -234,11 +234,7 @@ Log out:    curl -sS -X POST http://{addr}/logout -H 'Authorization: Bearer bob-
 "#
     );
 
-    warp::serve(app(&pgdn, &sessions))
-        .incoming(listener)
-        .graceful(shutdown_signal())
-        .run()
+    pgdn.serve_routes(app(&pgdn, &sessions), listener, shutdown_signal())
         .await;
-    pgdn.shutdown().await;
     Ok(())
 }

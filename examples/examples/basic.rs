@@ -133,12 +133,8 @@ Or through pgdn's publish API:
 "#
     );
 
-    // Stop accepting on Ctrl-C / SIGTERM, then close every WebSocket with 1001.
-    warp::serve(app(&pgdn))
-        .incoming(listener)
-        .graceful(shutdown_signal())
-        .run()
+    // Stop accepting on Ctrl-C / SIGTERM, then close every connection with 1001.
+    pgdn.serve_routes(app(&pgdn), listener, shutdown_signal())
         .await;
-    pgdn.shutdown().await;
     Ok(())
 }

@@ -265,6 +265,23 @@ impl Pgdn {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
+        let routes = self.routes();
+        self.serve_routes(routes, listener, shutdown).await;
+    }
+
+    /// Like [`Pgdn::serve`], for an app's own routes that include pgdn's
+    /// (`app.or(pgdn.routes())`). Use it rather than warp's `graceful`
+    /// alone: warp waits for open HTTP connections, and Server-Sent Events
+    /// streams end only once pgdn begins its shutdown.
+    pub async fn serve_routes<F>(
+        &self,
+        routes: F,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) where
+        F: Filter<Error = Rejection> + Clone + Send + Sync + 'static,
+        F::Extract: Reply,
+    {
         let this = self.clone();
         let (began, began_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
@@ -272,7 +289,7 @@ impl Pgdn {
             this.service.begin_shutdown();
             let _ = began.send(());
         };
-        let server = warp::serve(self.routes())
+        let server = warp::serve(routes)
             .incoming(listener)
             .graceful(signal)
             .run();

@@ -272,18 +272,9 @@ async fn serve_warp_under(
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     use warp::Filter;
-    let service = pgdn.service().clone();
-    let signal = async move {
-        stop.await;
-        service.begin_shutdown();
-    };
     let segment = prefix.trim_start_matches('/').to_string();
-    warp::serve(warp::path(segment).and(pgdn.routes()))
-        .incoming(listener)
-        .graceful(signal)
-        .run()
-        .await;
-    pgdn.shutdown().await;
+    let routes = warp::path(segment).and(pgdn.routes());
+    pgdn.serve_routes(routes, listener, stop).await;
 }
 
 pub struct Client {
