@@ -141,6 +141,11 @@ struct Queue {
     frames: VecDeque<Frame>,
     bytes: usize,
     closed: Option<DisconnectReason>,
+    /// Frames and bytes of a resume replay being written outside the
+    /// queue: they count toward the bounds until written, so that a replay
+    /// plus what queues meanwhile never exceeds them.
+    reserved_frames: usize,
+    reserved_bytes: usize,
     /// Sequence numbers already sent by a resume replay, not to be sent
     /// again, and the highest of them. Boxed: only connections that resumed
     /// pay for it, and only until the queue moves past the highest.
@@ -265,7 +270,9 @@ impl Connection {
                 return Err(SendError::Closed);
             }
             let limits = self.shared.limits;
-            if q.frames.len() >= limits.max_frames || q.bytes + frame.len() > limits.max_bytes {
+            if q.frames.len() + q.reserved_frames >= limits.max_frames
+                || q.bytes + q.reserved_bytes + frame.len() > limits.max_bytes
+            {
                 q.closed = Some(DisconnectReason::SlowConsumer);
                 q.frames.clear();
                 q.bytes = 0;
@@ -364,6 +371,27 @@ impl Outbox {
         }
     }
 
+    /// The queue's bounds.
+    pub fn limits(&self) -> QueueLimits {
+        self.shared.limits
+    }
+
+    /// Counts `frames` frames of `bytes` bytes, written outside the queue
+    /// (a resume replay), toward its bounds until
+    /// [`Outbox::release_reserved`].
+    pub fn reserve(&self, frames: usize, bytes: usize) {
+        let mut q = self.shared.lock();
+        q.reserved_frames = frames;
+        q.reserved_bytes = bytes;
+    }
+
+    /// Ends a [`Outbox::reserve`]: the replay was written.
+    pub fn release_reserved(&self) {
+        let mut q = self.shared.lock();
+        q.reserved_frames = 0;
+        q.reserved_bytes = 0;
+    }
+
     /// Drops, from now on, queued messages whose sequence number is in
     /// `seqs`: the transport has just sent them in a resume replay. Only
     /// messages delivered before the replay was read can be among them.
@@ -442,6 +470,20 @@ mod tests {
             Err(DisconnectReason::SlowConsumer)
         );
         assert!(buf.is_empty(), "a slow consumer's backlog is dropped");
+    }
+
+    #[tokio::test]
+    async fn a_reserved_replay_counts_toward_the_bounds() {
+        let (conn, outbox) = pair(QueueLimits::default().max_frames(4).max_bytes(100));
+        outbox.reserve(3, 60);
+        conn.try_send(Bytes::from(vec![0; 30])).unwrap();
+        assert_eq!(conn.try_send(Bytes::from(vec![0; 1])), Err(SendError::Full));
+        let (conn, outbox) = pair(QueueLimits::default().max_frames(4).max_bytes(100));
+        outbox.reserve(3, 60);
+        outbox.release_reserved();
+        for _ in 0..3 {
+            conn.try_send(Bytes::from(vec![0; 30])).unwrap();
+        }
     }
 
     #[tokio::test]

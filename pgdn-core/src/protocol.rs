@@ -200,14 +200,9 @@ impl Session {
             user = conn.user_id(),
             "subscriber connected"
         );
-        let greeting = tokio::time::timeout(
-            config.write_timeout,
-            greet(&mut transport, &conn, &outbox, replay),
-        );
-        let reason = match greeting.await {
-            Ok(true) => serve(&mut transport, &service, &conn, &outbox).await,
-            Ok(false) => DisconnectReason::TransportError,
-            Err(_) => DisconnectReason::SlowConsumer,
+        let reason = match greet(&mut transport, &service, &conn, &outbox, replay).await {
+            Ok(()) => serve(&mut transport, &service, &conn, &outbox).await,
+            Err(reason) => reason,
         };
         let reason = outbox.mark_closed(reason);
         if let Some((code, why)) = reason.close_frame() {
@@ -225,17 +220,42 @@ impl Session {
 
 /// Writes the connection frame, then, for a resuming client, `history_gap`
 /// if the window does not reach back and the replayed messages, all before
-/// any live traffic (PROTOCOL.md section 4). False when the transport
-/// failed.
+/// any live traffic (PROTOCOL.md section 4).
+///
+/// The replay counts toward the connection's outbound bound: what does not
+/// fit is dropped, oldest first, and reported as a gap (the client
+/// refetches state rather than being cut off at every resume); while it
+/// is written, live frames queue against what is left of the bound. The
+/// write has the write timeout, and stops at once when the hub closes the
+/// connection meanwhile (its queue overflowed: 1013).
 async fn greet<T: Transport>(
     t: &mut T,
+    service: &Service,
     conn: &Connection,
     outbox: &Outbox,
     replay: Option<Replay>,
-) -> bool {
+) -> Result<(), DisconnectReason> {
     let hello = ConnectionFrame::new(conn.user_id(), conn.wire_id()).to_json();
     let mut frames = vec![Frame::reply(hello)];
-    if let Some(replay) = replay {
+    if let Some(mut replay) = replay {
+        // Room for the connection frame and `history_gap`, and for at
+        // least one live frame to queue meanwhile.
+        let limits = outbox.limits();
+        let max_frames = limits.max_frames.saturating_sub(3);
+        let max_bytes = limits.max_bytes.saturating_sub(1024);
+        let mut bytes = 0usize;
+        let mut keep = 0usize;
+        for (_, frame) in replay.frames.iter().rev() {
+            if keep == max_frames || bytes + frame.len() > max_bytes {
+                break;
+            }
+            bytes += frame.len();
+            keep += 1;
+        }
+        if keep < replay.frames.len() {
+            replay.frames.drain(..replay.frames.len() - keep);
+            replay.gap = true;
+        }
         if replay.gap {
             let gap = ErrorFrame::new(
                 ErrorCode::HistoryGap,
@@ -243,6 +263,7 @@ async fn greet<T: Transport>(
             );
             frames.push(Frame::reply(gap.to_json()));
         }
+        outbox.reserve(keep, bytes);
         outbox.skip_replayed(replay.frames.iter().map(|(seq, _)| *seq));
         frames.extend(
             replay
@@ -251,7 +272,9 @@ async fn greet<T: Transport>(
                 .map(|(seq, data)| Frame { seq, data }),
         );
     }
-    t.send(&mut frames).await.is_ok()
+    let written = write_queued(t, service, outbox, &mut frames).await;
+    outbox.release_reserved();
+    written
 }
 
 /// The connection's main loop; returns why it ended.

@@ -28,6 +28,7 @@ mod warp {
     mod lifetime;
     mod resume;
     mod sse;
+    mod stalled;
 }
 
 /// `TestServer` is `TestServer<Axum>` here.
@@ -46,4 +47,5 @@ mod axum {
     mod lifetime;
     mod resume;
     mod sse;
+    mod stalled;
 }
