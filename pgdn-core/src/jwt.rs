@@ -1,10 +1,25 @@
-//! The built-in authenticator: HS256 JWTs (the `jsonwebtoken` crate), on
-//! by default through the `jwt` feature, usable by any adapter.
+//! The built-in authenticator: JWTs (the `jsonwebtoken` crate), on by
+//! default through the `jwt` feature, usable by any adapter.
 //!
 //! `sub` is the user id and the `groups` claim (array of strings) the groups;
 //! `exp` is required and enforced with at most 60 s of leeway, at connect
-//! and on live connections (the identity expires at `exp` + leeway); the
-//! algorithm is pinned to HS256, so a token signed with anything else (or
+//! and on live connections (the identity expires at `exp` + leeway). The
+//! other registered claims are checked too:
+//!
+//! - `nbf` (when present): refused before `nbf` - leeway;
+//! - `iat` (when present): refused when it is more than the leeway in the
+//!   future (a token cannot be issued later than now);
+//! - `iss`: checked only when issuers are configured ([`JwtAuthenticator::issuer`]);
+//!   the claim is then required;
+//! - `aud`: checked only when audiences are configured
+//!   ([`JwtAuthenticator::audience`]); the claim is then required. With no
+//!   audience configured a token carrying `aud` is accepted, since most
+//!   libraries put one in by default;
+//! - lifetime: with [`JwtAuthenticator::max_lifetime`], `exp - iat` (or
+//!   `exp - now` for a token without `iat`) must not exceed it.
+//!
+//! The algorithm is pinned to the key: HS256 for a shared secret
+//! ([`JwtAuthenticator::new`]), so a token signed with anything else (or
 //! `none`) is refused.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,10 +29,11 @@ use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// Default leeway allowed on `exp`, in seconds (PROTOCOL.md: at most 60).
+/// Default leeway allowed on `exp`, `nbf` and `iat`, in seconds
+/// (PROTOCOL.md: at most 60).
 pub const LEEWAY_SECS: u64 = 60;
 
-/// The claims pgdn reads and writes.
+/// The claims pgdn writes (and reads: `sub`, `groups`, `exp`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user id.
@@ -30,50 +46,128 @@ pub struct Claims {
     pub exp: u64,
 }
 
-/// Verifies HS256 JWTs signed with one shared secret.
+/// What a verified token yields: [`Claims`] plus `iat`, which the lifetime
+/// rules read (`nbf`, `iss` and `aud` are checked by `jsonwebtoken`).
+#[derive(Deserialize)]
+struct Verified {
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    exp: u64,
+    /// Seconds since the epoch; some libraries write fractions.
+    #[serde(default)]
+    iat: Option<f64>,
+}
+
+/// The verification key and the one algorithm it accepts.
+#[derive(Clone)]
+enum Keys {
+    /// One fixed key: a shared secret (HS256) or a public key.
+    Static {
+        decoding: DecodingKey,
+        /// Only for a shared secret: tokens can then be issued too.
+        encoding: Option<EncodingKey>,
+    },
+}
+
+/// Verifies JWTs: HS256 with a shared secret.
 #[derive(Clone)]
 pub struct JwtAuthenticator {
-    decoding: DecodingKey,
-    encoding: EncodingKey,
+    keys: Keys,
     validation: Validation,
     leeway: u64,
+    max_lifetime: Option<Duration>,
 }
 
 impl std::fmt::Debug for JwtAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret.
-        f.debug_struct("JwtAuthenticator").finish_non_exhaustive()
+        f.debug_struct("JwtAuthenticator")
+            .field("algorithms", &self.validation.algorithms)
+            .field("issuers", &self.validation.iss)
+            .field("audiences", &self.validation.aud)
+            .field("leeway", &self.leeway)
+            .field("max_lifetime", &self.max_lifetime)
+            .finish_non_exhaustive()
     }
 }
 
 impl JwtAuthenticator {
-    /// An authenticator for tokens signed with `secret`, with the default
-    /// leeway of 60 s on `exp`.
+    /// An authenticator for HS256 tokens signed with `secret`, with the
+    /// default leeway of 60 s.
     pub fn new(secret: impl AsRef<[u8]>) -> Self {
         let secret = secret.as_ref();
-        let mut validation = Validation::new(Algorithm::HS256);
+        Self::with_keys(
+            Keys::Static {
+                decoding: DecodingKey::from_secret(secret),
+                encoding: Some(EncodingKey::from_secret(secret)),
+            },
+            Algorithm::HS256,
+        )
+    }
+
+    fn with_keys(keys: Keys, algorithm: Algorithm) -> Self {
+        let mut validation = Validation::new(algorithm);
         validation.validate_exp = true;
+        validation.validate_nbf = true;
+        // Checked only against configured audiences (see `audience`).
+        validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp"]);
         JwtAuthenticator {
-            decoding: DecodingKey::from_secret(secret),
-            encoding: EncodingKey::from_secret(secret),
+            keys,
             validation,
             leeway: 0,
+            max_lifetime: None,
         }
         .leeway(Duration::from_secs(LEEWAY_SECS))
     }
 
-    /// Sets the leeway on `exp` (whole seconds, at most 60: PROTOCOL.md
-    /// section 1): a token is accepted, and a live connection kept, until
-    /// `exp` + leeway. Zero makes expiry exact.
+    /// Sets the leeway on `exp`, `nbf` and `iat` (whole seconds, at most
+    /// 60: PROTOCOL.md section 1): a token is accepted, and a live
+    /// connection kept, until `exp` + leeway. Zero makes expiry exact.
     pub fn leeway(mut self, leeway: Duration) -> Self {
         self.leeway = leeway.as_secs().min(LEEWAY_SECS);
         self.validation.leeway = self.leeway;
         self
     }
 
+    /// Accepts only tokens whose `iss` is `issuer` (or, called several
+    /// times, one of the issuers given); a token without `iss` is refused.
+    pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.validation
+            .iss
+            .get_or_insert_with(Default::default)
+            .insert(issuer.into());
+        self.validation.required_spec_claims.insert("iss".into());
+        self
+    }
+
+    /// Accepts only tokens whose `aud` names `audience` (or, called several
+    /// times, one of the audiences given); a token without `aud` is
+    /// refused. Without any, `aud` is not checked.
+    pub fn audience(mut self, audience: impl Into<String>) -> Self {
+        self.validation
+            .aud
+            .get_or_insert_with(Default::default)
+            .insert(audience.into());
+        self.validation.validate_aud = true;
+        self.validation.required_spec_claims.insert("aud".into());
+        self
+    }
+
+    /// Refuses tokens valid for longer than `max`: `exp - iat`, or
+    /// `exp - now` for a token without `iat`. A leaked long-lived token is
+    /// then useless, whoever minted it.
+    pub fn max_lifetime(mut self, max: Duration) -> Self {
+        self.max_lifetime = Some(max);
+        self
+    }
+
     /// Issues a token for `user_id` in `groups`, valid for `ttl`: for dev
-    /// mode, tests and backends that mint their own tokens.
+    /// mode, tests and backends that mint their own tokens. Only an
+    /// authenticator made with a secret can issue (others have no private
+    /// key): the error is then `InvalidKeyFormat`.
     pub fn issue(
         &self,
         user_id: &str,
@@ -93,9 +187,65 @@ impl JwtAuthenticator {
         })
     }
 
-    /// Signs arbitrary claims (for tests of odd tokens).
-    pub fn encode(&self, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+    /// Signs arbitrary claims with the secret, HS256 (for tests of odd
+    /// tokens). Fails with `InvalidKeyFormat` without a secret.
+    pub fn encode<T: Serialize>(&self, claims: &T) -> Result<String, jsonwebtoken::errors::Error> {
+        match &self.keys {
+            Keys::Static {
+                encoding: Some(encoding),
+                ..
+            } => jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, encoding),
+            _ => Err(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat.into()),
+        }
+    }
+
+    /// The lifetime and `iat` rules, on claims whose signature, `exp`,
+    /// `nbf`, `iss` and `aud` already passed.
+    fn check_times(&self, claims: &Verified) -> Result<(), AuthError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let exp = claims.exp as f64;
+        if let Some(iat) = claims.iat {
+            if !iat.is_finite() {
+                return Err(AuthError::InvalidToken("malformed".into()));
+            }
+            if iat > now + self.leeway as f64 {
+                return Err(AuthError::InvalidToken("issued in the future".into()));
+            }
+        }
+        if let Some(max) = self.max_lifetime {
+            let lifetime = exp - claims.iat.unwrap_or(now);
+            if lifetime > max.as_secs_f64() {
+                return Err(AuthError::InvalidToken("lifetime too long".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The shortest HS256 secret [`JwtAuthenticator::try_new`] (and
+/// [`ServiceBuilder::jwt_secret`](crate::ServiceBuilder::jwt_secret))
+/// accept, in bytes: HS256 keys should be at least as long as the hash
+/// (RFC 7518 section 3.2), and anything shorter invites a brute force.
+pub const MIN_SECRET_LEN: usize = 32;
+
+impl JwtAuthenticator {
+    /// Like [`JwtAuthenticator::new`], refusing a secret shorter than
+    /// [`MIN_SECRET_LEN`] bytes (an empty one included: with it, anyone
+    /// can sign tokens for any user and group). `new` itself takes any
+    /// secret, for tests that use short ones on purpose.
+    pub fn try_new(secret: impl AsRef<[u8]>) -> crate::Result<Self> {
+        let secret = secret.as_ref();
+        if secret.len() < MIN_SECRET_LEN {
+            // Never name the secret itself.
+            return Err(crate::Error::Config(format!(
+                "the JWT secret must be at least {MIN_SECRET_LEN} bytes; this one has {}",
+                secret.len()
+            )));
+        }
+        Ok(Self::new(secret))
     }
 }
 
@@ -103,9 +253,11 @@ impl JwtAuthenticator {
 impl Authenticator for JwtAuthenticator {
     async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Identity, AuthError> {
         let token = req.require_token()?;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let Keys::Static { decoding, .. } = &self.keys;
+        let data = jsonwebtoken::decode::<Verified>(token, decoding, &self.validation)
             // The error names what failed (signature, expiry, format), never the token.
             .map_err(|e| AuthError::InvalidToken(e.kind_description()))?;
+        self.check_times(&data.claims)?;
         let user_id = data.claims.sub.unwrap_or_default();
         let expires_at =
             UNIX_EPOCH + Duration::from_secs(data.claims.exp.saturating_add(self.leeway));
@@ -130,6 +282,8 @@ impl KindDescription for jsonwebtoken::errors::Error {
             ErrorKind::InvalidAlgorithm => "algorithm not allowed".into(),
             ErrorKind::MissingRequiredClaim(c) => format!("missing claim {c}"),
             ErrorKind::ImmatureSignature => "not yet valid".into(),
+            ErrorKind::InvalidIssuer => "wrong issuer".into(),
+            ErrorKind::InvalidAudience => "wrong audience".into(),
             _ => "malformed".into(),
         }
     }
@@ -250,6 +404,204 @@ mod tests {
             auth.authenticate(&AuthRequest::token(&no_exp)).await,
             Err(AuthError::InvalidToken(_))
         ));
+    }
+
+    async fn check(auth: &JwtAuthenticator, token: &str) -> Result<Identity, AuthError> {
+        auth.authenticate(&AuthRequest::token(token)).await
+    }
+
+    fn refused(reason: &str) -> Result<Identity, AuthError> {
+        Err(AuthError::InvalidToken(reason.into()))
+    }
+
+    #[tokio::test]
+    async fn nbf_in_the_future_is_refused_beyond_the_leeway() {
+        let auth = JwtAuthenticator::new(b"secret");
+        let at = |nbf: u64| {
+            auth.encode(&serde_json::json!({"sub": "u1", "exp": now() + 600, "nbf": nbf}))
+                .unwrap()
+        };
+        assert_eq!(
+            check(&auth, &at(now() + 300)).await,
+            refused("not yet valid")
+        );
+        assert!(check(&auth, &at(now() + 30)).await.is_ok(), "within leeway");
+        assert!(check(&auth, &at(now() - 30)).await.is_ok());
+        let exact = auth.clone().leeway(Duration::ZERO);
+        assert_eq!(
+            check(&exact, &at(now() + 30)).await,
+            refused("not yet valid")
+        );
+        let bad = auth
+            .encode(&serde_json::json!({"sub": "u1", "exp": now() + 600, "nbf": "soon"}))
+            .unwrap();
+        assert_eq!(check(&auth, &bad).await, refused("malformed"));
+    }
+
+    #[tokio::test]
+    async fn iat_in_the_future_is_refused_beyond_the_leeway() {
+        let auth = JwtAuthenticator::new(b"secret");
+        let at = |iat: serde_json::Value| {
+            auth.encode(&serde_json::json!({"sub": "u1", "exp": now() + 7200, "iat": iat}))
+                .unwrap()
+        };
+        assert_eq!(
+            check(&auth, &at((now() + 3600).into())).await,
+            refused("issued in the future")
+        );
+        assert!(
+            check(&auth, &at((now() + 30).into())).await.is_ok(),
+            "within leeway"
+        );
+        assert!(check(&auth, &at((now() - 30).into())).await.is_ok());
+        assert!(
+            check(&auth, &at((now() as f64 - 0.5).into())).await.is_ok(),
+            "fractional iat"
+        );
+        assert_eq!(
+            check(&auth, &at("yesterday".into())).await,
+            refused("malformed")
+        );
+        let exact = auth.clone().leeway(Duration::ZERO);
+        assert_eq!(
+            check(&exact, &at((now() + 30).into())).await,
+            refused("issued in the future")
+        );
+    }
+
+    #[tokio::test]
+    async fn issuer_is_checked_when_configured() {
+        let minted = JwtAuthenticator::new(b"secret");
+        let from = |iss: Option<&str>| {
+            let mut claims = serde_json::json!({"sub": "u1", "exp": now() + 60});
+            if let Some(iss) = iss {
+                claims["iss"] = iss.into();
+            }
+            minted.encode(&claims).unwrap()
+        };
+        // Not configured: any issuer, or none.
+        assert!(check(&minted, &from(Some("anyone"))).await.is_ok());
+        assert!(check(&minted, &from(None)).await.is_ok());
+
+        let auth = JwtAuthenticator::new(b"secret").issuer("https://idp.example");
+        assert!(
+            check(&auth, &from(Some("https://idp.example")))
+                .await
+                .is_ok()
+        );
+        assert_eq!(
+            check(&auth, &from(Some("https://evil.example"))).await,
+            refused("wrong issuer")
+        );
+        assert_eq!(
+            check(&auth, &from(None)).await,
+            refused("missing claim iss")
+        );
+        let two = auth.issuer("https://other.example");
+        assert!(
+            check(&two, &from(Some("https://other.example")))
+                .await
+                .is_ok()
+        );
+        assert!(
+            check(&two, &from(Some("https://idp.example")))
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn audience_is_checked_only_when_configured() {
+        let minted = JwtAuthenticator::new(b"secret");
+        let for_aud = |aud: Option<serde_json::Value>| {
+            let mut claims = serde_json::json!({"sub": "u1", "exp": now() + 60});
+            if let Some(aud) = aud {
+                claims["aud"] = aud;
+            }
+            minted.encode(&claims).unwrap()
+        };
+        // Not configured: a token carrying `aud` (as most libraries mint
+        // them) is accepted, as one without.
+        let unconfigured = JwtAuthenticator::new(b"secret");
+        assert!(
+            check(&unconfigured, &for_aud(Some("my-app".into())))
+                .await
+                .is_ok()
+        );
+        assert!(
+            check(&unconfigured, &for_aud(Some(serde_json::json!(["a", "b"]))))
+                .await
+                .is_ok()
+        );
+        assert!(check(&unconfigured, &for_aud(None)).await.is_ok());
+
+        let auth = JwtAuthenticator::new(b"secret").audience("pgdn");
+        assert!(check(&auth, &for_aud(Some("pgdn".into()))).await.is_ok());
+        assert!(
+            check(
+                &auth,
+                &for_aud(Some(serde_json::json!(["billing", "pgdn"])))
+            )
+            .await
+            .is_ok(),
+            "one of several"
+        );
+        assert_eq!(
+            check(&auth, &for_aud(Some("billing".into()))).await,
+            refused("wrong audience")
+        );
+        assert_eq!(
+            check(&auth, &for_aud(Some(serde_json::json!(["billing"])))).await,
+            refused("wrong audience")
+        );
+        assert_eq!(
+            check(&auth, &for_aud(None)).await,
+            refused("missing claim aud")
+        );
+    }
+
+    #[tokio::test]
+    async fn lifetime_longer_than_the_maximum_is_refused() {
+        let auth = JwtAuthenticator::new(b"secret").max_lifetime(Duration::from_secs(3600));
+        let token = |iat: Option<u64>, exp: u64| {
+            let mut claims = serde_json::json!({"sub": "u1", "exp": exp});
+            if let Some(iat) = iat {
+                claims["iat"] = iat.into();
+            }
+            auth.encode(&claims).unwrap()
+        };
+        let t = now();
+        assert!(check(&auth, &token(Some(t), t + 3600)).await.is_ok());
+        assert_eq!(
+            check(&auth, &token(Some(t), t + 3601)).await,
+            refused("lifetime too long")
+        );
+        // Issued long ago for a long time: refused even if little is left.
+        assert_eq!(
+            check(&auth, &token(Some(t - 86_400), t + 60)).await,
+            refused("lifetime too long")
+        );
+        // Without `iat`, what is left counts.
+        assert!(check(&auth, &token(None, t + 1800)).await.is_ok());
+        assert_eq!(
+            check(&auth, &token(None, t + 7200)).await,
+            refused("lifetime too long")
+        );
+        // Without a maximum, any lifetime.
+        let unbounded = JwtAuthenticator::new(b"secret");
+        assert!(
+            check(&unbounded, &token(Some(t), t + 10 * 365 * 86_400))
+                .await
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn debug_never_prints_the_secret() {
+        let auth = JwtAuthenticator::new(b"s3cr3t-value").issuer("idp");
+        let shown = format!("{auth:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("HS256"), "{shown}");
     }
 
     /// Minimal base64url (no padding) for building a forged `alg: none` token.
