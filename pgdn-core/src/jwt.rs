@@ -71,7 +71,8 @@ enum Keys {
     },
 }
 
-/// Verifies JWTs: HS256 with a shared secret.
+/// Verifies JWTs: HS256 with a shared secret, RS256 or ES256 with a public
+/// key. Each key accepts exactly one algorithm.
 #[derive(Clone)]
 pub struct JwtAuthenticator {
     keys: Keys,
@@ -105,6 +106,63 @@ impl JwtAuthenticator {
             },
             Algorithm::HS256,
         )
+    }
+
+    /// An authenticator for RS256 tokens, verified with an RSA public key
+    /// (at least 2048 bits) in PEM: `BEGIN PUBLIC KEY` (SPKI, what
+    /// `openssl pkey -pubout` writes) or `BEGIN RSA PUBLIC KEY` (PKCS#1).
+    /// The algorithm is pinned: HS256 tokens (whatever their secret, the
+    /// public key included) and every other `alg` are refused.
+    pub fn rs256_pem(pem: impl AsRef<[u8]>) -> crate::Result<Self> {
+        let pem = pem_text(pem.as_ref())?;
+        let key = rsa_public_key(pem).ok_or_else(|| {
+            crate::Error::Config(format!("not an RSA public key in PEM{}", pem_hint(pem)))
+        })?;
+        Ok(Self::public(key?, Algorithm::RS256))
+    }
+
+    /// An authenticator for ES256 tokens, verified with a P-256 public key
+    /// in PEM (`BEGIN PUBLIC KEY`). The algorithm is pinned to ES256.
+    pub fn es256_pem(pem: impl AsRef<[u8]>) -> crate::Result<Self> {
+        let pem = pem_text(pem.as_ref())?;
+        let key = p256_public_key(pem).ok_or_else(|| {
+            crate::Error::Config(format!("not a P-256 public key in PEM{}", pem_hint(pem)))
+        })?;
+        Ok(Self::public(key, Algorithm::ES256))
+    }
+
+    /// [`rs256_pem`](Self::rs256_pem) or [`es256_pem`](Self::es256_pem),
+    /// whichever the key is: the algorithm follows the key's type.
+    pub fn public_key_pem(pem: impl AsRef<[u8]>) -> crate::Result<Self> {
+        let pem = pem_text(pem.as_ref())?;
+        if let Some(key) = rsa_public_key(pem) {
+            return Ok(Self::public(key?, Algorithm::RS256));
+        }
+        if let Some(key) = p256_public_key(pem) {
+            return Ok(Self::public(key, Algorithm::ES256));
+        }
+        Err(crate::Error::Config(format!(
+            "not an RSA or P-256 public key in PEM{}",
+            pem_hint(pem)
+        )))
+    }
+
+    fn public(key: DecodingKey, algorithm: Algorithm) -> Self {
+        Self::with_keys(
+            Keys::Static {
+                decoding: key,
+                encoding: None,
+            },
+            algorithm,
+        )
+    }
+
+    /// The algorithm tokens must be signed with, where one key is fixed
+    /// (`None` for a key set, where each key pins its own).
+    pub fn algorithm(&self) -> Option<Algorithm> {
+        match &self.keys {
+            Keys::Static { .. } => self.validation.algorithms.first().copied(),
+        }
     }
 
     fn with_keys(keys: Keys, algorithm: Algorithm) -> Self {
@@ -269,6 +327,63 @@ impl Authenticator for JwtAuthenticator {
     }
 }
 
+/// Smallest RSA modulus accepted, in bits.
+const MIN_RSA_BITS: usize = 2048;
+
+fn pem_text(pem: &[u8]) -> crate::Result<&str> {
+    std::str::from_utf8(pem)
+        .map(str::trim)
+        .map_err(|_| crate::Error::Config("a PEM key must be text".into()))
+}
+
+/// Says why a PEM that is no public key was refused, without echoing it.
+fn pem_hint(pem: &str) -> &'static str {
+    if pem.contains("PRIVATE KEY") {
+        " (this is a private key: give the public key, e.g. `openssl pkey -in key.pem -pubout`)"
+    } else if pem.contains("CERTIFICATE") {
+        " (this is a certificate: give its public key, e.g. `openssl x509 -in cert.pem -pubkey -noout`)"
+    } else {
+        ""
+    }
+}
+
+/// An RSA public key from PEM: `None` if it is none, an error if it is one
+/// too small to trust.
+pub(crate) fn rsa_public_key(pem: &str) -> Option<crate::Result<DecodingKey>> {
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    use rsa::pkcs8::DecodePublicKey;
+    let key = rsa::RsaPublicKey::from_public_key_pem(pem)
+        .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem))
+        .ok()?;
+    Some(rsa_decoding_key(&key))
+}
+
+pub(crate) fn rsa_decoding_key(key: &rsa::RsaPublicKey) -> crate::Result<DecodingKey> {
+    use rsa::traits::PublicKeyParts;
+    let bits = key.n().bits();
+    if bits < MIN_RSA_BITS {
+        return Err(crate::Error::Config(format!(
+            "RSA key of {bits} bits; at least {MIN_RSA_BITS} are required"
+        )));
+    }
+    Ok(DecodingKey::from_rsa_raw_components(
+        &key.n().to_bytes_be(),
+        &key.e().to_bytes_be(),
+    ))
+}
+
+/// A P-256 public key from PEM (SPKI).
+fn p256_public_key(pem: &str) -> Option<DecodingKey> {
+    use p256::pkcs8::DecodePublicKey;
+    let key = p256::PublicKey::from_public_key_pem(pem).ok()?;
+    Some(p256_decoding_key(&key))
+}
+
+pub(crate) fn p256_decoding_key(key: &p256::PublicKey) -> DecodingKey {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    DecodingKey::from_ec_der(key.to_encoded_point(false).as_bytes())
+}
+
 trait KindDescription {
     fn kind_description(&self) -> String;
 }
@@ -288,6 +403,9 @@ impl KindDescription for jsonwebtoken::errors::Error {
         }
     }
 }
+
+#[cfg(test)]
+mod test_keys;
 
 #[cfg(test)]
 mod tests {
@@ -380,10 +498,10 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_alg_none_and_missing_exp() {
-        use base64_url as b64;
+        use super::test_keys::b64;
         let auth = JwtAuthenticator::new(b"secret");
-        let header = b64::encode(br#"{"alg":"none","typ":"JWT"}"#);
-        let body = b64::encode(format!(r#"{{"sub":"u1","exp":{}}}"#, now() + 60).as_bytes());
+        let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = b64(format!(r#"{{"sub":"u1","exp":{}}}"#, now() + 60).as_bytes());
         let none = format!("{header}.{body}.");
         assert!(matches!(
             auth.authenticate(&AuthRequest::token(&none)).await,
@@ -604,25 +722,102 @@ mod tests {
         assert!(shown.contains("HS256"), "{shown}");
     }
 
-    /// Minimal base64url (no padding) for building a forged `alg: none` token.
-    mod base64_url {
-        pub fn encode(input: &[u8]) -> String {
-            const A: &[u8; 64] =
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-            let mut out = String::new();
-            for chunk in input.chunks(3) {
-                let b = [
-                    chunk[0],
-                    *chunk.get(1).unwrap_or(&0),
-                    *chunk.get(2).unwrap_or(&0),
-                ];
-                let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-                let chars = chunk.len() + 1;
-                for i in 0..chars {
-                    out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                }
-            }
-            out
+    #[tokio::test]
+    async fn rs256_from_a_pem_public_key_pins_the_algorithm() {
+        let key = test_keys::rsa(0);
+        let pem = key.public_pem();
+        let auth = JwtAuthenticator::rs256_pem(&pem).unwrap();
+        assert_eq!(auth.algorithm(), Some(Algorithm::RS256));
+        let claims = test_keys::claims("u1", 60);
+        let id = check(&auth, &key.sign(Algorithm::RS256, None, &claims))
+            .await
+            .unwrap();
+        assert_eq!(&*id.user_id, "u1");
+        // Detected from the key as well.
+        let detected = JwtAuthenticator::public_key_pem(&pem).unwrap();
+        assert_eq!(detected.algorithm(), Some(Algorithm::RS256));
+        assert!(
+            check(&detected, &key.sign(Algorithm::RS256, None, &claims))
+                .await
+                .is_ok()
+        );
+
+        // Another key's signature.
+        let other = test_keys::rsa(1).sign(Algorithm::RS256, None, &claims);
+        assert_eq!(check(&auth, &other).await, refused("bad signature"));
+        // The classic confusion: HS256 "signed" with the public key as secret.
+        let confused = JwtAuthenticator::new(pem.as_bytes())
+            .encode(&claims)
+            .unwrap();
+        assert_eq!(
+            check(&auth, &confused).await,
+            refused("algorithm not allowed")
+        );
+        // Same key, other RSA algorithms.
+        for alg in [Algorithm::RS384, Algorithm::RS512, Algorithm::PS256] {
+            assert_eq!(
+                check(&auth, &key.sign(alg, None, &claims)).await,
+                refused("algorithm not allowed"),
+                "{alg:?}"
+            );
         }
+        // An ES256 token.
+        let es = test_keys::EcKey::generate().sign(None, &claims);
+        assert_eq!(check(&auth, &es).await, refused("algorithm not allowed"));
+
+        // The claim rules hold for every key type.
+        let strict = JwtAuthenticator::rs256_pem(&pem).unwrap().issuer("idp");
+        assert_eq!(
+            check(&strict, &key.sign(Algorithm::RS256, None, &claims)).await,
+            refused("missing claim iss")
+        );
+        // No private key, so nothing can be issued.
+        assert!(auth.issue("u1", &[], Duration::from_secs(60)).is_err());
+    }
+
+    #[tokio::test]
+    async fn es256_from_a_pem_public_key_pins_the_algorithm() {
+        let key = test_keys::EcKey::generate();
+        let pem = key.public_pem();
+        let auth = JwtAuthenticator::es256_pem(&pem).unwrap();
+        assert_eq!(auth.algorithm(), Some(Algorithm::ES256));
+        let claims = test_keys::claims("u2", 60);
+        let id = check(&auth, &key.sign(None, &claims)).await.unwrap();
+        assert_eq!(&*id.user_id, "u2");
+        let detected = JwtAuthenticator::public_key_pem(&pem).unwrap();
+        assert_eq!(detected.algorithm(), Some(Algorithm::ES256));
+        assert!(check(&detected, &key.sign(None, &claims)).await.is_ok());
+
+        let other = test_keys::EcKey::generate().sign(None, &claims);
+        assert_eq!(check(&auth, &other).await, refused("bad signature"));
+        let confused = JwtAuthenticator::new(pem.as_bytes())
+            .encode(&claims)
+            .unwrap();
+        assert_eq!(
+            check(&auth, &confused).await,
+            refused("algorithm not allowed")
+        );
+        let rs = test_keys::rsa(0).sign(Algorithm::RS256, None, &claims);
+        assert_eq!(check(&auth, &rs).await, refused("algorithm not allowed"));
+    }
+
+    #[test]
+    fn a_pem_that_is_not_the_right_public_key_is_refused_at_start() {
+        let rsa_pem = test_keys::rsa(0).public_pem();
+        let ec_pem = test_keys::EcKey::generate().public_pem();
+        let err = |r: crate::Result<JwtAuthenticator>| r.unwrap_err().to_string();
+        assert!(err(JwtAuthenticator::es256_pem(&rsa_pem)).contains("not a P-256 public key"));
+        assert!(err(JwtAuthenticator::rs256_pem(&ec_pem)).contains("not an RSA public key"));
+        assert!(err(JwtAuthenticator::public_key_pem("garbage")).contains("not an RSA or P-256"));
+        let private = test_keys::rsa(0).private_pem();
+        let message = err(JwtAuthenticator::rs256_pem(&private));
+        assert!(message.contains("private key"), "{message}");
+        assert!(
+            !message.contains("BEGIN"),
+            "the key is not echoed: {message}"
+        );
+        let small = test_keys::RsaKey::generate(1024).public_pem();
+        assert!(err(JwtAuthenticator::rs256_pem(&small)).contains("at least 2048"));
+        assert!(err(JwtAuthenticator::public_key_pem(&small)).contains("at least 2048"));
     }
 }
