@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 
 use crate::error::Error;
 use crate::hub::WeakHub;
-use crate::message::{MessageId, Notification, timestamp_now};
+use crate::message::{MessageId, MessageType, Notification, timestamp_now};
 use crate::target::{PublishRequest, Target};
 
 /// A publish as it travels between nodes: the target and the notification,
@@ -68,6 +70,62 @@ impl Envelope {
     }
 }
 
+impl Envelope {
+    /// Checks an envelope that came from outside this process (another
+    /// node, through a broker's channel) before it is delivered: the
+    /// target is valid and the frame is a notification pgdn could have
+    /// built, UTF-8 JSON with this envelope's id, a publishable type, an
+    /// object payload and a timestamp. Whatever else is on a channel must
+    /// be dropped (and counted, [`Hub::drop_invalid`](crate::Hub::drop_invalid)),
+    /// never sent to a client: bytes that are not UTF-8 would make every
+    /// WebSocket that gets them fail.
+    pub fn check(&self) -> Result<(), Error> {
+        let bad = |what: String| Error::InvalidPublish(format!("message {}: {what}", self.id));
+        self.target.validate().map_err(|e| bad(e.to_string()))?;
+        let text =
+            std::str::from_utf8(&self.frame).map_err(|_| bad("frame is not UTF-8".into()))?;
+        let frame: FrameCheck = serde_json::from_str(text)
+            .map_err(|e| bad(format!("frame is not a notification: {e}")))?;
+        if frame.id != self.id {
+            return Err(bad(format!("frame has another id ({})", frame.id)));
+        }
+        Ok(())
+    }
+}
+
+/// The fields every notification frame has, for [`Envelope::check`]
+/// (others are allowed and ignored).
+#[derive(Deserialize)]
+struct FrameCheck {
+    id: MessageId,
+    #[serde(rename = "type")]
+    _kind: MessageType,
+    #[serde(rename = "payload")]
+    _payload: AnyObject,
+    #[serde(rename = "timestamp")]
+    _timestamp: String,
+}
+
+/// Any JSON object, read and thrown away.
+struct AnyObject;
+
+impl<'de> Deserialize<'de> for AnyObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AnyObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyObject, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(AnyObject)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// What [`Broker::publish`] did with an envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -114,5 +172,67 @@ pub struct LocalBroker;
 impl Broker for LocalBroker {
     async fn publish(&self, _envelope: &Envelope) -> Result<Published, Error> {
         Ok(Published::Sent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::MessageType;
+    use crate::target::PublishRequest;
+
+    fn envelope(target: Target, frame: &[u8]) -> Envelope {
+        Envelope {
+            id: MessageId::new("m1").unwrap(),
+            target,
+            frame: Bytes::copy_from_slice(frame),
+            origin: Arc::from("n"),
+            chosen_id: true,
+            seq: Some(1),
+        }
+    }
+
+    #[test]
+    fn only_notifications_pass_the_check() {
+        let req = PublishRequest::new(Target::group("g"), MessageType::info())
+            .with_id(MessageId::new("m1").unwrap());
+        let good = Envelope::from_request(req, Arc::from("n"));
+        good.check().unwrap();
+        let ts = r#""timestamp":"2026-11-27T03:30:16.123Z""#;
+        let ok = format!(r#"{{"id":"m1","type":"x","payload":{{"a":[1]}},{ts},"extra":1}}"#);
+        envelope(Target::user("u"), ok.as_bytes()).check().unwrap();
+        let bad: [(Target, String); 7] = [
+            (Target::user("u"), "not json".into()),
+            (
+                Target::user("u"),
+                format!(r#"{{"id":"m2","type":"x","payload":{{}},{ts}}}"#),
+            ),
+            (
+                Target::user("u"),
+                format!(r#"{{"id":"m1","type":"close","payload":{{}},{ts}}}"#),
+            ),
+            (
+                Target::user("u"),
+                format!(r#"{{"id":"m1","type":"x","payload":[],{ts}}}"#),
+            ),
+            (
+                Target::user("u"),
+                r#"{"id":"m1","type":"x","payload":{}}"#.into(),
+            ),
+            (
+                Target::user("u"),
+                r#"{"type":"connection","id":"m1"}"#.into(),
+            ),
+            (Target::users(Vec::<&str>::new()), ok.clone()),
+        ];
+        for (target, frame) in bad {
+            assert!(
+                envelope(target, frame.as_bytes()).check().is_err(),
+                "{frame}"
+            );
+        }
+        let mut not_utf8 = ok.into_bytes();
+        not_utf8[30] = 0xff;
+        assert!(envelope(Target::user("u"), &not_utf8).check().is_err());
     }
 }

@@ -149,6 +149,7 @@ struct Counters {
     duplicates: AtomicU64,
     connections_opened: AtomicU64,
     frames_received: AtomicU64,
+    dropped_invalid: AtomicU64,
     disconnects: [AtomicU64; REASONS.len()],
 }
 
@@ -243,6 +244,9 @@ pub struct Stats {
     pub connections_opened: u64,
     /// Client frames received since start.
     pub frames_received: u64,
+    /// Messages from other nodes dropped since start because they were not
+    /// valid (not UTF-8, not a notification frame; see [`Hub::drop_invalid`]).
+    pub messages_dropped_invalid: u64,
     /// Connections closed since start, by reason (`slow_consumer`, ...).
     pub disconnects: BTreeMap<&'static str, u64>,
     /// Seconds since the hub was built.
@@ -525,6 +529,26 @@ impl Hub {
         delivered
     }
 
+    /// Drops a message that came from another node (a broker's channel)
+    /// but is not one pgdn could have sent, because it is not UTF-8, not a
+    /// frame (see [`Envelope::check`]) or otherwise unreadable: nothing is
+    /// delivered, the message is counted in
+    /// [`Stats::messages_dropped_invalid`], and logged (the 1st, 2nd, 4th,
+    /// 8th... time, so that a flood does not flood the log).
+    pub fn drop_invalid(&self, why: &dyn std::fmt::Display) {
+        let n = 1 + self
+            .inner
+            .counters
+            .dropped_invalid
+            .fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() {
+            tracing::warn!(
+                dropped = n,
+                "dropping an invalid message from the broker: {why}"
+            );
+        }
+    }
+
     /// What a client of `user_id` that reconnects with `since` missed
     /// (PROTOCOL.md section 4). The transport registers the connection
     /// first, then sends this replay, then calls
@@ -731,6 +755,7 @@ impl Hub {
             duplicates_suppressed: c.duplicates.load(Ordering::Relaxed),
             connections_opened: c.connections_opened.load(Ordering::Relaxed),
             frames_received: c.frames_received.load(Ordering::Relaxed),
+            messages_dropped_invalid: c.dropped_invalid.load(Ordering::Relaxed),
             disconnects: REASONS
                 .iter()
                 .map(|r| {

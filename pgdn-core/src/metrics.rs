@@ -139,6 +139,12 @@ impl Collector for HubCollector {
             "Client frames received",
             s.frames_received,
         )?;
+        counter(
+            &mut enc,
+            "pgdn_messages_dropped_invalid",
+            "Messages from other nodes dropped as invalid (not UTF-8, not a notification)",
+            s.messages_dropped_invalid,
+        )?;
         let mut fam = enc.encode_descriptor(
             "pgdn_disconnects",
             "Connections closed, by reason",

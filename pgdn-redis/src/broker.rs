@@ -95,7 +95,9 @@ impl Broker for RedisBroker {
     }
 }
 
-/// Parses `seq\norigin\nid\ntarget\nframe` from a channel.
+/// Parses `seq\norigin\nid\ntarget\nframe` from a channel, and checks
+/// that it is a message pgdn could have published ([`Envelope::check`]):
+/// anyone who can `PUBLISH` on the channels could have put anything there.
 fn parse_message(payload: &[u8]) -> Result<Envelope> {
     let bad = |what: &str| Error::Corrupt(format!("pub/sub message: {what}"));
     let mut parts = payload.splitn(5, |b| *b == b'\n');
@@ -108,14 +110,16 @@ fn parse_message(payload: &[u8]) -> Result<Envelope> {
     let id = std::str::from_utf8(next("id")?).map_err(|_| bad("id"))?;
     let target: Target = serde_json::from_slice(next("target")?).map_err(|_| bad("target"))?;
     let frame = next("frame")?;
-    Ok(Envelope {
+    let envelope = Envelope {
         id: MessageId::new(id).map_err(|_| bad("id"))?,
         target,
         frame: Bytes::copy_from_slice(frame),
         origin: Arc::from(origin),
         chosen_id: false,
         seq: Some(seq),
-    })
+    };
+    envelope.check()?;
+    Ok(envelope)
 }
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -155,9 +159,7 @@ async fn subscribe_loop(shared: Arc<Shared>) {
                                 Ok(envelope) => {
                                     hub.deliver_local(&envelope);
                                 }
-                                Err(e) => {
-                                    tracing::error!(error = %e, "dropping a malformed message")
-                                }
+                                Err(e) => hub.drop_invalid(&e),
                             }
                         }
                         shared.subscribed.send_replace(false);
@@ -231,14 +233,16 @@ mod tests {
 
     #[test]
     fn parses_channel_messages() {
-        let e =
-            parse_message(b"42\nnode-a\nm1\n{\"user\":\"u1\"}\n{\"id\":\"m1\",\"x\":\"a\\nb\"}")
-                .unwrap();
+        let frame = r#"{"id":"m1","type":"info","payload":{"x":"a\nb"},"timestamp":"t"}"#;
+        let e = parse_message(format!("42\nnode-a\nm1\n{{\"user\":\"u1\"}}\n{frame}").as_bytes())
+            .unwrap();
         assert_eq!(e.seq, Some(42));
         assert_eq!(&*e.origin, "node-a");
         assert_eq!(e.id.as_str(), "m1");
         assert_eq!(e.target, Target::user("u1"));
-        assert_eq!(&e.frame[..], br#"{"id":"m1","x":"a\nb"}"#);
+        assert_eq!(&e.frame[..], frame.as_bytes());
         assert!(parse_message(b"x\ny").is_err());
+        assert!(parse_message(b"1\nn\nm1\n{\"user\":\"u1\"}\nnot a frame").is_err());
+        assert!(parse_message(b"1\nn\nm1\n{\"user\":\"u1\"}\n\xff").is_err());
     }
 }

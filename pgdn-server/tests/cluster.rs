@@ -315,3 +315,82 @@ async fn a_subscriber_that_loses_its_node_resumes_on_another_without_loss() {
     n2.publish(user("alice", 8)).await;
     assert_eq!(next_n(&mut c).await, 8, "then live, nothing twice");
 }
+
+/// Sends `PUBLISH channel payload` to the Redis on `port` over a plain TCP
+/// connection (any bytes, not only UTF-8); returns the receivers count.
+fn redis_publish(port: u16, channel: &str, payload: &[u8]) -> i64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut cmd = Vec::new();
+    cmd.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n");
+    for arg in [channel.as_bytes(), payload] {
+        cmd.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        cmd.extend_from_slice(arg);
+        cmd.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&cmd).unwrap();
+    let mut reply = [0u8; 32];
+    let n = s.read(&mut reply).unwrap();
+    let reply = std::str::from_utf8(&reply[..n]).unwrap();
+    reply
+        .trim_start_matches(':')
+        .trim_end()
+        .parse()
+        .unwrap_or_else(|_| panic!("PUBLISH answered {reply:?}"))
+}
+
+#[tokio::test]
+async fn bad_bytes_on_the_cluster_channels_are_dropped_and_counted() {
+    let redis = RedisServer::start();
+    let nodes = [Node::start(&redis, "g1"), Node::start(&redis, "g2")];
+    let mut alice = nodes[0].connect("alice", &["staff"], None).await;
+    let mut bob = nodes[1].connect("bob", &["staff"], None).await;
+    nodes[0]
+        .wait_stats("2 connections", |s| s["total_connections"] == 2)
+        .await;
+    let ts = "2026-11-27T03:30:16.123Z";
+    let garbage: [&[u8]; 7] = [
+        // Not UTF-8 at all.
+        b"\xff\xfe\x00\x01garbage",
+        // A well-formed header, a frame that is not UTF-8.
+        b"1\nx\nbad-1\n{\"broadcast\":{}}\n{\"id\":\"bad-1\",\"type\":\"info\",\"x\":\"\xff\xfe\"}",
+        // UTF-8, but not a message.
+        b"hello",
+        // A header, then a frame that is not JSON.
+        b"2\nx\nbad-2\n{\"broadcast\":{}}\nnot json",
+        // A protocol frame smuggled as a notification.
+        b"3\nx\nbad-3\n{\"user\":\"alice\"}\n{\"type\":\"connection\",\"id\":\"bad-3\"}",
+        // A notification whose id is not the header's.
+        format!("4\nx\nbad-4\n{{\"group\":\"staff\"}}\n{{\"id\":\"other\",\"type\":\"info\",\"payload\":{{}},\"timestamp\":\"{ts}\"}}").leak().as_bytes(),
+        // A bad target.
+        format!("5\nx\nbad-5\n{{\"users\":[]}}\n{{\"id\":\"bad-5\",\"type\":\"info\",\"payload\":{{}},\"timestamp\":\"{ts}\"}}").leak().as_bytes(),
+    ];
+    for payload in garbage {
+        assert_eq!(redis_publish(redis.port(), "pgdn:all", payload), 2);
+        assert_eq!(redis_publish(redis.port(), "pgdn:node:g1", payload), 1);
+    }
+    // Everyone is still connected, and the next thing each gets is the
+    // next real message.
+    nodes[1]
+        .publish(json!({"target":{"group":"staff"},"type":"info","payload":{"n":1}}))
+        .await;
+    assert_eq!(next_n(&mut alice).await, 1);
+    assert_eq!(next_n(&mut bob).await, 1);
+    alice.roundtrip("alive").await;
+    bob.roundtrip("alive").await;
+    let g1 = nodes[0].stats().await;
+    assert_eq!(g1["node"]["messages_dropped_invalid"], 14, "{g1}");
+    assert_eq!(g1["node"]["disconnects"]["transport_error"], 0, "{g1}");
+    let g2 = nodes[1].stats().await;
+    assert_eq!(g2["node"]["messages_dropped_invalid"], 7, "{g2}");
+    let metrics = reqwest::get(format!("http://{}/metrics", nodes[0].addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pgdn_messages_dropped_invalid_total 14"),
+        "{metrics}"
+    );
+}
