@@ -19,8 +19,14 @@
 //!   `exp - now` for a token without `iat`) must not exceed it.
 //!
 //! The algorithm is pinned to the key: HS256 for a shared secret
-//! ([`JwtAuthenticator::new`]), so a token signed with anything else (or
-//! `none`) is refused.
+//! ([`JwtAuthenticator::new`]), RS256 for an RSA public key and ES256 for a
+//! P-256 one ([`JwtAuthenticator::public_key_pem`], or each key of a JSON
+//! Web Key Set: [`JwtAuthenticator::jwks`]), so a token signed with
+//! anything else (or `none`) is refused.
+
+pub mod jwks;
+
+pub use jwks::{JwksFetcher, JwksKeys};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -69,10 +75,12 @@ enum Keys {
         /// Only for a shared secret: tokens can then be issued too.
         encoding: Option<EncodingKey>,
     },
+    /// A key set, each key selected by the token's `kid`.
+    Jwks(JwksKeys),
 }
 
 /// Verifies JWTs: HS256 with a shared secret, RS256 or ES256 with a public
-/// key. Each key accepts exactly one algorithm.
+/// key or a JSON Web Key Set. Each key accepts exactly one algorithm.
 #[derive(Clone)]
 pub struct JwtAuthenticator {
     keys: Keys,
@@ -147,6 +155,14 @@ impl JwtAuthenticator {
         )))
     }
 
+    /// An authenticator for RS256 and ES256 tokens verified with the keys
+    /// of a JSON Web Key Set, selected by the token's `kid` (a token without
+    /// `kid` only when the set has one key); each key accepts the one
+    /// algorithm of its type. See [`JwksKeys`] for caching and refresh.
+    pub fn jwks(keys: JwksKeys) -> Self {
+        Self::with_keys(Keys::Jwks(keys), Algorithm::RS256)
+    }
+
     fn public(key: DecodingKey, algorithm: Algorithm) -> Self {
         Self::with_keys(
             Keys::Static {
@@ -162,6 +178,7 @@ impl JwtAuthenticator {
     pub fn algorithm(&self) -> Option<Algorithm> {
         match &self.keys {
             Keys::Static { .. } => self.validation.algorithms.first().copied(),
+            Keys::Jwks(_) => None,
         }
     }
 
@@ -311,10 +328,26 @@ impl JwtAuthenticator {
 impl Authenticator for JwtAuthenticator {
     async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Identity, AuthError> {
         let token = req.require_token()?;
-        let Keys::Static { decoding, .. } = &self.keys;
-        let data = jsonwebtoken::decode::<Verified>(token, decoding, &self.validation)
-            // The error names what failed (signature, expiry, format), never the token.
-            .map_err(|e| AuthError::InvalidToken(e.kind_description()))?;
+        let data = match &self.keys {
+            Keys::Static { decoding, .. } => {
+                jsonwebtoken::decode::<Verified>(token, decoding, &self.validation)
+            }
+            Keys::Jwks(keys) => {
+                let header = jsonwebtoken::decode_header(token)
+                    .map_err(|e| AuthError::InvalidToken(e.kind_description()))?;
+                // Refused before any key lookup: a symmetric or unknown
+                // `alg` never makes the set be fetched.
+                if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+                    return Err(AuthError::InvalidToken("algorithm not allowed".into()));
+                }
+                let key = keys.key(header.kid.as_deref()).await?;
+                let mut validation = self.validation.clone();
+                validation.algorithms = vec![key.algorithm];
+                jsonwebtoken::decode::<Verified>(token, &key.decoding, &validation)
+            }
+        }
+        // The error names what failed (signature, expiry, format), never the token.
+        .map_err(|e| AuthError::InvalidToken(e.kind_description()))?;
         self.check_times(&data.claims)?;
         let user_id = data.claims.sub.unwrap_or_default();
         let expires_at =

@@ -8,6 +8,7 @@ use p256::pkcs8::{EncodePrivateKey, LineEnding};
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::pkcs8::EncodePublicKey;
 use rsa::rand_core::OsRng;
+use rsa::traits::PublicKeyParts;
 use serde::Serialize;
 
 /// An RSA key pair (2048 bits).
@@ -42,6 +43,15 @@ impl RsaKey {
         self.0.to_pkcs8_pem(LineEnding::LF).unwrap().to_string()
     }
 
+    /// The public key as a JWK.
+    pub fn jwk(&self, kid: &str) -> serde_json::Value {
+        serde_json::json!({
+            "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+            "n": b64(&self.0.n().to_bytes_be()),
+            "e": b64(&self.0.e().to_bytes_be()),
+        })
+    }
+
     fn encoding(&self) -> EncodingKey {
         EncodingKey::from_rsa_der(self.0.to_pkcs1_der().unwrap().as_bytes())
     }
@@ -64,6 +74,17 @@ impl EcKey {
             .public_key()
             .to_public_key_pem(LineEnding::LF)
             .unwrap()
+    }
+
+    /// The public key as a JWK.
+    pub fn jwk(&self, kid: &str) -> serde_json::Value {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let point = self.0.public_key().to_encoded_point(false);
+        serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": kid,
+            "x": b64(point.x().unwrap()),
+            "y": b64(point.y().unwrap()),
+        })
     }
 
     /// Signs `claims` with ES256 and `kid`.
