@@ -27,10 +27,14 @@
 //! - `socket`: tungstenite messages <-> pgdn-core's `Transport`.
 //! - [`server`]: [`Pgdn`], its builder, the warp routes and `serve`.
 //! - [`error`]: the crate's [`Error`].
+//! - `jwks` (feature `jwks`, on by default): `HttpJwks`, JWT keys from a
+//!   JWKS URL.
 //!
 //! [`Config`] and [`JwtAuthenticator`] are pgdn-core's, re-exported.
 
 pub mod error;
+#[cfg(feature = "jwks")]
+pub mod jwks;
 pub mod server;
 
 mod socket;
