@@ -165,7 +165,8 @@ impl Service {
         }
     }
 
-    /// Reads a JSON body up to the limit and parses it; 400/413 otherwise.
+    /// Reads a JSON body up to the limit and within the body timeout and
+    /// parses it; 400/413/408 otherwise.
     async fn read_json<T, S, E>(
         &self,
         headers: &HeaderMap,
@@ -195,13 +196,35 @@ impl Service {
         }
         let mut body = std::pin::pin!(body);
         let mut buf = BytesMut::new();
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|_| bad(StatusCode::BAD_REQUEST, "could not read body".into()))?;
-            if (buf.len() + chunk.len()) as u64 > limit {
-                return Err(too_large());
+        let read = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk
+                    .map_err(|_| bad(StatusCode::BAD_REQUEST, "could not read body".into()))?;
+                if (buf.len() + chunk.len()) as u64 > limit {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&chunk);
             }
-            buf.extend_from_slice(&chunk);
+            Ok(())
+        };
+        // A body that trickles in must not hold the request (and its
+        // connection) open: 408, and the connection is closed, since the
+        // rest of the body would otherwise be read as the next request.
+        let timeout = self.inner.config.body_timeout;
+        match tokio::time::timeout(timeout, read).await {
+            Ok(read) => read?,
+            Err(_) => {
+                let mut res = bad(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "body not received within {}",
+                        humantime::format_duration(timeout)
+                    ),
+                );
+                res.headers_mut()
+                    .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+                return Err(res);
+            }
         }
         if buf.is_empty() {
             return Err(bad(

@@ -58,6 +58,19 @@ pub struct Config {
     pub write_timeout: Duration,
     /// How long a shutdown waits for connections to close. Default 10 s.
     pub shutdown_timeout: Duration,
+    /// How long a client may take to send a complete request head (request
+    /// line and headers) on a new connection, or once it has begun the next
+    /// request on a kept-alive one; the connection is closed otherwise.
+    /// Applied by adapters that run their own HTTP server (the warp
+    /// adapter's `serve`). Default 10 s.
+    pub header_read_timeout: Duration,
+    /// How long a kept-alive HTTP connection may sit idle between requests
+    /// before it is closed. Applied like `header_read_timeout`. Default 60 s.
+    pub keep_alive_timeout: Duration,
+    /// How long a publish body may take to arrive in full, counted from
+    /// when the API starts reading it; slower gets 408 and the connection
+    /// is closed. Default 10 s.
+    pub body_timeout: Duration,
     /// Whether `/` serves the demo page. Default true.
     pub demo_page: bool,
 }
@@ -81,6 +94,9 @@ impl Default for Config {
             close_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
             demo_page: true,
         }
     }
@@ -121,6 +137,12 @@ impl Config {
         }
         if self.write_timeout.is_zero() || self.close_timeout.is_zero() {
             return bad("write_timeout and close_timeout must be > 0");
+        }
+        if self.header_read_timeout.is_zero()
+            || self.keep_alive_timeout.is_zero()
+            || self.body_timeout.is_zero()
+        {
+            return bad("header_read_timeout, keep_alive_timeout and body_timeout must be > 0");
         }
         if self.read_buffer_size < 1024 {
             return bad("read_buffer_size must be at least 1 KiB");
