@@ -2,21 +2,25 @@
 //! ratios to a bare tokio-tungstenite server measured in the same run.
 //!
 //! ```text
-//! cargo xtask bench [--n 1000,10000] [--messages M] [--quick] [...]
+//! cargo xtask bench [--n 1000,10000] [--transport ws|sse|both] [--messages M] [--quick] [...]
 //! ```
 //!
 //! It builds the release `pgdn-server` and this tool in release (then
 //! re-runs itself from there, so that the clients are optimized too). For
-//! each N it measures `--rounds` runs of each server, alternating which goes
-//! first (pgdn, baseline, baseline, pgdn, ...) so that a slow spell of this
-//! shared machine hits both alike. One run:
+//! each N it measures `--rounds` runs of each server, alternating the order
+//! (pgdn, pgdn-sse, baseline, then baseline, pgdn-sse, pgdn, ...) so that a
+//! slow spell of this shared machine hits all alike. "pgdn" is pgdn-server
+//! with WebSocket subscribers (`/ws`), "pgdn-sse" the same server with
+//! Server-Sent Events subscribers (`/sse`, PROTOCOL.md section 7; the
+//! client is in `bench/sse.rs`); `--transport ws` or `sse` measures only
+//! one of them (default: both). One run:
 //!
 //! 1. starts the server as its own process on 127.0.0.1 and reads its
 //!    resident memory (`VmRSS`) after one warm-up publish to nobody;
 //! 2. connects N subscribers (pgdn: each with its own HS256 JWT, counted
-//!    once its `connection` frame arrived), waits for the server's memory
-//!    to settle and reads it again: (after - before) / N is the memory of
-//!    an idle connection;
+//!    once its `connection` frame, or event, arrived), waits for the
+//!    server's memory to settle and reads it again: (after - before) / N is
+//!    the memory of an idle connection;
 //! 3. **fan-out latency**: broadcasts one at a time, each once the previous
 //!    one reached every subscriber;
 //! 4. **broadcast throughput**, `--repeat` times: M broadcasts with at most
@@ -33,9 +37,13 @@
 //! and stops the server (pgdn: SIGTERM; the baseline: its stdin closes).
 //!
 //! then prints a Markdown table of the medians over every run, the ratios
+//! (pgdn over WebSocket / baseline, pgdn over SSE / baseline and SSE / WS)
 //! and whether pgdn meets its targets (broadcast deliveries/s at least 0.8x
 //! the baseline's, CPU per delivery at most 1/0.8 = 1.25x, memory per idle
-//! connection at most 1.5x), and every sample under it.
+//! connection at most 1.5x; judged on the WebSocket ratios, or on the SSE
+//! ones when only SSE is measured), and every sample under it. Every run
+//! also checks that each subscriber got each broadcast exactly once (the
+//! count of every broadcast phase is exact).
 //!
 //! Publish-to-receive latency is the receipt time minus the send time that
 //! the publisher wrote into the payload, on one clock since publisher and
@@ -63,6 +71,7 @@ mod client;
 mod cluster;
 mod procs;
 mod publishers;
+mod sse;
 
 use client::{Publisher, Recorder};
 use procs::ServerProcess;
@@ -72,7 +81,9 @@ usage: cargo xtask bench [options]
        cargo xtask bench --publisher [options]
        cargo xtask bench --cluster [options]
 
-By default: pgdn against a bare tokio-tungstenite baseline, at each N.
+By default: pgdn against a bare tokio-tungstenite baseline, at each N, with
+WebSocket subscribers (pgdn) and with Server-Sent Events subscribers
+(pgdn-sse).
 
   --n LIST            subscriber counts, comma-separated (default 1000,10000;
                       --cluster: 3000,9000)
@@ -88,7 +99,10 @@ By default: pgdn against a bare tokio-tungstenite baseline, at each N.
   --window W          broadcasts in flight at most (default 32)
   --user-messages U   user-targeted messages (default 20000; --quick 4000)
   --padding B         filler bytes in each payload (default 100)
-  --only pgdn|baseline  measure one server only (no ratios)
+  --transport ws|sse|both  pgdn's subscribers: WebSocket (/ws), Server-Sent
+                      Events (/sse) or both, each its own run (default both)
+  --only pgdn|baseline  measure pgdn only (over --transport) or the
+                      baseline only (no ratios to the baseline)
   --baseline-coalesce K  let the baseline write up to K pending publishes
                       with one write per socket (default 1: one write per
                       socket per message, as the issue specifies)
@@ -145,10 +159,13 @@ const USER_PUBLISHERS: usize = 16;
 /// The publish target of a broadcast.
 const BROADCAST: &str = r#"{"broadcast":{}}"#;
 
-/// The server under test.
+/// The server under test, with the subscribers' transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Server {
+    /// pgdn-server, WebSocket subscribers.
     Pgdn,
+    /// pgdn-server, Server-Sent Events subscribers.
+    Sse,
     Baseline,
 }
 
@@ -156,9 +173,27 @@ impl Server {
     fn name(self) -> &'static str {
         match self {
             Server::Pgdn => "pgdn",
+            Server::Sse => "pgdn-sse",
             Server::Baseline => "baseline",
         }
     }
+
+    /// The column heading of its figures.
+    fn heading(self) -> &'static str {
+        match self {
+            Server::Pgdn => "pgdn WS",
+            Server::Sse => "pgdn SSE",
+            Server::Baseline => "baseline",
+        }
+    }
+}
+
+/// pgdn's subscribers in the default comparison (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Ws,
+    Sse,
+    Both,
 }
 
 /// Command-line options.
@@ -173,6 +208,7 @@ struct Options {
     user_messages: usize,
     padding: usize,
     only: Option<Server>,
+    transport: Transport,
     check: bool,
     no_build: bool,
     pgdn_bin: Option<PathBuf>,
@@ -232,6 +268,7 @@ impl Options {
             user_messages: if quick { 4_000 } else { 20_000 },
             padding: 100,
             only: None,
+            transport: Transport::Both,
             check: false,
             no_build: false,
             pgdn_bin: None,
@@ -306,6 +343,14 @@ impl Options {
                         other => return Err(format!("--only pgdn|baseline, not {other}")),
                     })
                 }
+                "--transport" => {
+                    o.transport = match value("--transport")?.as_str() {
+                        "ws" => Transport::Ws,
+                        "sse" => Transport::Sse,
+                        "both" => Transport::Both,
+                        other => return Err(format!("--transport ws|sse|both, not {other}")),
+                    }
+                }
                 "-h" | "--help" => return Err(String::new()),
                 other => return Err(format!("unknown option {other}")),
             }
@@ -317,6 +362,21 @@ impl Options {
             ));
         }
         Ok(o)
+    }
+
+    /// The servers of the default comparison, in the order of the first
+    /// round.
+    fn servers(&self) -> Vec<Server> {
+        let pgdn = match self.transport {
+            Transport::Ws => vec![Server::Pgdn],
+            Transport::Sse => vec![Server::Sse],
+            Transport::Both => vec![Server::Pgdn, Server::Sse],
+        };
+        match self.only {
+            Some(Server::Baseline) => vec![Server::Baseline],
+            Some(_) => pgdn,
+            None => pgdn.into_iter().chain([Server::Baseline]).collect(),
+        }
     }
 
     /// Broadcasts per throughput repetition for `n` subscribers.
@@ -511,10 +571,7 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
             return Ok(true);
         }
     }
-    let servers: Vec<Server> = match opts.only {
-        Some(s) => vec![s],
-        None => vec![Server::Pgdn, Server::Baseline],
-    };
+    let servers = opts.servers();
     let mut runs = Vec::new();
     for &n in &opts.ns {
         for round in 0..opts.rounds {
@@ -543,16 +600,17 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
     print_header(&machine, &revision);
     let mut all_met = true;
     for &n in &opts.ns {
-        let of = |s: Server| -> Vec<&Run> {
-            runs.iter().filter(|r| r.n == n && r.server == s).collect()
-        };
-        all_met &= print_table(
-            n,
-            &of(Server::Pgdn),
-            &of(Server::Baseline),
-            opts,
-            ticks_per_sec,
-        );
+        let columns: Vec<(Server, Vec<&Run>)> = [Server::Pgdn, Server::Sse, Server::Baseline]
+            .into_iter()
+            .filter(|s| servers.contains(s))
+            .map(|s| {
+                (
+                    s,
+                    runs.iter().filter(|r| r.n == n && r.server == s).collect(),
+                )
+            })
+            .collect();
+        all_met &= print_table(n, &columns, opts, ticks_per_sec);
     }
     Ok(all_met || !opts.check)
 }
@@ -580,10 +638,19 @@ fn print_header(machine: &str, revision: &str) {
 
 /// Where a started server listens.
 struct Endpoints {
-    ws_urls: Vec<String>,
+    subscribers: Subscribers,
     publish_url: String,
     authorization: Option<String>,
-    hello: bool,
+}
+
+/// How the subscribers connect.
+enum Subscribers {
+    /// One WebSocket URL per subscriber; with `hello`, each counts as
+    /// connected once its `connection` frame arrived.
+    Ws { urls: Vec<String>, hello: bool },
+    /// One request target (`/sse?token=...`) per subscriber, on the server
+    /// at `addr`.
+    Sse { addr: String, targets: Vec<String> },
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -625,6 +692,15 @@ impl Credentials {
         addr: &str,
         users: impl Iterator<Item = usize>,
     ) -> Result<Vec<String>, String> {
+        Ok(self
+            .tokens(users)?
+            .into_iter()
+            .map(|token| format!("ws://{addr}/ws?token={token}"))
+            .collect())
+    }
+
+    /// One HS256 JWT (`sub`, `groups`, `exp`) per user `u<i>`.
+    fn tokens(&self, users: impl Iterator<Item = usize>) -> Result<Vec<String>, String> {
         let exp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
@@ -636,7 +712,6 @@ impl Credentials {
                 let claims =
                     serde_json::json!({"sub": format!("u{i}"), "groups": ["bench"], "exp": exp});
                 jsonwebtoken::encode(&header, &claims, &encoding)
-                    .map(|token| format!("ws://{addr}/ws?token={token}"))
                     .map_err(|e| format!("minting a JWT: {e}"))
             })
             .collect()
@@ -685,7 +760,7 @@ fn launch(
     opts: &Options,
 ) -> Result<(ServerProcess, Endpoints), String> {
     match server {
-        Server::Pgdn => {
+        Server::Pgdn | Server::Sse => {
             let creds = Credentials::new();
             let max = (n + 1000).to_string();
             let (process, addr) = start_pgdn(
@@ -694,14 +769,27 @@ fn launch(
                 &creds,
                 &["--max-connections", &max],
             )?;
-            let ws_urls = creds.ws_urls(&addr, 0..n)?;
+            let subscribers = if server == Server::Pgdn {
+                Subscribers::Ws {
+                    urls: creds.ws_urls(&addr, 0..n)?,
+                    hello: true,
+                }
+            } else {
+                let targets = creds.tokens(0..n)?;
+                Subscribers::Sse {
+                    targets: targets
+                        .into_iter()
+                        .map(|token| format!("/sse?token={token}"))
+                        .collect(),
+                    addr: addr.clone(),
+                }
+            };
             Ok((
                 process,
                 Endpoints {
-                    ws_urls,
+                    subscribers,
                     publish_url: format!("http://{addr}/api/v1/publish"),
                     authorization: Some(format!("Bearer {}", creds.key)),
-                    hello: true,
                 },
             ))
         }
@@ -723,10 +811,12 @@ fn launch(
             Ok((
                 process,
                 Endpoints {
-                    ws_urls: (0..n).map(|i| format!("ws://{ws}/ws?user=u{i}")).collect(),
+                    subscribers: Subscribers::Ws {
+                        urls: (0..n).map(|i| format!("ws://{ws}/ws?user=u{i}")).collect(),
+                        hello: false,
+                    },
                     publish_url: format!("http://{http}/publish"),
                     authorization: None,
-                    hello: false,
                 },
             ))
         }
@@ -836,13 +926,33 @@ async fn measure(
 
     let mut subscribers = JoinSet::new();
     let started = Instant::now();
-    let urls = endpoints.ws_urls.into_iter().map(|u| (u, 0)).collect();
-    let connected = client::connect_all(urls, endpoints.hello, &rec, &mut subscribers).await;
+    let sse_stats = Arc::new(sse::SseStats::default());
+    let connected = match endpoints.subscribers {
+        Subscribers::Ws { urls, hello } => {
+            let urls = urls.into_iter().map(|u| (u, 0)).collect();
+            client::connect_all(urls, hello, &rec, &mut subscribers).await
+        }
+        Subscribers::Sse { addr, targets } => {
+            sse::connect_all(&addr, targets, &rec, &sse_stats, &mut subscribers).await
+        }
+    };
     run.connect_secs = started.elapsed().as_secs_f64();
     let result = match connected {
         Ok(()) => phases(run, pid, &rec, &publisher, opts, ticks_per_sec).await,
         Err(e) => Err(format!("connecting the subscribers: {e}")),
     };
+    if run.server == Server::Sse {
+        let ids = sse_stats.ids.load(std::sync::atomic::Ordering::Relaxed);
+        let missing = sse_stats
+            .missing_ids
+            .load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("  SSE: {ids} events with an id, {missing} notifications without one");
+        if missing > 0 {
+            run.errors.push(format!(
+                "{missing} SSE notification events had no `id:` line"
+            ));
+        }
+    }
     // Close the subscribers and the publisher's connections before the
     // server is stopped.
     subscribers.shutdown().await;
@@ -967,6 +1077,20 @@ async fn phases(
         run.rss_traffic_kib,
         per_connection_kb(run.rss_before_kib, run.rss_traffic_kib, run.n)
     );
+    // Every subscriber got every broadcast exactly once: the counts are
+    // exact, not merely reached (a duplicate would show here).
+    let expected = [(PHASE_FANOUT, count * n)]
+        .into_iter()
+        .chain((0..opts.repeat).map(|r| (PHASE_FIRST_REPETITION + r, m * n)))
+        .chain([(PHASE_FIRST_REPETITION + opts.repeat, total)]);
+    for (phase, want) in expected {
+        let got = rec.count(phase);
+        if got != want {
+            run.errors.push(format!(
+                "phase {phase}: {got} deliveries, expected exactly {want}"
+            ));
+        }
+    }
     let (closed, failed) = rec.ended();
     if closed + failed > 0 {
         run.errors.push(format!(
@@ -1001,10 +1125,18 @@ fn thousands(x: f64) -> String {
 /// A metric's samples from a set of runs.
 type Metric<'a> = &'a dyn Fn(&Run) -> Vec<f64>;
 
-/// Prints the Markdown table of one N, then every sample of the metrics
-/// with a target; true when every target is met (or there is nothing to
-/// compare).
-fn print_table(n: usize, pgdn: &[&Run], base: &[&Run], opts: &Options, ticks_per_sec: u64) -> bool {
+/// Prints the Markdown table of one N (a column per server in `columns`,
+/// then the ratios: pgdn over WebSocket and over SSE to the baseline, SSE
+/// to WebSocket), then every sample of the metrics with a target; true
+/// when every target is met (or there is nothing to compare). The targets
+/// are judged on the WebSocket ratios, or on the SSE ones when only SSE is
+/// measured.
+fn print_table(
+    n: usize,
+    columns: &[(Server, Vec<&Run>)],
+    opts: &Options,
+    ticks_per_sec: u64,
+) -> bool {
     println!(
         "### N = {} subscribers\n\n{} broadcasts x {} repetition(s) per run, window {}, {} user-targeted messages, \
          baseline coalescing {}; medians of {} run(s) per server.\n",
@@ -1016,47 +1148,86 @@ fn print_table(n: usize, pgdn: &[&Run], base: &[&Run], opts: &Options, ticks_per
         opts.baseline_coalesce,
         opts.rounds
     );
-    println!("| | pgdn | baseline | pgdn / baseline | target |");
-    println!("|---|---:|---:|---:|---|");
+    let index = |s: Server| columns.iter().position(|(c, _)| *c == s);
+    let (ws, sse, base) = (
+        index(Server::Pgdn),
+        index(Server::Sse),
+        index(Server::Baseline),
+    );
+    let judged = ws.or(sse);
+    // (label, numerator column, denominator column, with the targets)
+    let mut ratios: Vec<(&str, usize, usize, bool)> = Vec::new();
+    for (pgdn, label) in [(ws, "WS / baseline"), (sse, "SSE / baseline")] {
+        if let (Some(p), Some(b)) = (pgdn, base) {
+            ratios.push((label, p, b, Some(p) == judged));
+        }
+    }
+    if let (Some(s), Some(w)) = (sse, ws) {
+        ratios.push(("SSE / WS", s, w, false));
+    }
+    let mut heading = String::from("| |");
+    let mut rule = String::from("|---|");
+    for (server, _) in columns {
+        heading += &format!(" {} |", server.heading());
+        rule += "---:|";
+    }
+    for &(label, _, _, targets) in &ratios {
+        heading += &format!(" {label} |");
+        rule += "---:|";
+        if targets {
+            heading += " target |";
+            rule += "---|";
+        }
+    }
+    println!("{heading}\n{rule}");
     let samples =
         |runs: &[&Run], get: Metric| -> Vec<f64> { runs.iter().flat_map(|r| get(r)).collect() };
     let mut all_met = true;
     let mut row =
         |label: &str, get: Metric, fmt: &dyn Fn(f64) -> String, target: Option<(bool, f64)>| {
-            let a = median(samples(pgdn, get));
-            let b = median(samples(base, get));
-            let cell = |v: Option<f64>| v.map_or("-".to_string(), fmt);
-            let ratio = match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
-            };
-            let (ratio_text, verdict) = match (target, ratio) {
-                (Some((at_least, t)), Some(r)) => {
-                    let met = if at_least { r >= t } else { r <= t };
-                    all_met &= met;
-                    let op = if at_least { ">=" } else { "<=" };
-                    (
-                        format!("**{r:.3}**"),
-                        format!("{op} {t:.2}: {}", if met { "PASS" } else { "FAIL" }),
-                    )
-                }
-                (Some((at_least, t)), None) => (
-                    "-".into(),
-                    format!(
-                        "{} {t:.2}: not measured",
-                        if at_least { ">=" } else { "<=" }
+            let medians: Vec<Option<f64>> = columns
+                .iter()
+                .map(|(_, runs)| median(samples(runs, get)))
+                .collect();
+            let mut line = format!("| {label} |");
+            for m in &medians {
+                line += &format!(" {} |", m.map_or("-".to_string(), fmt));
+            }
+            for &(_, a, b, targets) in &ratios {
+                let ratio = match (medians[a], medians[b]) {
+                    (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                    _ => None,
+                };
+                let (ratio_text, verdict) = match (target, ratio) {
+                    (Some((at_least, t)), Some(r)) => {
+                        let met = if at_least { r >= t } else { r <= t };
+                        let op = if at_least { ">=" } else { "<=" };
+                        if targets {
+                            all_met &= met;
+                        }
+                        (
+                            format!("**{r:.3}**"),
+                            format!("{op} {t:.2}: {}", if met { "PASS" } else { "FAIL" }),
+                        )
+                    }
+                    (Some((at_least, t)), None) => (
+                        "-".into(),
+                        format!(
+                            "{} {t:.2}: not measured",
+                            if at_least { ">=" } else { "<=" }
+                        ),
                     ),
-                ),
-                (None, r) => (
-                    r.map_or("-".to_string(), |r| format!("{r:.2}")),
-                    String::new(),
-                ),
-            };
-            println!(
-                "| {label} | {} | {} | {ratio_text} | {verdict} |",
-                cell(a),
-                cell(b)
-            );
+                    (None, r) => (
+                        r.map_or("-".to_string(), |r| format!("{r:.2}")),
+                        String::new(),
+                    ),
+                };
+                line += &format!(" {ratio_text} |");
+                if targets {
+                    line += &format!(" {verdict} |");
+                }
+            }
+            println!("{line}");
         };
     let rate: Metric = &|r| r.broadcast.iter().map(Phase::per_sec).collect();
     let cpu: Metric = &|r| {
@@ -1172,7 +1343,11 @@ fn print_table(n: usize, pgdn: &[&Run], base: &[&Run], opts: &Options, ticks_per
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        println!("- {label}: pgdn {}; baseline {}", list(pgdn), list(base));
+        let lists: Vec<String> = columns
+            .iter()
+            .map(|(server, runs)| format!("{} {}", server.name(), list(runs)))
+            .collect();
+        println!("- {label}: {}", lists.join("; "));
     };
     println!("Every sample, in round order:\n");
     show("broadcast deliveries/s", rate, &thousands);
@@ -1182,7 +1357,7 @@ fn print_table(n: usize, pgdn: &[&Run], base: &[&Run], opts: &Options, ticks_per
     show("server RSS KB per idle connection", rss, &|v| {
         format!("{v:.1}")
     });
-    for r in pgdn.iter().chain(base) {
+    for r in columns.iter().flat_map(|(_, runs)| runs) {
         for e in &r.errors {
             println!("- problem, {} round {}: {e}", r.server.name(), r.round + 1);
         }

@@ -1,6 +1,7 @@
 //! The bench's client side, the same for pgdn and the baseline: N
 //! WebSocket subscribers that time every notification they receive, and an
-//! HTTP publisher.
+//! HTTP publisher. (The Server-Sent Events subscribers are in `sse.rs` and
+//! report into the same [`Recorder`].)
 //!
 //! Every published payload carries the phase it belongs to (`"p"`) and the
 //! time it was sent (`"t"`, nanoseconds since [`now_ns`]'s epoch, which the
@@ -169,7 +170,7 @@ impl Recorder {
 
     /// Records one text frame received by a subscriber in `slot` (ignored
     /// unless it is a bench notification).
-    fn on_text(&self, s: &str, slot: usize) {
+    pub(crate) fn on_text(&self, s: &str, slot: usize) {
         let (Some(phase), Some(sent)) = (number_after(s, "\"p\":"), number_after(s, "\"t\":"))
         else {
             return;
@@ -184,6 +185,16 @@ impl Recorder {
         if n >= self.wake_at.load(Ordering::SeqCst) {
             self.wake.notify_one();
         }
+    }
+
+    /// Records a connection closed by the server (a close frame or event).
+    pub(crate) fn on_closed(&self) {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Records a connection that failed or ended without a close.
+    pub(crate) fn on_failed(&self) {
+        self.errors.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Deliveries received in `phase`.
@@ -266,14 +277,14 @@ async fn subscriber(mut ws: Ws, rec: Arc<Recorder>, slot: usize) {
         match msg {
             Ok(Message::Text(t)) => rec.on_text(t.as_str(), slot),
             Ok(Message::Close(_)) => {
-                rec.closed.fetch_add(1, Ordering::SeqCst);
+                rec.on_closed();
                 return;
             }
             Ok(_) => {}
             Err(_) => break,
         }
     }
-    rec.errors.fetch_add(1, Ordering::SeqCst);
+    rec.on_failed();
 }
 
 async fn connect_one(url: String, expect_hello: bool) -> Result<Ws, String> {
