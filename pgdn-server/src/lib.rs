@@ -23,6 +23,8 @@
 //!
 //! # Layout
 //!
+//! - `listener`: the accept loop: hyper HTTP/1.1 with header, keep-alive
+//!   and body timeouts, graceful and bounded shutdown.
 //! - `upgrade`: the WebSocket upgrade with pgdn's own tungstenite settings.
 //! - `socket`: tungstenite messages <-> pgdn-core's `Transport`.
 //! - [`server`]: [`Pgdn`], its builder, the warp routes and `serve`.
@@ -37,10 +39,12 @@ pub mod error;
 pub mod jwks;
 pub mod server;
 
+mod listener;
 mod socket;
 mod upgrade;
 
 pub use error::{Error, Result};
+pub use listener::remote_addr;
 pub use server::{Pgdn, PgdnBuilder, shutdown_signal};
 pub use socket::WsTransport;
 

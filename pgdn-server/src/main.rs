@@ -87,6 +87,20 @@ struct Args {
     /// Close a connection (1013) whose write makes no progress for this long.
     #[arg(long, env = "PGDN_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     write_timeout: Duration,
+    /// Close a connection whose request head (line and headers) is not
+    /// complete this long after it opened, or after the next request began.
+    #[arg(long, env = "PGDN_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// Close a kept-alive HTTP connection idle this long between requests.
+    #[arg(long, env = "PGDN_KEEP_ALIVE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    keep_alive_timeout: Duration,
+    /// Answer 408 (and close) when a publish body is not in full after this long.
+    #[arg(long, env = "PGDN_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long to wait for connections to close before
+    /// dropping them and exiting.
+    #[arg(long, env = "PGDN_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
     /// Messages kept per user for resume after reconnect (`since=`).
     #[arg(long, env = "PGDN_HISTORY_MESSAGES", default_value_t = 100)]
     history_messages: usize,
@@ -233,6 +247,10 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     config.ws_path = args.ws_path.clone();
     config.sse_path = args.sse_path.clone();
     config.write_timeout = args.write_timeout;
+    config.header_read_timeout = args.header_read_timeout;
+    config.keep_alive_timeout = args.keep_alive_timeout;
+    config.body_timeout = args.body_timeout;
+    config.shutdown_timeout = args.shutdown_timeout;
     config.max_frame_size = args.max_frame_size;
     config.rate_limit_per_sec = args.rate_limit;
     config.rate_limit_burst = args.rate_burst;

@@ -196,7 +196,7 @@ impl Pgdn {
             .and(warp::get())
             .and(raw_query())
             .and(warp::header::headers_cloned())
-            .and(warp::addr::remote())
+            .and(crate::listener::remote_addr())
             .then(
                 move |query: Option<String>, headers: HeaderMap, remote: Option<SocketAddr>| {
                     let service = service.clone();
@@ -270,9 +270,16 @@ impl Pgdn {
     }
 
     /// Like [`Pgdn::serve`], for an app's own routes that include pgdn's
-    /// (`app.or(pgdn.routes())`). Use it rather than warp's `graceful`
-    /// alone: warp waits for open HTTP connections, and Server-Sent Events
-    /// streams end only once pgdn begins its shutdown.
+    /// (`app.or(pgdn.routes())`). Use it rather than `warp::serve`: warp
+    /// has no HTTP timeouts (a client that never finishes its request holds
+    /// its connection for ever) and its graceful shutdown waits for open
+    /// HTTP connections, where Server-Sent Events streams end only once
+    /// pgdn begins its shutdown.
+    ///
+    /// Connections are HTTP/1.1 (with upgrades), bounded by
+    /// [`Config::header_read_timeout`], [`Config::keep_alive_timeout`] and
+    /// [`Config::body_timeout`]. Your routes read the peer address with
+    /// [`remote_addr`](crate::remote_addr), not `warp::addr::remote()`.
     pub async fn serve_routes<F>(
         &self,
         routes: F,
@@ -282,32 +289,7 @@ impl Pgdn {
         F: Filter<Error = Rejection> + Clone + Send + Sync + 'static,
         F::Extract: Reply,
     {
-        let this = self.clone();
-        let (began, began_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.await;
-            this.service.begin_shutdown();
-            let _ = began.send(());
-        };
-        let server = warp::serve(routes)
-            .incoming(listener)
-            .graceful(signal)
-            .run();
-        let limit = self.config().shutdown_timeout;
-        let deadline = async move {
-            if began_rx.await.is_ok() {
-                tokio::time::sleep(limit).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            _ = server => {}
-            _ = deadline => {
-                tracing::warn!("shutdown timed out with HTTP connections still open; leaving them");
-            }
-        }
-        self.shutdown().await;
+        crate::listener::serve(routes, listener, &self.service, shutdown).await;
     }
 
     /// Closes every connection with 1001 and waits for their tasks to end

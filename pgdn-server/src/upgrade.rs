@@ -59,7 +59,7 @@ pub(crate) fn upgrade_request()
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .and(crate::server::raw_query())
-        .and(warp::addr::remote())
+        .and(crate::listener::remote_addr())
         .and_then(
             |headers: HeaderMap,
              on_upgrade: Option<OnUpgrade>,
