@@ -153,6 +153,15 @@ pub trait Broker: Send + Sync + 'static {
     /// [`Broker::delivers_locally`], to this one too).
     async fn publish(&self, envelope: &Envelope) -> Result<Published, Error>;
 
+    /// Refuses a request this broker cannot carry (e.g. a `users` target
+    /// longer than one bounded Redis call allows) with
+    /// [`Error::InvalidPublish`] (400 at the API). The hub asks before it
+    /// publishes anything, for every item of a batch first. Default: every
+    /// valid request is accepted.
+    fn validate(&self, _req: &PublishRequest) -> Result<(), Error> {
+        Ok(())
+    }
+
     /// True when the broker also brings this node's own publishes back to
     /// it (through [`Hub::deliver_local`](crate::Hub::deliver_local)), so
     /// that every node delivers in the one order the broker sets. The hub

@@ -415,6 +415,7 @@ impl Hub {
     /// already took the message de-duplicates the retry itself.
     pub async fn publish(&self, req: PublishRequest) -> Result<PublishReceipt> {
         req.target.validate()?;
+        self.inner.broker.validate(&req)?;
         let mut claim = ClaimGuard {
             dedup: &self.inner.dedup,
             id: None,
@@ -470,6 +471,7 @@ impl Hub {
         for (i, r) in reqs.iter().enumerate() {
             r.target
                 .validate()
+                .and_then(|()| self.inner.broker.validate(r))
                 .map_err(|e| Error::InvalidPublish(format!("item {i}: {e}")))?;
         }
         let mut out = Vec::with_capacity(reqs.len());

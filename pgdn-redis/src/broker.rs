@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use pgdn_core::{Broker, Envelope, MessageId, Published, Target, WeakHub};
+use pgdn_core::{Broker, Envelope, MessageId, PublishRequest, Published, Target, WeakHub};
 
 use redis::aio::ConnectionManager;
 
@@ -33,6 +33,24 @@ impl std::fmt::Debug for RedisBroker {
     }
 }
 
+/// Refuses a `users` target longer than
+/// [`ClusterConfig::max_users_per_publish`]: one publish is one Lua call,
+/// and Redis serves no one else meanwhile.
+pub(crate) fn check_target(config: &ClusterConfig, target: &Target) -> Result<()> {
+    let max = config.max_users_per_publish;
+    match target {
+        Target::Users(users) if users.len() > max => {
+            Err(pgdn_core::Error::InvalidPublish(format!(
+                "target users lists {} users, more than the {max} one publish may name \
+                 in cluster mode; split it into several publishes",
+                users.len()
+            ))
+            .into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs the publish script for `envelope` with the key prefix and bounds of
 /// `config`; `None` for a repeated id. Shared by the broker and the emitter.
 pub(crate) async fn publish_envelope(
@@ -40,6 +58,7 @@ pub(crate) async fn publish_envelope(
     config: &ClusterConfig,
     envelope: &Envelope,
 ) -> Result<Option<u64>> {
+    check_target(config, &envelope.target)?;
     let users = envelope.target.user_recipients();
     let kind = match &envelope.target {
         Target::User(_) | Target::Users(_) => "u",
@@ -92,6 +111,10 @@ impl Broker for RedisBroker {
 
     fn delivers_locally(&self) -> bool {
         true
+    }
+
+    fn validate(&self, req: &PublishRequest) -> pgdn_core::Result<()> {
+        Ok(check_target(&self.shared.config, &req.target)?)
     }
 }
 

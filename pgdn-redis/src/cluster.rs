@@ -32,8 +32,21 @@ pub struct ClusterConfig {
     pub cleanup_interval: Duration,
     /// Most user keys one cleanup pass looks at. Default 1000.
     pub cleanup_batch: usize,
-    /// Per-user history for resume: 100 messages, 10 minutes.
+    /// Per-user history for resume: 100 messages, 10 minutes (its
+    /// `max_users` and `max_bytes` bound the in-memory history only; bound
+    /// Redis with its `maxmemory`). Each frame is stored once, for the age
+    /// bound, and each user's window holds references to it.
     pub history: HistoryConfig,
+    /// Most users one `users` target may list. A publish runs as one Lua
+    /// script, which blocks Redis while it writes each user's history and
+    /// looks up each user's nodes; a longer list is refused (400 at the
+    /// API, [`pgdn_core::Error::InvalidPublish`] to a caller) rather than
+    /// split, because a split publish could no longer be numbered and
+    /// stored atomically with its delivery. Default 1,000: a few
+    /// milliseconds of Redis time (about 4 commands per user; 80,000 users
+    /// once blocked Redis for 645 ms). Send longer lists as several
+    /// publishes (a batch takes up to 1,000), or use a group.
+    pub max_users_per_publish: usize,
     /// De-duplication window of publisher-chosen ids. Default 5 minutes.
     pub dedup_window: Duration,
     /// How long a Redis command may take before it fails (so that a
@@ -50,6 +63,7 @@ impl Default for ClusterConfig {
             cleanup_interval: Duration::from_secs(60),
             cleanup_batch: 1000,
             history: HistoryConfig::default(),
+            max_users_per_publish: 1_000,
             dedup_window: Duration::from_secs(300),
             command_timeout: Duration::from_secs(2),
         }

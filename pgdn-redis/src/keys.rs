@@ -41,6 +41,20 @@ impl Keys {
     pub(crate) fn user(&self, user: &str) -> String {
         format!("{}user:{user}", self.prefix)
     }
+    /// Resume window of one user: a sorted set of `seq:ms` references,
+    /// scored by sequence number.
+    pub(crate) fn history(&self, user: &str) -> String {
+        format!("{}hist:{user}", self.prefix)
+    }
+    /// Highest sequence number dropped from a user's full window.
+    pub(crate) fn history_evicted(&self, user: &str) -> String {
+        format!("{}hist_evicted:{user}", self.prefix)
+    }
+    /// A user message's frame, stored once for all its users' windows (the
+    /// publish script writes it under the same name).
+    pub(crate) fn message(&self, seq: u64) -> String {
+        format!("{}msg:{seq}", self.prefix)
+    }
     /// Pattern matching every user key, for SCAN.
     pub(crate) fn user_pattern(&self) -> String {
         format!("{}user:*", self.prefix)

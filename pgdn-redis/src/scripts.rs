@@ -1,7 +1,9 @@
 //! The Lua scripts. Each runs atomically in Redis and takes the time from
 //! Redis (`TIME`), so that expiry decisions do not depend on the clocks of
-//! the nodes. Keys are built inside the scripts from the prefix: pgdn
-//! targets one Redis (not Redis Cluster).
+//! the nodes. Most keys are built inside the scripts from the prefix (pgdn
+//! targets one Redis, not Redis Cluster); where a script's keys are known
+//! before it runs, they are built in Rust ([`Keys`](crate::keys::Keys))
+//! and passed as `KEYS`.
 
 use std::sync::LazyLock;
 
@@ -11,6 +13,13 @@ use redis::Script;
 /// hist_age_ms, kind (`a` all nodes / `u` user targets), target JSON,
 /// origin, frame, then the target users. Returns the cluster-wide sequence
 /// number, or -1 for a repeated publisher id.
+///
+/// A user message's frame is stored once, in `msg:{seq}` for the age bound
+/// ([`Keys::message`](crate::keys::Keys::message) names it the same way);
+/// each user's window `hist:{user}` holds `seq:ms` references to it. The
+/// work is linear in the users, which
+/// [`ClusterConfig::max_users_per_publish`](crate::ClusterConfig::max_users_per_publish)
+/// bounds.
 pub(crate) static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -35,11 +44,15 @@ if ARGV[7] == 'a' then
 end
 local max = tonumber(ARGV[5])
 local nodes = {}
+if max > 0 then
+  redis.call('SET', p .. 'msg:' .. seq, ARGV[10], 'PX', age)
+end
+local ref = seq .. ':' .. now
 for i = 11, #ARGV do
   local u = ARGV[i]
   if max > 0 then
     local hk = p .. 'hist:' .. u
-    redis.call('ZADD', hk, seq, seq .. ':' .. now .. ':' .. ARGV[10])
+    redis.call('ZADD', hk, seq, ref)
     local n = redis.call('ZCARD', hk)
     if n > max then
       local gone = redis.call('ZRANGE', hk, n - max - 1, n - max - 1, 'WITHSCORES')
@@ -117,12 +130,15 @@ return nu
     )
 });
 
-/// What a resuming client missed. ARGV: prefix, user, since id, age_ms.
-/// Returns `{gap, entry...}` with entries `seq:ms:frame` in order.
+/// What a resuming client missed. KEYS: the user's window, its eviction
+/// mark. ARGV: prefix (of the id index), since id, age_ms. Returns `{gap,
+/// entry...}` with the window's entries in order: `seq:ms` references
+/// (whose frames are in `msg:{seq}`), or `seq:ms:frame` as written before
+/// frames were stored once.
 pub(crate) static REPLAY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local p, user, since, age = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local p, since, age = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local since_seq = nil
@@ -134,12 +150,12 @@ for b = m, m - math.floor(age / 60000) - 1, -1 do
     break
   end
 end
-local hk = p .. 'hist:' .. user
+local hk = KEYS[1]
 local entries
 local gap = 0
 if since_seq then
   entries = redis.call('ZRANGEBYSCORE', hk, '(' .. since_seq, '+inf')
-  local ev = redis.call('GET', p .. 'hist_evicted:' .. user)
+  local ev = redis.call('GET', KEYS[2])
   if ev and tonumber(ev) > since_seq then gap = 1 end
 else
   entries = redis.call('ZRANGE', hk, 0, -1)
@@ -148,7 +164,7 @@ end
 local out = {gap}
 for _, e in ipairs(entries) do
   local a = string.find(e, ':', 1, true)
-  local b = string.find(e, ':', a + 1, true)
+  local b = string.find(e, ':', a + 1, true) or (#e + 1)
   if tonumber(string.sub(e, a + 1, b - 1)) >= now - age then
     table.insert(out, e)
   end

@@ -394,3 +394,21 @@ async fn bad_bytes_on_the_cluster_channels_are_dropped_and_counted() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_users_target_longer_than_one_redis_call_allows_is_refused() {
+    let redis = RedisServer::start();
+    let node = Node::start(&redis, "l1");
+    let mut last = node.connect("user-999", &[], None).await;
+    node.wait_stats("connected", |s| s["total_connections"] == 1)
+        .await;
+    let users: Vec<String> = (0..1001).map(|i| format!("user-{i}")).collect();
+    let (status, reply) = node
+        .post(json!({"target":{"users":users},"type":"info","payload":{"n":0}}))
+        .await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("1000"), "{reply}");
+    node.publish(json!({"target":{"users":&users[..1000]},"type":"info","payload":{"n":1}}))
+        .await;
+    assert_eq!(next_n(&mut last).await, 1);
+}
