@@ -92,8 +92,16 @@ pub struct JwtAuthenticator {
 impl std::fmt::Debug for JwtAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret.
+        let keys = match &self.keys {
+            Keys::Static {
+                encoding: Some(_), ..
+            } => "secret (HS256)",
+            Keys::Static { .. } => "public key",
+            Keys::Jwks(_) => "jwks (RS256, ES256)",
+        };
         f.debug_struct("JwtAuthenticator")
-            .field("algorithms", &self.validation.algorithms)
+            .field("keys", &keys)
+            .field("algorithm", &self.algorithm())
             .field("issuers", &self.validation.iss)
             .field("audiences", &self.validation.aud)
             .field("leeway", &self.leeway)
@@ -753,6 +761,8 @@ mod tests {
         let shown = format!("{auth:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("HS256"), "{shown}");
+        let public = JwtAuthenticator::public_key_pem(test_keys::rsa(0).public_pem()).unwrap();
+        assert!(format!("{public:?}").contains("RS256"), "{public:?}");
     }
 
     #[tokio::test]
