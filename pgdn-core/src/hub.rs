@@ -111,7 +111,7 @@ impl HubBuilder {
         self
     }
     /// Sets the bounds of the default in-memory history (100 messages and
-    /// 10 minutes per user).
+    /// 10 minutes per user, at most 100,000 users and 256 MiB in all).
     pub fn history_config(mut self, config: HistoryConfig) -> Self {
         self.history_config = config;
         self
