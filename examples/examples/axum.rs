@@ -11,7 +11,8 @@
 //!
 //! Everything pgdn does is [`pgdn_core::Service`]'s; this file only routes
 //! and translates: [`router`] mounts the WebSocket path (axum's
-//! `WebSocketUpgrade`, then [`Service::serve`] over [`AxumWs`]), the SSE
+//! `WebSocketUpgrade`, [`Service::admit`], then [`Service::serve`] over
+//! [`AxumWs`]), the SSE
 //! path ([`Service::sse`]) and a fallback for the publish API, `/healthz`,
 //! `/readyz`, `/metrics`, `/pgdn.js` and the demo page
 //! ([`Service::route`] and [`Service::respond`]). Nest it anywhere:
@@ -74,9 +75,10 @@ async fn websocket(State(service): State<Service>, request: Request) -> Response
             return pgdn_core::json_error(StatusCode::BAD_REQUEST, message).map(Body::from);
         }
     };
-    if let Err(refused) = service.admit() {
-        return refused.map(Body::from);
-    }
+    let admission = match service.admit(connect_info(parts)).await {
+        Ok(admission) => admission,
+        Err(refused) => return refused.map(Body::from),
+    };
     let c = service.config();
     // The same tungstenite settings as pgdn-server (see its `ws_config`).
     let upgrade = upgrade
@@ -85,12 +87,11 @@ async fn websocket(State(service): State<Service>, request: Request) -> Response
         .max_write_buffer_size(c.queue.max_bytes.saturating_mul(2).max(64 * 1024))
         .max_message_size(c.max_frame_size)
         .max_frame_size(c.max_frame_size);
-    let info = connect_info(parts);
     // axum spawns the connection's task itself; the token makes the
     // service's shutdown wait for it all the same.
     let tracked = service.tasks().token();
     upgrade.on_upgrade(move |socket| async move {
-        service.serve(info, AxumWs::new(socket)).await;
+        service.serve(admission, AxumWs::new(socket)).await;
         drop(tracked);
     })
 }

@@ -30,7 +30,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 /// Used when `PGDN_JWT_SECRET` is not set. Never in production.
-const DEV_JWT_SECRET: &str = "dev-only-jwt-secret-change-me";
+const DEV_JWT_SECRET: &str = "dev-only-jwt-secret-change-me-in-production";
 
 /// The body of `POST /trigger`.
 #[derive(Debug, Deserialize)]

@@ -70,9 +70,13 @@ async fn quiet(ws: &mut Ws) {
 
 #[tokio::test]
 async fn basic_trigger_notifies_the_user() {
-    let pgdn = basic::build_pgdn("test secret", "test key").unwrap();
+    let pgdn = basic::build_pgdn(
+        "examples test secret for HS256 tokens",
+        "examples test publish key",
+    )
+    .unwrap();
     let addr = serve(basic::app(&pgdn)).await;
-    let token = JwtAuthenticator::new("test secret")
+    let token = JwtAuthenticator::new("examples test secret for HS256 tokens")
         .issue("u1", &[], Duration::from_secs(60))
         .unwrap();
     let mut ws = subscribe(addr, &token).await;
@@ -111,7 +115,7 @@ async fn basic_trigger_notifies_the_user() {
 #[tokio::test]
 async fn auth_sessions_and_chat_handler() {
     let sessions = auth::SessionStore::with_demo_sessions();
-    let pgdn = auth::build_pgdn(sessions.clone(), "test key").unwrap();
+    let pgdn = auth::build_pgdn(sessions.clone(), "examples test publish key").unwrap();
     let addr = serve(auth::app(&pgdn, &sessions)).await;
 
     let mut bad = subscribe(addr, "no-such-token").await;
@@ -170,12 +174,12 @@ mod subscriber;
 /// example through a real server: started, 10..100, completed, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_job_progress_reaches_the_subscriber() {
-    let pgdn = basic::build_pgdn("batch-secret", "batch-key").unwrap();
+    let pgdn = basic::build_pgdn("batch-secret-of-at-least-32-bytes", "batch-publish-key").unwrap();
     let addr = serve(pgdn.routes()).await;
     let mut events = subscriber::subscriber(
         format!("ws://{addr}/ws"),
         None,
-        Some("batch-secret".into()),
+        Some("batch-secret-of-at-least-32-bytes".into()),
         "owner".into(),
     )
     .unwrap()
@@ -190,7 +194,7 @@ async fn batch_job_progress_reaches_the_subscriber() {
     }
     let url = format!("http://{addr}");
     let job = std::thread::spawn(move || {
-        let p = pgdn_client::blocking::Publisher::new(url, "batch-key").unwrap();
+        let p = pgdn_client::blocking::Publisher::new(url, "batch-publish-key").unwrap();
         batch_job::run_job(&p, "owner", "job-1", 10, |_| {})
     });
     let mut seen = Vec::new();
@@ -225,13 +229,13 @@ async fn emitter_progress_reaches_a_cluster_node() {
         .unwrap();
     let pgdn = pgdn_server::Pgdn::builder()
         .hub(cluster.hub_builder().build())
-        .jwt_secret("em-secret")
-        .publish_key("em-key")
+        .jwt_secret("em-secret-of-at-least-32-bytes!!")
+        .publish_key("em-publish-key-16")
         .build()
         .unwrap();
     assert!(cluster.wait_subscribed(Duration::from_secs(10)).await);
     let addr = serve(pgdn.routes()).await;
-    let token = JwtAuthenticator::new(b"em-secret")
+    let token = JwtAuthenticator::new(b"em-secret-of-at-least-32-bytes!!")
         .issue("owner", &[], Duration::from_secs(60))
         .unwrap();
     let mut ws = subscribe(addr, &token).await;
@@ -343,13 +347,13 @@ impl AxumExample {
 async fn axum_example_binary_serves_subscribers_and_publishers() {
     let app = AxumExample::start(
         &[
-            ("PGDN_JWT_SECRET", "axum-secret"),
-            ("PGDN_PUBLISH_KEY", "axum-key"),
+            ("PGDN_JWT_SECRET", "axum-secret-of-at-least-32-bytes"),
+            ("PGDN_PUBLISH_KEY", "axum-publish-key"),
         ],
         0,
     );
     let addr = app.addr;
-    let token = JwtAuthenticator::new("axum-secret")
+    let token = JwtAuthenticator::new("axum-secret-of-at-least-32-bytes")
         .issue("u1", &["staff"], Duration::from_secs(60))
         .unwrap();
     let mut ws = subscribe(addr, &token).await;
@@ -358,7 +362,7 @@ async fn axum_example_binary_serves_subscribers_and_publishers() {
     let http = reqwest::Client::new();
     let publish = |body: Value| {
         http.post(format!("http://{addr}/api/v1/publish"))
-            .bearer_auth("axum-key")
+            .bearer_auth("axum-publish-key")
             .json(&body)
             .send()
     };

@@ -15,8 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-const SECRET: &[u8] = b"client-test-secret";
-const KEY: &str = "client-test-key";
+const SECRET: &[u8] = b"client-test-secret-of-at-least-32-bytes";
+const KEY: &str = "client-test-publish-key";
 const WAIT: Duration = Duration::from_secs(15);
 
 struct Server {

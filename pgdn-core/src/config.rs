@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::limits::IpNetwork;
 use crate::{HistoryConfig, QueueLimits};
 
 /// Settings of a [`Service`](crate::Service). Start from
@@ -38,6 +39,25 @@ pub struct Config {
     /// Most open WebSocket connections on this node; more get 503 before the
     /// upgrade. Default 100,000.
     pub max_connections: usize,
+    /// Most open connections (WebSocket and SSE together) of one user on
+    /// this node; more get 429 before the upgrade (or the stream).
+    /// Default 100.
+    pub max_connections_per_user: usize,
+    /// Most open connections from one client address on this node; more
+    /// get 429 before authentication. Default `None` (no limit): behind a
+    /// reverse proxy every client has the proxy's address, unless the
+    /// proxy is listed in [`Config::trusted_proxies`].
+    pub max_connections_per_ip: Option<usize>,
+    /// Proxies (addresses or CIDR networks) whose `X-Forwarded-For` is
+    /// believed: for a request from one of them, the client's address is
+    /// the right-most `X-Forwarded-For` entry that is not a trusted proxy.
+    /// Default empty: the peer's address is the client's.
+    pub trusted_proxies: Vec<IpNetwork>,
+    /// Origins allowed to connect besides the server's own (PROTOCOL.md
+    /// section 1): `https://app.example.com`, or `*` for any. A request
+    /// with another `Origin` gets 403 before any upgrade. Default empty:
+    /// same origin only.
+    pub allowed_origins: Vec<String>,
     /// tungstenite's read buffer per connection, allocated eagerly: it
     /// decides most of the memory of an idle connection. Default 4 KiB.
     pub read_buffer_size: usize,
@@ -88,6 +108,10 @@ impl Default for Config {
             max_body_size: 1024 * 1024,
             max_batch_len: 1000,
             max_connections: 100_000,
+            max_connections_per_user: 100,
+            max_connections_per_ip: None,
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
             read_buffer_size: 4 * 1024,
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
@@ -132,6 +156,10 @@ impl Config {
         if self.max_connections == 0 || self.max_body_size == 0 || self.max_batch_len == 0 {
             return bad("max_connections, max_body_size and max_batch_len must be > 0");
         }
+        if self.max_connections_per_user == 0 || self.max_connections_per_ip == Some(0) {
+            return bad("max_connections_per_user and max_connections_per_ip must be > 0");
+        }
+        crate::origin::OriginPolicy::new(&self.allowed_origins).map_err(crate::Error::Config)?;
         if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
             return bad("ping_interval must be > 0 and idle_timeout longer than ping_interval");
         }

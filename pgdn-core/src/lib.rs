@@ -41,6 +41,9 @@
 //! - [`api`]: the publish API and the other HTTP routes ([`Route`]).
 //! - [`sse`]: the Server-Sent Events transport.
 //! - [`config`]: every limit with its default ([`Config`]).
+//! - [`limits`]: connection limits per node, user and address, and the
+//!   client's address behind trusted proxies.
+//! - `origin`: the `Origin` checks of PROTOCOL.md section 1.
 //! - [`auth`], [`handler`], [`broker`], [`session`], [`history`]: the traits
 //!   other crates implement, each with an in-process default.
 //! - [`jwt`] (feature `jwt`, on by default): [`JwtAuthenticator`].
@@ -63,8 +66,10 @@ pub mod hub;
 pub mod identity;
 #[cfg(feature = "jwt")]
 pub mod jwt;
+pub mod limits;
 pub mod message;
 mod metrics;
+mod origin;
 pub mod protocol;
 pub mod registry;
 pub mod service;
@@ -86,9 +91,10 @@ pub use hub::{Hub, HubBuilder, HubConfig, Stats, WeakHub};
 pub use identity::Identity;
 #[cfg(feature = "jwt")]
 pub use jwt::JwtAuthenticator;
+pub use limits::IpNetwork;
 pub use message::{MessageId, MessageType, Notification};
 pub use protocol::{ConnectInfo, Session};
-pub use service::{HttpResponse, Service, ServiceBuilder, json_error};
+pub use service::{Admission, HttpResponse, Service, ServiceBuilder, json_error};
 pub use session::{ClusterStats, MemorySessionTracker, SessionTracker};
 pub use sse::{SseStream, SseTransport};
 pub use target::{PublishReceipt, PublishRequest, Target};

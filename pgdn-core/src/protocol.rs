@@ -2,9 +2,10 @@
 //! transport: what a subscriber connection does from its request to its
 //! close, minus the bytes on a socket.
 //!
-//! [`Service::open`](crate::Service::open) authenticates a [`ConnectInfo`],
-//! registers the connection and reads the resume replay; [`Session::run`]
-//! then drives a [`Transport`]:
+//! [`Service::admit`](crate::Service::admit) checks and authenticates a
+//! [`ConnectInfo`], [`Service::open`](crate::Service::open) registers the
+//! connection and reads the resume replay; [`Session::run`] then drives a
+//! [`Transport`]:
 //!
 //! 1. **Register, then greet.** The connection is registered before the
 //!    connection frame is written, so a publish made after the client saw
@@ -164,6 +165,9 @@ pub struct Session {
 }
 
 /// The tokio instant at which `at` passes (far in the future for `None`).
+    /// Its connection slots (per node, user and address), given back when
+    /// it ends.
+    pub(crate) slots: crate::limits::Slots,
 fn deadline(at: Option<SystemTime>) -> (bool, tokio::time::Instant) {
     const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
     match at {
@@ -196,6 +200,7 @@ impl Session {
         } = self;
         let config = service.config();
         tracing::debug!(
+            slots,
             connection = conn.wire_id(),
             user = conn.user_id(),
             "subscriber connected"
@@ -211,6 +216,9 @@ impl Session {
         service.hub().disconnect(&conn, reason).await;
         tracing::debug!(
             connection = conn.wire_id(),
+        // The connection is over: its slots go back before it is
+        // unregistered, so a client that saw it leave can take its place.
+        drop(slots);
             reason = reason.as_str(),
             "subscriber disconnected"
         );
@@ -615,7 +623,8 @@ mod tests {
         hub.notify_user("u1", MessageType::info(), json!({"n": 2}))
             .await
             .unwrap();
-        let session = svc.open(info(Some(first.id.as_str()))).await.unwrap();
+        let admitted = svc.admit(info(Some(first.id.as_str()))).await.unwrap();
+        let session = svc.open(admitted).await.unwrap();
         // Registered before anything is written: this one is queued.
         hub.notify_group("g", MessageType::info(), json!({"n": 3}))
             .await
@@ -642,7 +651,7 @@ mod tests {
         let (t, mut peer) = mem(true);
         let task = tokio::spawn({
             let svc = svc.clone();
-            async move { svc.serve(info(None), t).await }
+            async move { svc.serve(svc.admit(info(None)).await.unwrap(), t).await }
         });
         assert_eq!(peer.frames().await[0]["type"], "connection");
         // Keepalives are answered meanwhile, so only the expiry can end it.
@@ -662,7 +671,7 @@ mod tests {
         let (t, mut peer) = mem(true);
         let task = tokio::spawn({
             let svc = svc.clone();
-            async move { svc.serve(info(None), t).await }
+            async move { svc.serve(svc.admit(info(None)).await.unwrap(), t).await }
         });
         peer.frames().await;
         assert_eq!(task.await.unwrap(), Some(DisconnectReason::IdleTimeout));
@@ -672,7 +681,7 @@ mod tests {
         let (t, mut peer) = mem(false);
         let task = tokio::spawn({
             let svc = svc.clone();
-            async move { svc.serve(info(None), t).await }
+            async move { svc.serve(svc.admit(info(None)).await.unwrap(), t).await }
         });
         peer.frames().await;
         for _ in 0..10 {
@@ -695,7 +704,7 @@ mod tests {
         let (t, mut peer) = mem(true);
         let task = tokio::spawn({
             let svc = svc.clone();
-            async move { svc.serve(info(None), t).await }
+            async move { svc.serve(svc.admit(info(None)).await.unwrap(), t).await }
         });
         peer.frames().await;
         for _ in 0..4 {
@@ -710,7 +719,9 @@ mod tests {
         let svc = service(Config::default(), Identity::new("u1", Vec::<&str>::new()));
         let (t, mut peer) = mem(true);
         let bad = ConnectInfo::from_request(Some("token=nope"), HeaderMap::new());
-        assert_eq!(svc.serve(bad, t).await, None);
+        let admitted = svc.admit(bad).await.unwrap();
+        assert!(admitted.identity().is_err(), "admitted, to be closed with 1008");
+        assert_eq!(svc.serve(admitted, t).await, None);
         assert_eq!(peer.close().await, (1008, "invalid token".into()));
         assert_eq!(svc.hub().stats().connections_opened, 0);
     }

@@ -9,14 +9,20 @@
 //!   the demo page: [`Service::route`] says whether a path is ours, and
 //!   [`Service::respond`] answers it.
 //!
-//! Before an upgrade, [`Service::admit`] refuses requests while shutting
-//! down or past the connection limit, as an HTTP answer.
+//! Before an upgrade (or an SSE stream), [`Service::admit`] runs every
+//! check that PROTOCOL.md answers in HTTP: the `Origin` (403), shutdown
+//! and the node's connection limit (503), the per-address and per-user
+//! limits (429); it authenticates the request on the way, so that the
+//! user is known before the answer. An authentication failure is not an
+//! HTTP answer: it travels in the [`Admission`], and the WebSocket is
+//! upgraded and then closed with 1008, as PROTOCOL.md section 1 says (SSE
+//! answers 401).
 
 use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,10 +31,16 @@ use crate::config::Config;
 use crate::connection::DisconnectReason;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::identity::Identity;
+use crate::limits::{LimitExceeded, Limiter, Slots, client_ip};
 use crate::metrics::Metrics;
+use crate::origin::{OriginCheck, OriginPolicy};
 use crate::protocol::{ConnectInfo, Session};
 use crate::sse::{self, SseStream};
 use crate::transport::Transport;
+
+/// The shortest publish key [`ServiceBuilder::build`] accepts, in bytes.
+pub const MIN_PUBLISH_KEY_LEN: usize = 16;
 
 /// An HTTP answer of the service: status, headers and a JSON (or text)
 /// body, for the adapter to send as is.
@@ -51,8 +63,12 @@ pub(crate) struct Inner {
     pub(crate) auth: Arc<dyn Authenticator>,
     /// Limits and paths.
     pub(crate) config: Config,
-    /// The key publishers must present.
-    pub(crate) publish_key: String,
+    /// The keys publishers may present (several while rotating).
+    pub(crate) publish_keys: Vec<String>,
+    /// Which origins may connect.
+    pub(crate) origins: OriginPolicy,
+    /// Connection slots per node, user and address.
+    pub(crate) limiter: Arc<Limiter>,
     /// Prometheus counters.
     pub(crate) metrics: Metrics,
     /// Every connection task, so that shutdown can wait for them.
@@ -72,8 +88,9 @@ pub(crate) struct Inner {
 ///     .publish_key("a publish key of some length")
 ///     .build()
 ///     .unwrap();
-/// // Route `service.config().ws_path` to a WebSocket upgrade that calls
-/// // `service.serve(info, transport)`, `sse_path` to `service.sse(info)`,
+/// // Route `service.config().ws_path` to `service.admit(info)`, then a
+/// // WebSocket upgrade that calls `service.serve(admission, transport)`,
+/// // `sse_path` to `service.sse(info)`,
 /// // and everything `service.route(...)` knows to `service.respond(...)`.
 /// assert_eq!(service.hub().connection_count(), 0);
 /// ```
@@ -92,13 +109,18 @@ impl std::fmt::Debug for Service {
 }
 
 /// Builds a [`Service`]. An authenticator and a publish key are required:
-/// there is no insecure default.
+/// there is no insecure default. Publish keys must be at least
+/// [`MIN_PUBLISH_KEY_LEN`] bytes, and a secret given to
+/// [`ServiceBuilder::jwt_secret`] at least
+/// [`jwt::MIN_SECRET_LEN`](crate::jwt::MIN_SECRET_LEN).
 #[derive(Default)]
 pub struct ServiceBuilder {
     config: Config,
     hub: Option<Hub>,
     auth: Option<Arc<dyn Authenticator>>,
-    publish_key: Option<String>,
+    /// Why the last authenticator could not be made (a weak JWT secret).
+    auth_error: Option<Error>,
+    publish_keys: Vec<String>,
 }
 
 impl std::fmt::Debug for ServiceBuilder {
@@ -127,37 +149,77 @@ impl ServiceBuilder {
     /// Sets how subscribers are authenticated.
     pub fn authenticator(mut self, auth: impl Authenticator) -> Self {
         self.auth = Some(Arc::new(auth));
+        self.auth_error = None;
         self
     }
 
     /// Sets an authenticator already shared elsewhere.
     pub fn authenticator_arc(mut self, auth: Arc<dyn Authenticator>) -> Self {
         self.auth = Some(auth);
+        self.auth_error = None;
         self
     }
 
-    /// Uses the built-in HS256 JWT authenticator with `secret`.
+    /// Uses the built-in HS256 JWT authenticator with `secret`, which must
+    /// be at least [`jwt::MIN_SECRET_LEN`](crate::jwt::MIN_SECRET_LEN)
+    /// (32) bytes: [`ServiceBuilder::build`] refuses a shorter one. (A
+    /// test that needs a short secret passes
+    /// [`JwtAuthenticator::new`](crate::JwtAuthenticator::new) to
+    /// [`ServiceBuilder::authenticator`].)
     #[cfg(feature = "jwt")]
-    pub fn jwt_secret(self, secret: impl AsRef<[u8]>) -> Self {
-        self.authenticator(crate::jwt::JwtAuthenticator::new(secret))
+    pub fn jwt_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        match crate::jwt::JwtAuthenticator::try_new(secret) {
+            Ok(auth) => self.authenticator(auth),
+            Err(e) => {
+                self.auth = None;
+                self.auth_error = Some(e);
+                self
+            }
+        }
     }
 
-    /// Sets the key publishers send as `Authorization: Bearer <key>`.
+    /// Sets the key publishers send as `Authorization: Bearer <key>`
+    /// (at least [`MIN_PUBLISH_KEY_LEN`] bytes), replacing any set before.
     pub fn publish_key(mut self, key: impl Into<String>) -> Self {
-        self.publish_key = Some(key.into());
+        self.publish_keys = vec![key.into()];
+        self
+    }
+
+    /// Sets several publish keys, any of which the API accepts: for
+    /// rotating keys without downtime (add the new key, move publishers
+    /// over, drop the old one). Each must be at least
+    /// [`MIN_PUBLISH_KEY_LEN`] bytes.
+    pub fn publish_keys<I, K>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<String>,
+    {
+        self.publish_keys = keys.into_iter().map(Into::into).collect();
         self
     }
 
     /// Builds the service, checking the configuration.
     pub fn build(self) -> Result<Service> {
         self.config.validate()?;
+        if let Some(e) = self.auth_error {
+            return Err(e);
+        }
         let auth = self.auth.ok_or_else(|| {
             Error::Config("no authenticator: call .jwt_secret(...) or .authenticator(...)".into())
         })?;
-        let publish_key = self
-            .publish_key
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| Error::Config("a non-empty publish key is required".into()))?;
+        if self.publish_keys.is_empty() {
+            return Err(Error::Config("a publish key is required".into()));
+        }
+        for key in &self.publish_keys {
+            // Never name the key itself.
+            if key.len() < MIN_PUBLISH_KEY_LEN {
+                return Err(Error::Config(format!(
+                    "a publish key must be at least {MIN_PUBLISH_KEY_LEN} bytes; one has {}",
+                    key.len()
+                )));
+            }
+        }
+        let origins = OriginPolicy::new(&self.config.allowed_origins).map_err(Error::Config)?;
         let hub = self.hub.unwrap_or_else(|| {
             Hub::builder()
                 .queue_limits(self.config.queue)
@@ -170,7 +232,9 @@ impl ServiceBuilder {
                 hub,
                 auth,
                 config: self.config,
-                publish_key,
+                publish_keys: self.publish_keys,
+                origins,
+                limiter: Arc::default(),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
             }),
@@ -211,43 +275,116 @@ impl Service {
         self.inner.shutdown.is_cancelled()
     }
 
-    /// Checks, before an upgrade (or an SSE stream), whether a new
-    /// connection may open: 503 while shutting down or at the connection
-    /// limit.
-    #[allow(clippy::result_large_err)] // a refusal is the answer to send; cold path
-    pub fn admit(&self) -> std::result::Result<(), HttpResponse> {
+    /// Every check before a WebSocket upgrade (or an SSE stream), in
+    /// order; a refusal is the HTTP answer to send instead of upgrading:
+    ///
+    /// 1. an `Origin` that is not allowed: 403 `origin not allowed`
+    ///    (PROTOCOL.md section 1; requests without `Origin` pass);
+    /// 2. shutting down, or this node at `max_connections`: 503;
+    /// 3. the client's address at `max_connections_per_ip` (when set): 429
+    ///    `too many connections from this address`;
+    /// 4. authentication: a failure is *not* refused here but kept in the
+    ///    [`Admission`], so that [`Service::serve`] closes the upgraded
+    ///    WebSocket with 1008 and the reason (and [`Service::sse`]
+    ///    answers 401);
+    /// 5. the user at `max_connections_per_user`: 429 `too many
+    ///    connections for this user`.
+    ///
+    /// Each limit is a slot reserved atomically here and held by the
+    /// admission, then by the connection, until it ends: two requests
+    /// that authenticate at once cannot both take a user's last slot. A
+    /// refusal that is allowed by origin carries
+    /// `Access-Control-Allow-Origin`, so that a page can read it.
+    pub async fn admit(&self, info: ConnectInfo) -> std::result::Result<Admission, HttpResponse> {
+        let config = &self.inner.config;
+        let allow_origin = match self.inner.origins.check(&info.headers) {
+            OriginCheck::Absent => None,
+            OriginCheck::Allowed(origin) => Some(origin),
+            OriginCheck::Refused => {
+                tracing::debug!("origin not allowed, refusing a connection");
+                return Err(json_error(StatusCode::FORBIDDEN, "origin not allowed"));
+            }
+        };
+        let refuse = |status: StatusCode, message: &str| {
+            let mut res = json_error(status, message);
+            allow_cors(res.headers_mut(), allow_origin.as_ref());
+            res
+        };
         if self.is_shutting_down() {
-            return Err(json_error(
+            return Err(refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server shutting down",
             ));
         }
-        let max = self.inner.config.max_connections;
-        if self.inner.hub.connection_count() >= max {
-            tracing::warn!(max, "connection limit reached, refusing a connection");
-            return Err(json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many connections",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Authenticates a connecting request, registers its connection and
-    /// reads what a resuming client missed. Frames published from now on
-    /// wait in the connection's queue until [`Session::run`].
-    pub async fn open(&self, info: ConnectInfo) -> std::result::Result<Session, AuthError> {
+        let max = config.max_connections;
+        let ip_limit = config.max_connections_per_ip.and_then(|max| {
+            client_ip(info.remote_addr, &info.headers, &config.trusted_proxies).map(|ip| (ip, max))
+        });
+        let reserved = if self.inner.hub.connection_count() >= max {
+            Err(LimitExceeded::Total)
+        } else {
+            self.inner.limiter.reserve(max, ip_limit)
+        };
+        let mut slots = match reserved {
+            Ok(slots) => slots,
+            Err(LimitExceeded::Total) => {
+                tracing::warn!(max, "connection limit reached, refusing a connection");
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many connections",
+                ));
+            }
+            Err(_) => {
+                tracing::debug!("per-address connection limit reached, refusing a connection");
+                return Err(refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from this address",
+                ));
+            }
+        };
         let identity = match self.inner.auth.authenticate(&info.auth_request()).await {
-            Ok(identity) => identity,
+            Ok(identity) if identity.is_valid() => Ok(identity),
+            Ok(_) => Err(AuthError::InvalidIdentity),
+            Err(e) => Err(e),
+        };
+        match &identity {
+            Ok(identity) => {
+                let max = config.max_connections_per_user;
+                if slots.reserve_user(&identity.user_id, max).is_err() {
+                    // The user is not logged: it may be personal data.
+                    tracing::debug!(max, "per-user connection limit reached");
+                    return Err(refuse(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many connections for this user",
+                    ));
+                }
+            }
             Err(e) => {
                 // `e` names what failed, never the token.
                 tracing::debug!(error = %e, "authentication failed");
                 self.inner.metrics.auth_failure(e.close_reason());
-                return Err(e);
             }
-        };
-        drop(info.headers);
-        let (conn, outbox) = match self.inner.hub.connect(identity).await {
+        }
+        Ok(Admission {
+            since: info.since,
+            identity,
+            allow_origin,
+            slots,
+        })
+    }
+
+    /// Registers an admitted connection and reads what a resuming client
+    /// missed. Frames published from now on wait in the connection's
+    /// queue until [`Session::run`]. Fails with the admission's
+    /// authentication error, if it had one.
+    pub async fn open(&self, admission: Admission) -> std::result::Result<Session, AuthError> {
+        let Admission {
+            since,
+            identity,
+            slots,
+            ..
+        } = admission;
+        let (conn, outbox) = match self.inner.hub.connect(identity?).await {
             Ok(pair) => pair,
             Err(e) => {
                 // The hub refuses an identity without a user id, whatever
@@ -262,7 +399,7 @@ impl Service {
             // after registering, so that `close_all` cannot miss it.
             conn.close(DisconnectReason::ServerShutdown);
         }
-        let replay = match info.since.as_deref() {
+        let replay = match since.as_deref() {
             Some(since) => Some(match self.inner.hub.replay(conn.user_id(), since).await {
                 Ok(replay) => replay,
                 Err(e) => {
@@ -281,20 +418,21 @@ impl Service {
             conn,
             outbox,
             replay,
+            slots,
         })
     }
 
-    /// Runs one connection over a bidirectional transport (a WebSocket
-    /// right after its upgrade): authenticates, and on failure closes with
-    /// 1008 and the reason of PROTOCOL.md section 1; otherwise runs the
-    /// session to its end. Returns why the connection ended (`None` when
-    /// it was refused).
+    /// Runs one admitted connection over a bidirectional transport (a
+    /// WebSocket right after its upgrade): when its authentication failed,
+    /// closes with 1008 and the reason of PROTOCOL.md section 1; otherwise
+    /// runs the session to its end. Returns why the connection ended
+    /// (`None` when it was refused).
     pub async fn serve<T: Transport>(
         &self,
-        info: ConnectInfo,
+        admission: Admission,
         mut transport: T,
     ) -> Option<DisconnectReason> {
-        match self.open(info).await {
+        match self.open(admission).await {
             Ok(session) => Some(session.run(transport).await),
             Err(e) => {
                 let close = transport.close(1008, e.close_reason());
@@ -304,38 +442,28 @@ impl Service {
         }
     }
 
-    /// Answers a Server-Sent Events request (PROTOCOL.md section 7):
-    /// 401 with the reason when authentication fails, 503 when
-    /// [`Service::admit`] refuses; otherwise a 200 `text/event-stream`
-    /// whose body the session (spawned on [`Service::tasks`]) feeds.
+    /// Answers a Server-Sent Events request (PROTOCOL.md section 7): the
+    /// refusals of [`Service::admit`] (403, 503, 429), 401 with the reason
+    /// when authentication fails; otherwise a 200 `text/event-stream`
+    /// whose body the session (spawned on [`Service::tasks`]) feeds. An
+    /// allowed cross-origin request gets `Access-Control-Allow-Origin`
+    /// (without credentials: a page reads the stream only with a token it
+    /// holds itself); a refused origin gets none.
     pub async fn sse(
         &self,
         info: ConnectInfo,
     ) -> std::result::Result<http::Response<SseStream>, HttpResponse> {
-        // Origin checks (PROTOCOL.md section 1) are not enforced yet, for
-        // SSE as for WebSocket: a cross-origin page may read the stream,
-        // without credentials (no `Access-Control-Allow-Credentials`), so
-        // only with a token it holds itself.
-        let origin = info.headers.get(http::header::ORIGIN).cloned();
-        let allow = |h: &mut http::HeaderMap| {
-            if let Some(origin) = &origin {
-                h.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-                h.insert(http::header::VARY, http::HeaderValue::from_static("origin"));
-            }
-        };
-        let cors = |mut res: HttpResponse| {
-            allow(res.headers_mut());
+        let admission = self.admit(info.with_last_event_id()).await?;
+        let allow_origin = admission.allow_origin.clone();
+        let session = self.open(admission).await.map_err(|e| {
+            let mut res = json_error(StatusCode::UNAUTHORIZED, e.close_reason());
+            allow_cors(res.headers_mut(), allow_origin.as_ref());
             res
-        };
-        self.admit().map_err(cors)?;
-        let session = self
-            .open(info.with_last_event_id())
-            .await
-            .map_err(|e| cors(json_error(StatusCode::UNAUTHORIZED, e.close_reason())))?;
+        })?;
         let (transport, stream) = sse::channel();
         self.inner.tasks.spawn(session.run(transport));
         let mut res = sse::response(stream);
-        allow(res.headers_mut());
+        allow_cors(res.headers_mut(), allow_origin.as_ref());
         Ok(res)
     }
 
@@ -376,5 +504,94 @@ impl Service {
     /// Resolves once shutdown has begun.
     pub async fn shutting_down(&self) {
         self.inner.shutdown.cancelled().await
+    }
+}
+
+/// Sets `Access-Control-Allow-Origin` to an allowed origin.
+fn allow_cors(headers: &mut http::HeaderMap, origin: Option<&HeaderValue>) {
+    if let Some(origin) = origin {
+        headers.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        headers.insert(http::header::VARY, HeaderValue::from_static("origin"));
+    }
+}
+
+/// A connecting request that passed [`Service::admit`]: its origin is
+/// allowed and it holds its connection slots. Its authentication may
+/// still have failed: [`Service::serve`] then closes the WebSocket with
+/// 1008 (and [`Service::sse`] answers 401). Dropping it gives the slots
+/// back.
+#[derive(Debug)]
+#[must_use = "an admission holds connection slots until it is served or dropped"]
+pub struct Admission {
+    since: Option<String>,
+    identity: std::result::Result<Identity, AuthError>,
+    allow_origin: Option<HeaderValue>,
+    slots: Slots,
+}
+
+impl Admission {
+    /// Who the request authenticated as, or why it failed.
+    pub fn identity(&self) -> std::result::Result<&Identity, &AuthError> {
+        self.identity.as_ref()
+    }
+
+    /// The `Access-Control-Allow-Origin` value for the answer: the
+    /// request's origin when it sent one (and it is allowed).
+    pub fn allow_origin(&self) -> Option<&HeaderValue> {
+        self.allow_origin.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StaticAuthenticator;
+
+    const KEY: &str = "sixteen-bytes!!!";
+
+    fn refusal(builder: ServiceBuilder) -> String {
+        builder.build().expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn short_publish_keys_are_refused_and_never_echoed() {
+        let b = || Service::builder().authenticator(StaticAuthenticator::new());
+        b().publish_key(KEY).build().unwrap();
+        b().publish_keys([KEY, "another-sixteen!"]).build().unwrap();
+        for weak in [
+            b().publish_key("fifteen-bytes!!"),
+            b().publish_key(""),
+            b().publish_keys([KEY, "s3cr3t"]),
+        ] {
+            let e = refusal(weak);
+            assert!(e.contains("at least 16 bytes"), "{e}");
+            assert!(!e.contains("s3cr3t") && !e.contains("fifteen"), "{e}");
+        }
+        let e = refusal(b().publish_keys(Vec::<String>::new()));
+        assert!(e.contains("publish key is required"), "{e}");
+    }
+
+    #[cfg(feature = "jwt")]
+    #[test]
+    fn short_jwt_secrets_are_refused_by_the_checked_paths() {
+        use crate::JwtAuthenticator;
+        for weak in ["", "short", &"x".repeat(31)] {
+            let e = refusal(Service::builder().jwt_secret(weak).publish_key(KEY));
+            assert!(e.contains("at least 32 bytes"), "{e}");
+            assert!(JwtAuthenticator::try_new(weak).is_err());
+        }
+        Service::builder()
+            .jwt_secret("x".repeat(32))
+            .publish_key(KEY)
+            .build()
+            .unwrap();
+        assert!(JwtAuthenticator::try_new([7u8; 32]).is_ok());
+        // A deliberate choice overrides a refused secret; `new` is unchecked.
+        Service::builder()
+            .jwt_secret("short")
+            .authenticator(JwtAuthenticator::new("short"))
+            .publish_key(KEY)
+            .build()
+            .unwrap();
     }
 }

@@ -12,8 +12,8 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use pgdn_server::{JwtAuthenticator, Pgdn, shutdown_signal};
 //! let pgdn = Pgdn::builder()
-//!     .authenticator(JwtAuthenticator::new(b"jwt secret"))
-//!     .publish_key("publish key")
+//!     .authenticator(JwtAuthenticator::try_new(b"a jwt secret of at least 32 bytes")?)
+//!     .publish_key("a publish key of 16+ bytes")
 //!     .build()?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
 //! pgdn.serve(listener, shutdown_signal()).await;

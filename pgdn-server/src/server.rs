@@ -59,15 +59,27 @@ impl PgdnBuilder {
         self
     }
 
-    /// Uses the built-in HS256 JWT authenticator with `secret`.
+    /// Uses the built-in HS256 JWT authenticator with `secret`, at least 32
+    /// bytes ([`PgdnBuilder::build`] refuses a shorter one).
     pub fn jwt_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
         self.inner = self.inner.jwt_secret(secret);
         self
     }
 
-    /// Sets the key publishers send as `Authorization: Bearer <key>`.
+    /// Sets the key publishers send as `Authorization: Bearer <key>` (at
+    /// least 16 bytes).
     pub fn publish_key(mut self, key: impl Into<String>) -> Self {
         self.inner = self.inner.publish_key(key);
+        self
+    }
+
+    /// Sets several publish keys, any of which is accepted (for rotation).
+    pub fn publish_keys<I, K>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<String>,
+    {
+        self.inner = self.inner.publish_keys(keys);
         self
     }
 
@@ -158,7 +170,10 @@ impl Pgdn {
         let this = self.clone();
         exact_path(self.config().ws_path.clone()).and(
             upgrade_request()
-                .map(move |req: UpgradeRequest| this.accept(req))
+                .then(move |req: UpgradeRequest| {
+                    let this = this.clone();
+                    async move { this.accept(req).await }
+                })
                 .recover(|err: Rejection| async move {
                     let message = err
                         .find::<NotAnUpgrade>()
@@ -172,16 +187,17 @@ impl Pgdn {
         )
     }
 
-    fn accept(&self, req: UpgradeRequest) -> Response {
-        if let Err(refused) = self.service.admit() {
-            return refused.into_response();
-        }
+    async fn accept(&self, mut req: UpgradeRequest) -> Response {
+        let admission = match self.service.admit(std::mem::take(&mut req.info)).await {
+            Ok(admission) => admission,
+            Err(refused) => return refused.into_response(),
+        };
         let service = self.service.clone();
         req.accept(
             self.ws_config(),
             self.service.tasks(),
-            move |socket, info| async move {
-                service.serve(info, WsTransport::new(socket)).await;
+            move |socket, _| async move {
+                service.serve(admission, WsTransport::new(socket)).await;
             },
         )
     }

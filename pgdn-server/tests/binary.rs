@@ -187,8 +187,8 @@ fn help_lists_the_environment_variables() {
 async fn configured_mode_uses_the_given_credentials_and_is_quiet_about_them() {
     let mut child = clean_command()
         .args(["--addr", "127.0.0.1:0"])
-        .env("PGDN_JWT_SECRET", "env-secret")
-        .env("PGDN_PUBLISH_KEY", "env-key")
+        .env("PGDN_JWT_SECRET", "env-secret-of-at-least-32-bytes!")
+        .env("PGDN_PUBLISH_KEY", "env-publish-key-16")
         .spawn()
         .unwrap();
     let mut reader = BufReader::new(child.stdout.take().unwrap());
@@ -199,7 +199,7 @@ async fn configured_mode_uses_the_given_credentials_and_is_quiet_about_them() {
         .strip_prefix("pgdn-server listening on http://")
         .unwrap()
         .to_string();
-    let token = pgdn_server::JwtAuthenticator::new(b"env-secret")
+    let token = pgdn_server::JwtAuthenticator::new(b"env-secret-of-at-least-32-bytes!")
         .issue("envuser", &[], Duration::from_secs(60))
         .unwrap();
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}"))
@@ -208,7 +208,7 @@ async fn configured_mode_uses_the_given_credentials_and_is_quiet_about_them() {
     let mut c = Client::after_upgrade(ws).await;
     let res = reqwest::Client::new()
         .post(format!("http://{addr}/api/v1/publish"))
-        .bearer_auth("env-key")
+        .bearer_auth("env-publish-key-16")
         .body(r#"{"target":{"user":"envuser"},"type":"info"}"#)
         .send()
         .await
@@ -220,7 +220,7 @@ async fn configured_mode_uses_the_given_credentials_and_is_quiet_about_them() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
     assert!(
-        !rest.contains("env-key") && !rest.contains("env-secret"),
+        !rest.contains("env-publish-key-16") && !rest.contains("env-secret-of-at-least-32-bytes!"),
         "secrets are not printed"
     );
 }

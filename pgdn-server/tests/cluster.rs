@@ -14,8 +14,8 @@ use pgdn_testkit::RedisServer;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgdn-server");
-const SECRET: &str = "cluster-secret";
-const KEY: &str = "cluster-key";
+const SECRET: &str = "cluster-secret-of-at-least-32-bytes";
+const KEY: &str = "cluster-publish-key";
 
 /// One node: the real binary in cluster mode.
 struct Node {

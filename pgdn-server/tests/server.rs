@@ -27,6 +27,7 @@ mod warp {
     mod lifecycle;
     mod lifetime;
     mod resume;
+    mod security;
     mod sse;
     mod stalled;
 }
@@ -46,6 +47,7 @@ mod axum {
     mod lifecycle;
     mod lifetime;
     mod resume;
+    mod security;
     mod sse;
     mod stalled;
 }

@@ -30,7 +30,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 #[path = "../../../examples/examples/axum.rs"]
 pub mod axum_example;
 
-pub const SECRET: &[u8] = b"test-secret";
+pub const SECRET: &[u8] = b"test-secret-of-at-least-32-bytes";
 pub const KEY: &str = "test-publish-key";
 /// Upper bound for any single wait; only reached when something is broken.
 pub const WAIT: Duration = Duration::from_secs(10);

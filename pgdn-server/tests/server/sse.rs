@@ -295,8 +295,10 @@ async fn the_sse_path_is_configurable() {
 }
 
 #[tokio::test]
-async fn a_cross_origin_sse_request_gets_its_origin_allowed_without_credentials() {
-    let s = TestServer::start().await;
+async fn a_listed_cross_origin_sse_request_gets_its_origin_allowed_without_credentials() {
+    let mut config = Config::default();
+    config.allowed_origins = vec!["http://app.example:3000".into()];
+    let s = TestServer::start_with(config).await;
     let origin = "http://app.example:3000";
     let res = s
         .http
