@@ -162,12 +162,12 @@ pub struct Session {
     pub(crate) conn: Connection,
     pub(crate) outbox: Outbox,
     pub(crate) replay: Option<Replay>,
-}
-
-/// The tokio instant at which `at` passes (far in the future for `None`).
     /// Its connection slots (per node, user and address), given back when
     /// it ends.
     pub(crate) slots: crate::limits::Slots,
+}
+
+/// The tokio instant at which `at` passes (far in the future for `None`).
 fn deadline(at: Option<SystemTime>) -> (bool, tokio::time::Instant) {
     const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
     match at {
@@ -197,10 +197,10 @@ impl Session {
             conn,
             outbox,
             replay,
+            slots,
         } = self;
         let config = service.config();
         tracing::debug!(
-            slots,
             connection = conn.wire_id(),
             user = conn.user_id(),
             "subscriber connected"
@@ -213,12 +213,12 @@ impl Session {
         if let Some((code, why)) = reason.close_frame() {
             let _ = tokio::time::timeout(config.close_timeout, transport.close(code, why)).await;
         }
-        service.hub().disconnect(&conn, reason).await;
-        tracing::debug!(
-            connection = conn.wire_id(),
         // The connection is over: its slots go back before it is
         // unregistered, so a client that saw it leave can take its place.
         drop(slots);
+        service.hub().disconnect(&conn, reason).await;
+        tracing::debug!(
+            connection = conn.wire_id(),
             reason = reason.as_str(),
             "subscriber disconnected"
         );
