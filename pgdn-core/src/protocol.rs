@@ -720,7 +720,10 @@ mod tests {
         let (t, mut peer) = mem(true);
         let bad = ConnectInfo::from_request(Some("token=nope"), HeaderMap::new());
         let admitted = svc.admit(bad).await.unwrap();
-        assert!(admitted.identity().is_err(), "admitted, to be closed with 1008");
+        assert!(
+            admitted.identity().is_err(),
+            "admitted, to be closed with 1008"
+        );
         assert_eq!(svc.serve(admitted, t).await, None);
         assert_eq!(peer.close().await, (1008, "invalid token".into()));
         assert_eq!(svc.hub().stats().connections_opened, 0);

@@ -2,9 +2,13 @@
 //! environment variables. With no configuration it runs in dev mode.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use pgdn_server::core::IpNetwork;
+use pgdn_server::core::jwt::MIN_SECRET_LEN;
+use pgdn_server::core::service::MIN_PUBLISH_KEY_LEN;
 use pgdn_server::{Config, JwtAuthenticator, Pgdn, shutdown_signal};
 use rand::Rng;
 use tracing_subscriber::EnvFilter;
@@ -28,8 +32,17 @@ enum Task {
     /// node bookkeeping), with SCAN; every node also does this periodically.
     Cleanup {
         /// The cluster's Redis, e.g. redis://127.0.0.1:6379.
-        #[arg(long, env = "PGDN_REDIS_URL")]
-        redis_url: String,
+        #[arg(
+            long,
+            env = "PGDN_REDIS_URL",
+            hide_env_values = true,
+            required_unless_present = "redis_url_file",
+            conflicts_with = "redis_url_file"
+        )]
+        redis_url: Option<String>,
+        /// File holding the Redis URL (a trailing newline is ignored).
+        #[arg(long, env = "PGDN_REDIS_URL_FILE", value_name = "PATH")]
+        redis_url_file: Option<PathBuf>,
         /// Key prefix the nodes use.
         #[arg(long, env = "PGDN_REDIS_PREFIX", default_value = "pgdn:")]
         prefix: String,
@@ -42,12 +55,71 @@ struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "PGDN_ADDR", default_value = "127.0.0.1:8000")]
     addr: SocketAddr,
-    /// HS256 secret that subscriber JWTs are signed with. Generated in dev mode.
-    #[arg(long, env = "PGDN_JWT_SECRET", hide_env_values = true)]
+    /// HS256 secret that subscriber JWTs are signed with, at least 32 bytes.
+    /// Generated in dev mode.
+    #[arg(
+        long,
+        env = "PGDN_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_secret_file"
+    )]
     jwt_secret: Option<String>,
-    /// Key publishers send as `Authorization: Bearer <key>`. Generated in dev mode.
-    #[arg(long, env = "PGDN_PUBLISH_KEY", hide_env_values = true)]
-    publish_key: Option<String>,
+    /// File holding the JWT secret (a trailing newline is ignored).
+    #[arg(long, env = "PGDN_JWT_SECRET_FILE", value_name = "PATH")]
+    jwt_secret_file: Option<PathBuf>,
+    /// PEM public key that subscriber JWTs are verified with instead of a
+    /// secret: RSA (RS256, 2048 bits or more) or P-256 (ES256).
+    #[arg(
+        long,
+        env = "PGDN_JWT_PUBLIC_KEY_FILE",
+        value_name = "PATH",
+        conflicts_with_all = ["jwt_secret", "jwt_secret_file", "jwks_url"]
+    )]
+    jwt_public_key_file: Option<PathBuf>,
+    /// JWKS URL of the identity provider whose RS256/ES256 JWTs are
+    /// accepted, instead of a secret (https; the keys are cached, and
+    /// fetched again on an unknown `kid`, at most every 30 s).
+    #[arg(
+        long,
+        env = "PGDN_JWKS_URL",
+        value_name = "URL",
+        conflicts_with_all = ["jwt_secret", "jwt_secret_file"]
+    )]
+    jwks_url: Option<String>,
+    /// Accept only JWTs whose `iss` is this (comma-separated: any of them).
+    #[arg(
+        long,
+        env = "PGDN_JWT_ISSUER",
+        value_delimiter = ',',
+        value_name = "ISS"
+    )]
+    jwt_issuer: Vec<String>,
+    /// Accept only JWTs whose `aud` names this (comma-separated: any of
+    /// them). Without it, `aud` is not checked.
+    #[arg(
+        long,
+        env = "PGDN_JWT_AUDIENCE",
+        value_delimiter = ',',
+        value_name = "AUD"
+    )]
+    jwt_audience: Vec<String>,
+    /// Refuse JWTs valid for longer than this (`exp - iat`), e.g. `1h`.
+    #[arg(long, env = "PGDN_JWT_MAX_LIFETIME", value_parser = humantime::parse_duration)]
+    jwt_max_lifetime: Option<Duration>,
+    /// Keys publishers send as `Authorization: Bearer <key>`, each at least
+    /// 16 bytes; several (comma-separated, or the flag repeated) are all
+    /// accepted, for rotating keys. Generated in dev mode.
+    #[arg(
+        long,
+        env = "PGDN_PUBLISH_KEY",
+        hide_env_values = true,
+        value_delimiter = ',',
+        conflicts_with = "publish_key_file"
+    )]
+    publish_key: Vec<String>,
+    /// File holding the publish keys (comma-separated or one per line).
+    #[arg(long, env = "PGDN_PUBLISH_KEY_FILE", value_name = "PATH")]
+    publish_key_file: Option<PathBuf>,
     /// Path of the WebSocket route.
     #[arg(long, env = "PGDN_WS_PATH", default_value = "/ws")]
     ws_path: String,
@@ -72,9 +144,36 @@ struct Args {
     /// Largest publish body in bytes (larger gets 413).
     #[arg(long, env = "PGDN_MAX_BODY_SIZE", default_value_t = 1024 * 1024)]
     max_body_size: u64,
-    /// Most open WebSocket connections on this node.
+    /// Most open connections (WebSocket and SSE) on this node (503 above).
     #[arg(long, env = "PGDN_MAX_CONNECTIONS", default_value_t = 100_000)]
     max_connections: usize,
+    /// Most open connections of one user on this node (429 above).
+    #[arg(long, env = "PGDN_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    max_connections_per_user: usize,
+    /// Most open connections from one client address on this node (429
+    /// above). Off by default: behind a reverse proxy every client has the
+    /// proxy's address, unless the proxy is in --trusted-proxies.
+    #[arg(long, env = "PGDN_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed, as addresses or
+    /// CIDR networks (comma-separated): the client is the right-most
+    /// forwarded address that is not one of them.
+    #[arg(
+        long,
+        env = "PGDN_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "IP|CIDR"
+    )]
+    trusted_proxies: Vec<IpNetwork>,
+    /// Origins allowed to connect besides the server's own, e.g.
+    /// `https://app.example.com` (comma-separated; `*` for any). Others get 403.
+    #[arg(
+        long,
+        env = "PGDN_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    allowed_origins: Vec<String>,
     /// tungstenite read buffer per connection, in bytes.
     #[arg(long, env = "PGDN_READ_BUFFER", default_value_t = 4 * 1024)]
     read_buffer: usize,
@@ -113,8 +212,16 @@ struct Args {
     /// Redis URL: runs this node in cluster mode with the other nodes on the
     /// same Redis (e.g. redis://127.0.0.1:6379). Without it the node keeps
     /// everything in memory.
-    #[arg(long, env = "PGDN_REDIS_URL")]
+    #[arg(
+        long,
+        env = "PGDN_REDIS_URL",
+        hide_env_values = true,
+        conflicts_with = "redis_url_file"
+    )]
     redis_url: Option<String>,
+    /// File holding the Redis URL (a trailing newline is ignored).
+    #[arg(long, env = "PGDN_REDIS_URL_FILE", value_name = "PATH")]
+    redis_url_file: Option<PathBuf>,
     /// This node's id in the cluster (default: generated, printed at start).
     #[arg(long, env = "PGDN_NODE_ID")]
     node_id: Option<String>,
@@ -209,6 +316,154 @@ fn random_key(bytes: usize) -> String {
         .collect()
 }
 
+/// The contents of a secret's file, without its trailing newline.
+fn read_secret_file(path: &Path, flag: &str) -> Result<String, pgdn_server::Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        pgdn_server::Error::Config(format!("cannot read {flag} {}: {e}", path.display()))
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// A secret given directly or in a file (clap keeps them exclusive).
+fn secret_or_file(
+    direct: Option<String>,
+    file: Option<&Path>,
+    flag: &str,
+) -> Result<Option<String>, pgdn_server::Error> {
+    match file {
+        Some(path) => read_secret_file(path, flag).map(Some),
+        None => Ok(direct),
+    }
+}
+
+/// The credentials, from flags, variables or files; `None` for dev mode.
+/// Refuses half a configuration and weak secrets, naming the setting.
+fn credentials(args: &Args) -> Result<Option<(String, Vec<String>)>, pgdn_server::Error> {
+    // With public keys there is no secret (clap refuses one alongside).
+    let public_keys = args.jwt_public_key_file.is_some() || args.jwks_url.is_some();
+    let secret = secret_or_file(
+        args.jwt_secret.clone(),
+        args.jwt_secret_file.as_deref(),
+        "--jwt-secret-file",
+    )?;
+    let keys = match &args.publish_key_file {
+        Some(path) => Some(
+            read_secret_file(path, "--publish-key-file")?
+                .split([',', '\n'])
+                .map(|k| k.trim_end_matches('\r').to_string())
+                .collect::<Vec<_>>(),
+        ),
+        None if args.publish_key.is_empty() => None,
+        None => Some(args.publish_key.clone()),
+    };
+    let (secret_name, key_name) = (
+        if args.jwt_secret_file.is_some() {
+            "--jwt-secret-file (PGDN_JWT_SECRET_FILE)"
+        } else {
+            "--jwt-secret (PGDN_JWT_SECRET)"
+        },
+        if args.publish_key_file.is_some() {
+            "--publish-key-file (PGDN_PUBLISH_KEY_FILE)"
+        } else {
+            "--publish-key (PGDN_PUBLISH_KEY)"
+        },
+    );
+    let config = |m: String| Err(pgdn_server::Error::Config(m));
+    let (secret, keys) = match (secret, keys) {
+        (None, None) if public_keys => {
+            return config(
+                "--jwt-public-key-file or --jwks-url is set but --publish-key (PGDN_PUBLISH_KEY) is not".into(),
+            );
+        }
+        (None, None) => return Ok(None),
+        (Some(s), Some(k)) => (s, k),
+        (None, Some(k)) if public_keys => (String::new(), k),
+        (None, Some(_)) => {
+            return config(format!(
+                "{key_name} is set but --jwt-secret (PGDN_JWT_SECRET) is not; set both, or neither for dev mode"
+            ));
+        }
+        (Some(_), None) => {
+            return config(format!(
+                "{secret_name} is set but --publish-key (PGDN_PUBLISH_KEY) is not; set both, or neither for dev mode"
+            ));
+        }
+    };
+    // Never print a secret, only its length.
+    if !public_keys && secret.len() < MIN_SECRET_LEN {
+        return config(format!(
+            "the JWT secret from {secret_name} is {} bytes; at least {MIN_SECRET_LEN} are required \
+             (e.g. `openssl rand -hex 32`)",
+            secret.len()
+        ));
+    }
+    if let Some(weak) = keys.iter().find(|k| k.len() < MIN_PUBLISH_KEY_LEN) {
+        return config(format!(
+            "a publish key from {key_name} is {} bytes; each must be at least {MIN_PUBLISH_KEY_LEN} \
+             (e.g. `openssl rand -hex 24`)",
+            weak.len()
+        ));
+    }
+    Ok(Some((secret, keys)))
+}
+
+/// The JWT authenticator: a public key file's (RS256/ES256), a JWKS
+/// URL's, or else the secret's (HS256), with the claim rules of the flags.
+async fn authenticator(
+    args: &Args,
+    jwt_secret: &str,
+) -> Result<JwtAuthenticator, pgdn_server::Error> {
+    let mut auth = if let Some(path) = &args.jwt_public_key_file {
+        let flag = format!("--jwt-public-key-file {}", path.display());
+        let pem = std::fs::read(path)
+            .map_err(|e| pgdn_server::Error::Config(format!("cannot read {flag}: {e}")))?;
+        JwtAuthenticator::public_key_pem(pem).map_err(|e| match e {
+            pgdn_server::core::Error::Config(m) => {
+                pgdn_server::Error::Config(format!("{flag}: {m}"))
+            }
+            other => other.into(),
+        })?
+    } else if let Some(url) = &args.jwks_url {
+        jwks_authenticator(url).await?
+    } else {
+        JwtAuthenticator::try_new(jwt_secret.as_bytes())?
+    };
+    for issuer in args.jwt_issuer.iter().filter(|i| !i.is_empty()) {
+        auth = auth.issuer(issuer.clone());
+    }
+    for audience in args.jwt_audience.iter().filter(|a| !a.is_empty()) {
+        auth = auth.audience(audience.clone());
+    }
+    if let Some(max) = args.jwt_max_lifetime {
+        auth = auth.max_lifetime(max);
+    }
+    Ok(auth)
+}
+
+/// Keys from `url`, fetched once now so that a wrong URL shows at start;
+/// if the provider is down, tokens are refused until a fetch succeeds.
+#[cfg(feature = "jwks")]
+async fn jwks_authenticator(url: &str) -> Result<JwtAuthenticator, pgdn_server::Error> {
+    use pgdn_server::jwks::HttpJwks;
+    use pgdn_server::jwt::JwksKeys;
+    let keys = JwksKeys::new(HttpJwks::new(url)?);
+    match keys.refresh().await {
+        Ok(count) => tracing::info!(keys = count, "jwks fetched"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot fetch the jwks yet; tokens are refused until it can")
+        }
+    }
+    Ok(JwtAuthenticator::jwks(keys))
+}
+
+#[cfg(not(feature = "jwks"))]
+async fn jwks_authenticator(_: &str) -> Result<JwtAuthenticator, pgdn_server::Error> {
+    Err(pgdn_server::Error::Config(
+        "this pgdn-server was built without the `jwks` feature; rebuild with it for --jwks-url"
+            .into(),
+    ))
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -218,7 +473,17 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Some(Task::Cleanup { redis_url, prefix }) => cleanup(&redis_url, &prefix).await,
+        Some(Task::Cleanup {
+            redis_url,
+            redis_url_file,
+            prefix,
+        }) => match secret_or_file(redis_url, redis_url_file.as_deref(), "--redis-url-file") {
+            Ok(Some(url)) => cleanup(&url, &prefix).await,
+            Ok(None) => Err(pgdn_server::Error::Config(
+                "--redis-url (PGDN_REDIS_URL) is required".into(),
+            )),
+            Err(e) => Err(e),
+        },
         None => run(args).await,
     };
     if let Err(e) = result {
@@ -228,21 +493,15 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), pgdn_server::Error> {
-    let dev_mode = args.jwt_secret.is_none() && args.publish_key.is_none();
-    let (jwt_secret, publish_key) = match (args.jwt_secret.clone(), args.publish_key.clone()) {
-        (Some(s), Some(k)) => (s, k),
-        (None, None) => (random_key(32), random_key(24)),
-        (None, Some(_)) => {
-            return Err(pgdn_server::Error::Config(
-                "--publish-key is set but --jwt-secret (PGDN_JWT_SECRET) is not; set both, or neither for dev mode".into(),
-            ));
-        }
-        (Some(_), None) => {
-            return Err(pgdn_server::Error::Config(
-                "--jwt-secret is set but --publish-key (PGDN_PUBLISH_KEY) is not; set both, or neither for dev mode".into(),
-            ));
-        }
-    };
+    let credentials = credentials(&args)?;
+    let dev_mode = credentials.is_none();
+    let (jwt_secret, publish_keys) =
+        credentials.unwrap_or_else(|| (random_key(32), vec![random_key(24)]));
+    let redis_url = secret_or_file(
+        args.redis_url.clone(),
+        args.redis_url_file.as_deref(),
+        "--redis-url-file",
+    )?;
     let mut config = Config::default();
     config.ws_path = args.ws_path.clone();
     config.sse_path = args.sse_path.clone();
@@ -260,6 +519,15 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
         .max_bytes(args.queue_bytes);
     config.max_body_size = args.max_body_size;
     config.max_connections = args.max_connections;
+    config.max_connections_per_user = args.max_connections_per_user;
+    config.max_connections_per_ip = args.max_connections_per_ip;
+    config.trusted_proxies = args.trusted_proxies.clone();
+    config.allowed_origins = if dev_mode {
+        // Dev mode serves pages of any origin (the banner says so).
+        vec!["*".into()]
+    } else {
+        args.allowed_origins.clone()
+    };
     config.read_buffer_size = args.read_buffer;
     config.demo_page = args.demo_page;
     config.ping_interval = args.ping_interval;
@@ -269,15 +537,15 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
         .max_age(args.history_age);
     config.idle_timeout = args.idle_timeout;
 
-    let auth = JwtAuthenticator::new(jwt_secret.as_bytes());
+    let auth = authenticator(&args, &jwt_secret).await?;
     let mut builder = Pgdn::builder();
-    if let Some(url) = &args.redis_url {
+    if let Some(url) = &redis_url {
         builder = builder.hub(cluster_hub(url, &args, &config).await?);
     }
     let pgdn = builder
         .config(config)
         .authenticator(auth.clone())
-        .publish_key(publish_key.clone())
+        .publish_keys(publish_keys.clone())
         .build()?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     let addr = listener.local_addr()?;
@@ -287,7 +555,7 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     if dev_mode {
         print_dev_banner(
             &auth,
-            &publish_key,
+            &publish_keys[0],
             &jwt_secret,
             addr,
             &pgdn.config().ws_path,
@@ -319,6 +587,7 @@ fn print_dev_banner(
  throwaway credentials. They change at every start. Do not use this
  configuration in production: set both variables.
 =====================================================================
+ Any origin may connect (--allowed-origins is ignored in dev mode).
  JWT secret (HS256): {jwt_secret}
  Publish key:        {publish_key}
  Demo token (user "demo-user", group "demo", valid 24 h):

@@ -224,3 +224,222 @@ async fn configured_mode_uses_the_given_credentials_and_is_quiet_about_them() {
         "secrets are not printed"
     );
 }
+
+/// Runs the binary to its exit (it must exit by itself within 30 s, as a
+/// refused configuration does): whether it succeeded, and its stderr.
+fn exit_of(mut cmd: Command) -> (bool, String) {
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the binary started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.success(), err)
+}
+
+const GOOD_SECRET: &str = "a-jwt-secret-of-thirty-two-bytes";
+const GOOD_KEY: &str = "a-publish-key-16";
+
+/// A directory of its own under the system's temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("pgdn-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn file(&self, name: &str, contents: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn weak_or_empty_secrets_are_refused_naming_the_setting() {
+    let dir = TempDir::new("weak");
+    let short_file = dir.file("secret", "short-secret-value\n");
+    // (flags, environment, what the message must name)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        // An empty secret would let anyone sign tokens for anyone.
+        (
+            vec![],
+            vec![("PGDN_JWT_SECRET", ""), ("PGDN_PUBLISH_KEY", GOOD_KEY)],
+            "PGDN_JWT_SECRET",
+        ),
+        (
+            vec!["--jwt-secret", "short-secret-value"],
+            vec![("PGDN_PUBLISH_KEY", GOOD_KEY)],
+            "--jwt-secret",
+        ),
+        (
+            vec!["--jwt-secret-file", &short_file],
+            vec![("PGDN_PUBLISH_KEY", GOOD_KEY)],
+            "PGDN_JWT_SECRET_FILE",
+        ),
+        (
+            vec![],
+            vec![("PGDN_JWT_SECRET", GOOD_SECRET), ("PGDN_PUBLISH_KEY", "")],
+            "PGDN_PUBLISH_KEY",
+        ),
+        (
+            vec![
+                "--jwt-secret",
+                GOOD_SECRET,
+                "--publish-key",
+                "short-key-value",
+            ],
+            vec![],
+            "PGDN_PUBLISH_KEY",
+        ),
+        // Every key of a rotation set is checked.
+        (
+            vec![],
+            vec![
+                ("PGDN_JWT_SECRET", GOOD_SECRET),
+                ("PGDN_PUBLISH_KEY", "a-publish-key-16,short-key-value"),
+            ],
+            "PGDN_PUBLISH_KEY",
+        ),
+    ];
+    for (args, env, named) in cases {
+        let mut cmd = clean_command();
+        cmd.args(["--addr", "127.0.0.1:0"])
+            .args(&args)
+            .envs(env.clone());
+        let (ok, err) = exit_of(cmd);
+        assert!(!ok, "{args:?} {env:?} started");
+        assert!(err.contains(named), "{args:?} {env:?}: {err}");
+        assert!(
+            !err.contains("short-secret-value") && !err.contains("short-key-value"),
+            "never echoed: {err}"
+        );
+    }
+}
+
+#[test]
+fn help_never_prints_a_secret_from_the_environment() {
+    let secrets = [
+        ("PGDN_REDIS_URL", "redis://:hunter2-password@10.0.0.5:6379"),
+        ("PGDN_JWT_SECRET", "jwt-secret-in-the-environment-0001"),
+        ("PGDN_PUBLISH_KEY", "publish-key-in-the-environment"),
+    ];
+    for args in [&["--help"][..], &["cleanup", "--help"]] {
+        let out = clean_command().args(args).envs(secrets).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("PGDN_REDIS_URL"), "{help}");
+        for (_, value) in secrets {
+            assert!(!help.contains(value), "{args:?} printed a secret:\n{help}");
+        }
+        assert!(!help.contains("hunter2"), "{help}");
+    }
+}
+
+#[tokio::test]
+async fn secrets_from_files_rotating_keys_origins_and_per_user_limits() {
+    let dir = TempDir::new("files");
+    let secret_file = dir.file("jwt", &format!("{GOOD_SECRET}\n"));
+    let keys_file = dir.file("keys", "the-old-publish-key\nthe-new-publish-key\n");
+    // A direct value and its file are exclusive.
+    let mut cmd = clean_command();
+    cmd.args(["--addr", "127.0.0.1:0", "--jwt-secret", GOOD_SECRET])
+        .args(["--jwt-secret-file", &secret_file, "--publish-key", GOOD_KEY]);
+    let (ok, err) = exit_of(cmd);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+
+    let mut child = clean_command()
+        .args(["--addr", "127.0.0.1:0", "--max-connections-per-user", "1"])
+        .env("PGDN_JWT_SECRET_FILE", &secret_file)
+        .env("PGDN_PUBLISH_KEY_FILE", &keys_file)
+        .env(
+            "PGDN_ALLOWED_ORIGINS",
+            "http://app.example,https://other.example",
+        )
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    let addr = first
+        .trim()
+        .strip_prefix("pgdn-server listening on http://")
+        .unwrap_or_else(|| panic!("not started: {first:?}"))
+        .to_string();
+    // Tokens are signed with the file's secret, without its newline.
+    let auth = pgdn_server::JwtAuthenticator::new(GOOD_SECRET);
+    let token = |user: &str| auth.issue(user, &[], Duration::from_secs(60)).unwrap();
+    let ws = |user: &str, origin: Option<&str>| {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{addr}/ws?token={}", token(user))
+            .into_client_request()
+            .unwrap();
+        if let Some(origin) = origin {
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(req)
+    };
+    let status = |r: Result<_, tokio_tungstenite::tungstenite::Error>| match r {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => res.status().as_u16(),
+        Err(e) => panic!("{e}"),
+    };
+    let (socket, _) = ws("u1", None).await.unwrap();
+    let mut c = Client::after_upgrade(socket).await;
+    assert_eq!(status(ws("u1", None).await), 429, "one connection per user");
+    assert_eq!(status(ws("u2", Some("http://app.example")).await), 101);
+    assert_eq!(status(ws("u3", Some("https://other.example")).await), 101);
+    assert_eq!(status(ws("u4", Some("http://evil.example")).await), 403);
+    let http = reqwest::Client::new();
+    for key in ["the-old-publish-key", "the-new-publish-key"] {
+        let res = http
+            .post(format!("http://{addr}/api/v1/publish"))
+            .bearer_auth(key)
+            .body(r#"{"target":{"user":"u1"},"type":"info"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{key}");
+        assert_eq!(c.next().await["type"], "info");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn dev_mode_allows_any_origin_and_says_so() {
+    let server = start_dev();
+    let banner = server.lines.join("\n");
+    assert!(banner.contains("Any origin may connect"), "{banner}");
+    let token = after(
+        &server.lines,
+        "Demo token (user \"demo-user\", group \"demo\", valid 24 h):",
+    );
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/ws?token={token}", server.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("origin", "http://elsewhere.example".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("any origin connects in dev mode");
+    Client::after_upgrade(ws).await;
+}
