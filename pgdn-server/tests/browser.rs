@@ -14,7 +14,9 @@
 //! Server-Sent Events behind a proxy that refuses WebSocket upgrades,
 //! keeping its resume point across both transports; and pgdn.js lives with
 //! tokens valid for a few seconds (in-band refresh on WebSocket, reconnect
-//! on 4001 over SSE), as does a raw pgdn-ws page.
+//! on 4001 over SSE), as does a raw pgdn-ws page; and a page of another
+//! origin gets its WebSocket and its `EventSource` only once the server
+//! lists that origin (the main scenario's other-origin apps are listed).
 //!
 //! The server runs in-process, inside a small warp app that also serves
 //! the test's pages (same origin as the endpoints) and mints tokens. Waits
@@ -339,10 +341,17 @@ async fn received_ids(b: &mut Browser) -> Vec<String> {
     serde_json::from_value(v).unwrap()
 }
 
-/// Serves `html` at `/` on a port of its own: an app's frontend.
-async fn serve_page(html: String) -> SocketAddr {
-    use warp::Filter;
+/// A port of its own for an app's frontend, and its origin: bound before
+/// the pgdn server starts, so that the server can allow that origin.
+async fn page_listener() -> (TcpListener, String) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    (listener, origin)
+}
+
+/// Serves `html` at `/` on `listener`: an app's frontend.
+fn serve_page(listener: TcpListener, html: String) -> SocketAddr {
+    use warp::Filter;
     let addr = listener.local_addr().unwrap();
     let page = warp::path::end().map(move || warp::reply::html(html.clone()));
     tokio::spawn(warp::serve(page).incoming(listener).run());
@@ -353,7 +362,13 @@ async fn serve_page(html: String) -> SocketAddr {
 async fn the_demo_page_and_pgdn_js_in_headless_chromium() {
     let started = Instant::now();
     let mut b = Browser::launch().await;
-    let server = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    // The apps of (d) and (f) are of other origins, which the server allows.
+    let (legacy_app, legacy_origin) = page_listener().await;
+    let (own_app, own_origin) = page_listener().await;
+    let mut config = Config::default();
+    config.allowed_origins = vec![legacy_origin, own_origin];
+    let auth = || JwtAuthenticator::new(SECRET);
+    let server = Server::start_with("127.0.0.1:0".parse().unwrap(), config.clone(), auth()).await;
     let addr = server.addr;
     let proxy = Proxy::start(addr).await;
     let launched = started.elapsed();
@@ -427,7 +442,7 @@ async fn the_demo_page_and_pgdn_js_in_headless_chromium() {
         "pgdnDemo.state === 'disconnected' || pgdnDemo.state === 'connecting'",
     )
     .await;
-    let server = Server::start(addr).await;
+    let server = Server::start_with(addr, config, auth()).await;
     let expr = format!("pgdnDemo.state === 'connected' && pgdnDemo.connectionId !== {second_conn}");
     b.wait_for("the page to reconnect to the new server", &expr)
         .await;
@@ -445,8 +460,9 @@ async fn the_demo_page_and_pgdn_js_in_headless_chromium() {
     }
 
     // (d) A page written for pgdn-ws, with a raw WebSocket and no pgdn.js,
-    // works unchanged. It is served by an app of its own (another origin),
-    // as pgdn-ws frontends usually are.
+    // works unchanged. It is served by an app of its own (another origin,
+    // listed in the server's allowed origins), as pgdn-ws frontends
+    // usually are.
     let page = format!(
         "<!doctype html><title>pgdn-ws page</title><script>
          window.msgs = [];
@@ -456,7 +472,7 @@ async fn the_demo_page_and_pgdn_js_in_headless_chromium() {
          </script>",
         token("legacy-user")
     );
-    let app = serve_page(page).await;
+    let app = serve_page(legacy_app, page);
     b.navigate(&format!("http://{app}/")).await;
     b.wait_for(
         "the pgdn-ws page to connect",
@@ -516,7 +532,7 @@ async fn the_demo_page_and_pgdn_js_in_headless_chromium() {
         token(USER),
         proxy = proxy.addr,
     );
-    let app = serve_page(page).await;
+    let app = serve_page(own_app, page);
     b.navigate(&format!("http://{app}/")).await;
     b.wait_for(
         "the app to connect",
@@ -559,6 +575,66 @@ async fn the_demo_page_and_pgdn_js_in_headless_chromium() {
         "browser test: Chromium up in {launched:?}, whole scenario {:?}",
         started.elapsed()
     );
+}
+
+/// PROTOCOL.md v1.1 section 1 in a real browser: a page of another origin
+/// opens a WebSocket and an `EventSource` to pgdn. By default both are
+/// refused (403 before any upgrade or stream; nothing is registered);
+/// with the page's origin listed, both connect, and the stream carries the
+/// `Access-Control-Allow-Origin` the browser needs to read it.
+#[tokio::test]
+async fn a_page_of_another_origin_connects_only_when_its_origin_is_listed() {
+    let mut b = Browser::launch().await;
+    let (app, origin) = page_listener().await;
+    // One page for both servers: `?server=<host:port>&token=<token>`.
+    let page = "<!doctype html><title>other origin</title><script>
+         window.r = {ws: [], sse: [], wsClose: null, sseErrors: 0};
+         const q = new URLSearchParams(location.search);
+         const server = q.get('server'), token = q.get('token');
+         const ws = new WebSocket(`ws://${server}/ws?token=${token}`);
+         ws.onmessage = (e) => r.ws.push(JSON.parse(e.data));
+         ws.onclose = (e) => { r.wsClose = e.code; };
+         const es = new EventSource(`http://${server}/sse?token=${token}`);
+         es.onmessage = (e) => r.sse.push(JSON.parse(e.data));
+         es.onerror = () => { r.sseErrors += 1; es.close(); };
+         </script>";
+    let app = serve_page(app, page.to_string());
+    let auth = || JwtAuthenticator::new(SECRET);
+
+    let mut config = Config::default();
+    config.allowed_origins = vec![origin];
+    let listed = Server::start_with("127.0.0.1:0".parse().unwrap(), config, auth()).await;
+    let url =
+        |server: &Server| format!("http://{app}/?server={}&token={}", server.addr, token(USER));
+    b.navigate(&url(&listed)).await;
+    b.wait_for(
+        "both transports to connect from the listed origin",
+        "r.ws.length > 0 && r.sse.length > 0",
+    )
+    .await;
+    let got = b
+        .eval("[r.ws[0].type, r.sse[0].type, r.wsClose, r.sseErrors]")
+        .await;
+    assert_eq!(got, json!(["connection", "connection", null, 0]));
+    listed.wait_connections(2).await;
+    b.navigate("about:blank").await;
+    listed.stop().await;
+
+    let default = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    b.navigate(&url(&default)).await;
+    b.wait_for(
+        "both transports to fail from an origin not listed",
+        "r.wsClose !== null && r.sseErrors > 0",
+    )
+    .await;
+    let got = b.eval("[r.ws.length, r.sse.length, r.wsClose]").await;
+    assert_eq!(
+        got,
+        json!([0, 0, 1006]),
+        "refused before any upgrade or stream"
+    );
+    assert_eq!(default.pgdn.hub().stats().connections_opened, 0);
+    default.stop().await;
 }
 
 /// `/pgdn.js` is served as JavaScript whether or not the demo page is on
