@@ -119,9 +119,11 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
-/// A token bucket: `rate` frames per second, at most `burst` at once.
+/// A token bucket: `rate` frames per second, at most `burst` at once. The
+/// session's inbound rate limit; transports that count wire frames
+/// themselves use it too.
 #[derive(Debug)]
-pub(crate) struct RateLimiter {
+pub struct RateLimiter {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -129,7 +131,8 @@ pub(crate) struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub(crate) fn new(rate: f64, burst: f64) -> Self {
+    /// A full bucket of `burst` tokens refilled at `rate` per second.
+    pub fn new(rate: f64, burst: f64) -> Self {
         RateLimiter {
             rate,
             burst,
@@ -139,7 +142,7 @@ impl RateLimiter {
     }
 
     /// Takes one token; false when the client is over its limit.
-    pub(crate) fn allow(&mut self) -> bool {
+    pub fn allow(&mut self) -> bool {
         let now = Instant::now();
         let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(self.burst);
@@ -299,6 +302,7 @@ async fn serve<T: Transport>(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let idle_applies = t.answers_keepalive();
+    let counts_frames = t.counts_frames();
     // The first of our keepalives that the peer has not answered (by
     // sending anything at all) yet.
     let mut unanswered_since: Option<tokio::time::Instant> = None;
@@ -354,7 +358,7 @@ async fn serve<T: Transport>(
             }
         };
         unanswered_since = None;
-        match on_inbound(service, conn, outbox, &mut limiter, inbound).await {
+        match on_inbound(counts_frames, service, conn, outbox, &mut limiter, inbound).await {
             Err(reason) => return reason,
             Ok(Some(new_expiry)) => {
                 let (has, at) = deadline(new_expiry);
@@ -405,6 +409,7 @@ async fn write_queued<T: Transport>(
 /// Handles one thing read from the peer. `Ok(Some(expiry))` when a refresh
 /// changed the connection's expiry.
 async fn on_inbound(
+    counts_frames: bool,
     service: &Service,
     conn: &Connection,
     outbox: &Outbox,
@@ -420,10 +425,12 @@ async fn on_inbound(
         Inbound::TooLarge => return Err(DisconnectReason::FrameTooLarge),
         Inbound::InvalidUtf8 => return Err(DisconnectReason::InvalidUtf8),
         Inbound::ProtocolError => return Err(DisconnectReason::ProtocolError),
+        Inbound::RateLimited => return Err(DisconnectReason::RateLimited),
         counted => {
             // Every frame counts, control frames included (PROTOCOL.md
             // section 3): a Ping flood costs the flooder its connection.
-            if !limiter.allow() {
+            // A transport that counts wire frames itself has done so.
+            if !counts_frames && !limiter.allow() {
                 return Err(DisconnectReason::RateLimited);
             }
             match counted {

@@ -74,6 +74,10 @@ pub enum Inbound {
     InvalidUtf8,
     /// The peer broke the transport's protocol (close 1002).
     ProtocolError,
+    /// The peer went over the inbound rate limit, as counted by a
+    /// transport that sees more frames than it reports (every fragment of
+    /// a WebSocket message; see [`Transport::counts_frames`]): close 1008.
+    RateLimited,
     /// The peer closed the connection, or it went away.
     Closed,
     /// Reading failed.
@@ -134,5 +138,15 @@ pub trait Transport: Send {
     /// gone (the idle timeout applies). Default true; false for SSE.
     fn answers_keepalive(&self) -> bool {
         true
+    }
+
+    /// Whether the transport enforces the inbound rate limit itself, on
+    /// every wire frame (fragments and control frames included), and
+    /// reports [`Inbound::RateLimited`]; the session then does not count
+    /// what it receives a second time. Default false: the session counts
+    /// each [`Inbound`] (use [`RateLimiter`](crate::protocol::RateLimiter)
+    /// with the config's rate and burst when implementing this).
+    fn counts_frames(&self) -> bool {
+        false
     }
 }

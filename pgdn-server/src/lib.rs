@@ -26,6 +26,8 @@
 //! - `listener`: the accept loop: hyper HTTP/1.1 with header, keep-alive
 //!   and body timeouts, graceful and bounded shutdown.
 //! - `upgrade`: the WebSocket upgrade with pgdn's own tungstenite settings.
+//! - `frames`: every inbound wire frame (fragments too) counted toward the
+//!   rate limit.
 //! - `socket`: tungstenite messages <-> pgdn-core's `Transport`.
 //! - [`server`]: [`Pgdn`], its builder, the warp routes and `serve`.
 //! - [`error`]: the crate's [`Error`].
@@ -39,6 +41,7 @@ pub mod error;
 pub mod jwks;
 pub mod server;
 
+mod frames;
 mod listener;
 mod socket;
 mod upgrade;

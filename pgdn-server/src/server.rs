@@ -193,11 +193,15 @@ impl Pgdn {
             Err(refused) => return refused.into_response(),
         };
         let service = self.service.clone();
+        let c = self.config();
         req.accept(
             self.ws_config(),
+            (c.rate_limit_per_sec, c.rate_limit_burst),
             self.service.tasks(),
             move |socket, _| async move {
-                service.serve(admission, WsTransport::new(socket)).await;
+                service
+                    .serve(admission, WsTransport::counting(socket))
+                    .await;
             },
         )
     }

@@ -19,14 +19,28 @@ pub struct WsTransport<S> {
     /// tungstenite queued a Pong for a Ping we read; flushed before the
     /// next read, so that a dropped `recv` cannot lose it.
     pong_pending: bool,
+    /// The socket under `ws` counts every frame toward the rate limit
+    /// (`FrameCounter`), so the session must not count again.
+    counts_frames: bool,
 }
 
 impl<S> WsTransport<S> {
-    /// Wraps a WebSocket stream.
+    /// Wraps a WebSocket stream; the session counts each message and
+    /// control frame toward the rate limit.
     pub fn new(ws: S) -> Self {
         WsTransport {
             ws,
             pong_pending: false,
+            counts_frames: false,
+        }
+    }
+
+    /// Wraps a WebSocket stream whose socket counts every wire frame,
+    /// fragments included.
+    pub(crate) fn counting(ws: S) -> Self {
+        WsTransport {
+            counts_frames: true,
+            ..WsTransport::new(ws)
         }
     }
 }
@@ -84,8 +98,18 @@ where
             Some(Err(WsError::Utf8(_))) => Inbound::InvalidUtf8,
             Some(Err(WsError::Protocol(_))) => Inbound::ProtocolError,
             Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => Inbound::Closed,
+            Some(Err(WsError::Io(e)))
+                if e.get_ref()
+                    .is_some_and(|inner| inner.is::<crate::frames::FrameFlood>()) =>
+            {
+                Inbound::RateLimited
+            }
             Some(Err(e)) => Inbound::Failed(failed(e)),
         }
+    }
+
+    fn counts_frames(&self) -> bool {
+        self.counts_frames
     }
 
     async fn close(&mut self, code: u16, reason: &str) {

@@ -21,7 +21,8 @@ use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 use warp::{Filter, Rejection, Reply};
 
 /// The socket type every connection task works on.
-pub(crate) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub(crate) type Socket =
+    WebSocketStream<crate::frames::FrameCounter<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// A valid WebSocket upgrade request, with what the session needs of it.
 pub(crate) struct UpgradeRequest {
@@ -102,6 +103,7 @@ impl UpgradeRequest {
     pub(crate) fn accept<F, Fut>(
         self,
         config: WebSocketConfig,
+        rate_limit: (f64, f64),
         tasks: &TaskTracker,
         on_socket: F,
     ) -> warp::reply::Response
@@ -121,12 +123,10 @@ impl UpgradeRequest {
         tasks.spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let socket = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(config),
-                    )
-                    .await;
+                    let (rate, burst) = rate_limit;
+                    let io = crate::frames::FrameCounter::new(TokioIo::new(upgraded), rate, burst);
+                    let socket =
+                        WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                     on_socket(socket, info).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),

@@ -49,6 +49,9 @@ pub enum Backend {
 /// A [`Backend`] as a type, so that `TestServer::start()` knows it.
 pub trait Adapter: 'static {
     const BACKEND: Backend;
+    /// Whether the adapter's transport sees every wire frame (fragments),
+    /// so that it can count them toward the rate limit.
+    const SEES_FRAMES: bool;
 }
 
 /// The warp adapter.
@@ -58,10 +61,13 @@ pub struct Axum;
 
 impl Adapter for Warp {
     const BACKEND: Backend = Backend::Warp;
+    const SEES_FRAMES: bool = true;
 }
 
 impl Adapter for Axum {
     const BACKEND: Backend = Backend::Axum;
+    // axum's `WebSocket` reassembles fragments and exposes no raw socket.
+    const SEES_FRAMES: bool = false;
 }
 
 pub struct TestServer<A: Adapter> {
@@ -79,6 +85,9 @@ pub struct TestServer<A: Adapter> {
 }
 
 impl<A: Adapter> TestServer<A> {
+    /// See [`Adapter::SEES_FRAMES`].
+    pub const BACKEND_SEES_FRAMES: bool = A::SEES_FRAMES;
+
     pub async fn start() -> Self {
         Self::start_with(Config::default()).await
     }

@@ -255,3 +255,38 @@ async fn invalid_utf8_closes_with_1007_and_protocol_errors_with_1002() {
     assert_eq!(stats["disconnects"]["protocol_error"], 1);
     s.stop().await;
 }
+
+/// A flood of empty continuation frames never completes a message, so
+/// only a transport that sees wire frames can count it: the warp adapter
+/// does (its socket counts every frame); axum's WebSocket hides frames
+/// from its users, so the axum example counts messages and control frames.
+#[tokio::test]
+async fn every_fragment_counts_toward_the_rate_limit() {
+    if TestServer::BACKEND_SEES_FRAMES {
+        let mut config = Config::default();
+        config.rate_limit_per_sec = 1.0;
+        config.rate_limit_burst = 20.0;
+        let s = TestServer::start_with(config).await;
+        let mut tcp = raw_socket(&s).await;
+        // A text message begun and never finished, then 1,000 empty
+        // continuation frames.
+        let mut flood = client_frame(0x1, b"{")[..].to_vec();
+        flood[0] &= 0x7f; // FIN off
+        for _ in 0..1000 {
+            let mut f = client_frame(0x0, b"");
+            f[0] &= 0x7f;
+            flood.extend(f);
+        }
+        // The server may close before all is written.
+        let _ = tcp.write_all(&flood).await;
+        assert_eq!(
+            tokio::time::timeout(WAIT, raw_close_code(&mut tcp))
+                .await
+                .unwrap(),
+            1008
+        );
+        s.wait_connections(0).await;
+        assert_eq!(s.stats().await["disconnects"]["rate_limited"], 1);
+        s.stop().await;
+    }
+}
