@@ -37,6 +37,10 @@ async fn a_write_that_makes_no_progress_ends_in_1013() {
         .max_frames(100_000)
         .max_bytes(1 << 30);
     config.write_timeout = Duration::from_millis(500);
+    // The close frame waits behind what the socket already holds: give the
+    // client, once it reads, all the time it needs to drain it (on a busy
+    // machine a debug-build client takes seconds for 32 MiB).
+    config.close_timeout = Duration::from_secs(120);
     // Longer than the test: the idle timer is not what cuts it off.
     config.idle_timeout = Duration::from_secs(120);
     config.ping_interval = Duration::from_secs(60);
