@@ -382,8 +382,8 @@ async fn serve_returns_within_the_shutdown_timeout_whatever_is_open() {
 // ---- the binary ----
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgdn-server");
-const BIN_SECRET: &str = "hygiene-secret";
-const BIN_KEY: &str = "hygiene-key";
+const BIN_SECRET: &str = "http-hygiene-test-jwt-secret-32-bytes";
+const BIN_KEY: &str = "http-hygiene-test-publish-key";
 
 /// The binary, killed when dropped; its stderr lines arrive on `stderr`.
 struct Binary {
@@ -438,7 +438,10 @@ impl Binary {
         let addr = first
             .trim()
             .strip_prefix("pgdn-server listening on http://")
-            .unwrap_or_else(|| panic!("not the listening line: {first:?}"))
+            .unwrap_or_else(|| {
+                let err: Vec<String> = stderr.try_iter().collect();
+                panic!("not the listening line: {first:?}; stderr: {err:#?}")
+            })
             .to_string();
         Binary {
             child,
