@@ -208,7 +208,10 @@ impl Session {
             user = conn.user_id(),
             "subscriber connected"
         );
-        let reason = match greet(&mut transport, &service, &conn, &outbox, replay).await {
+        // Boxed: it runs once, and its state would otherwise stay part of
+        // every idle connection's future (memory per idle connection).
+        let greeting = Box::pin(greet(&mut transport, &service, &conn, &outbox, replay));
+        let reason = match greeting.await {
             Ok(()) => serve(&mut transport, &service, &conn, &outbox).await,
             Err(reason) => reason,
         };
@@ -358,7 +361,18 @@ async fn serve<T: Transport>(
             }
         };
         unanswered_since = None;
-        match on_inbound(counts_frames, service, conn, outbox, &mut limiter, inbound).await {
+        // Boxed: client frames are rare next to deliveries, and the state of
+        // handlers and refreshes would otherwise make every idle
+        // connection's future larger.
+        let handled = Box::pin(on_inbound(
+            counts_frames,
+            service,
+            conn,
+            outbox,
+            &mut limiter,
+            inbound,
+        ));
+        match handled.await {
             Err(reason) => return reason,
             Ok(Some(new_expiry)) => {
                 let (has, at) = deadline(new_expiry);
@@ -387,21 +401,28 @@ async fn write_queued<T: Transport>(
     // the connection being closed meanwhile.
     let written = match futures_util::poll!(write.as_mut()) {
         std::task::Poll::Ready(written) => written,
-        std::task::Poll::Pending => tokio::select! {
-            written = &mut write => written,
-            _ = tokio::time::sleep(config.write_timeout) => {
-                return Err(DisconnectReason::SlowConsumer);
-            }
-            reason = outbox.closed() => {
-                if reason != DisconnectReason::ServerShutdown {
-                    return Err(reason);
+        // Boxed: the slow path's timers would otherwise be part of every
+        // connection's future.
+        std::task::Poll::Pending => {
+            Box::pin(async {
+                tokio::select! {
+                    written = &mut write => Ok(written),
+                    _ = tokio::time::sleep(config.write_timeout) => {
+                        Err(DisconnectReason::SlowConsumer)
+                    }
+                    reason = outbox.closed() => {
+                        if reason != DisconnectReason::ServerShutdown {
+                            return Err(reason);
+                        }
+                        match tokio::time::timeout(config.close_timeout, write).await {
+                            Ok(written) => Ok(written),
+                            Err(_) => Err(reason),
+                        }
+                    }
                 }
-                match tokio::time::timeout(config.close_timeout, write).await {
-                    Ok(written) => written,
-                    Err(_) => return Err(reason),
-                }
-            }
-        },
+            })
+            .await?
+        }
     };
     written.map_err(|_| DisconnectReason::TransportError)
 }
