@@ -206,6 +206,17 @@ struct Args {
     /// Oldest message kept for resume (e.g. `10m`).
     #[arg(long, env = "PGDN_HISTORY_AGE", default_value = "10m", value_parser = humantime::parse_duration)]
     history_age: Duration,
+    /// Most users whose recent messages are kept for resume (in memory;
+    /// the oldest entries go first past it).
+    #[arg(long, env = "PGDN_HISTORY_MAX_USERS", default_value_t = 100_000)]
+    history_max_users: usize,
+    /// Most bytes of messages kept for resume (in memory), e.g. 268435456.
+    #[arg(long, env = "PGDN_HISTORY_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    history_max_bytes: usize,
+    /// Cluster mode: most users in one `users` publish (one Redis script
+    /// call each); a longer list gets 400.
+    #[arg(long, env = "PGDN_MAX_USERS_PER_PUBLISH", default_value_t = 1000)]
+    max_users_per_publish: usize,
     /// Serve the demo page at `/`.
     #[arg(long, env = "PGDN_DEMO_PAGE", default_value_t = true, action = clap::ArgAction::Set)]
     demo_page: bool,
@@ -253,6 +264,7 @@ async fn cluster_hub(
     cluster_config.node_ttl = args.node_ttl;
     cluster_config.heartbeat_interval = args.node_ttl / 3;
     cluster_config.history = config.history;
+    cluster_config.max_users_per_publish = args.max_users_per_publish;
     let cluster = pgdn_redis::Cluster::connect(url, &node, cluster_config)
         .await
         .map_err(|e| {
@@ -534,7 +546,9 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     config.history = config
         .history
         .max_messages(args.history_messages)
-        .max_age(args.history_age);
+        .max_age(args.history_age)
+        .max_users(args.history_max_users)
+        .max_bytes(args.history_max_bytes);
     config.idle_timeout = args.idle_timeout;
 
     let auth = authenticator(&args, &jwt_secret).await?;

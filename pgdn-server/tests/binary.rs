@@ -443,3 +443,52 @@ async fn dev_mode_allows_any_origin_and_says_so() {
         .expect("any origin connects in dev mode");
     Client::after_upgrade(ws).await;
 }
+
+/// The history's memory bounds are the binary's to set: with room for one
+/// user, a second user's message evicts the first's window, and the first
+/// user's resume reports the gap.
+#[tokio::test]
+async fn history_bounds_are_configurable() {
+    let secret = "env-secret-of-at-least-32-bytes!";
+    let key = "env-publish-key-16";
+    let mut child = clean_command()
+        .args(["--addr", "127.0.0.1:0", "--history-max-users", "1"])
+        .env("PGDN_JWT_SECRET", secret)
+        .env("PGDN_PUBLISH_KEY", key)
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    let addr = first
+        .trim()
+        .strip_prefix("pgdn-server listening on http://")
+        .unwrap()
+        .to_string();
+    let http = reqwest::Client::new();
+    let publish = |user: &str| {
+        http.post(format!("http://{addr}/api/v1/publish"))
+            .bearer_auth(key)
+            .body(format!(r#"{{"target":{{"user":"{user}"}},"type":"info"}}"#))
+            .send()
+    };
+    let reply: serde_json::Value = publish("u1").await.unwrap().json().await.unwrap();
+    let since = reply["id"].as_str().unwrap().to_string();
+    publish("u1").await.unwrap();
+    publish("u2").await.unwrap();
+    let token = pgdn_server::JwtAuthenticator::new(secret.as_bytes())
+        .issue("u1", &[], Duration::from_secs(60))
+        .unwrap();
+    let (ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}&since={since}"))
+            .await
+            .unwrap();
+    let mut c = Client::after_upgrade(ws).await;
+    assert_eq!(
+        c.next().await["code"],
+        "history_gap",
+        "u1's window was evicted"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
