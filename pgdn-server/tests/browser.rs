@@ -577,7 +577,7 @@ async fn the_demo_page_and_pgdn_js_in_headless_chromium() {
     );
 }
 
-/// PROTOCOL.md v1.1 section 1 in a real browser: a page of another origin
+/// docs/protocol.md v1.1 section 1 in a real browser: a page of another origin
 /// opens a WebSocket and an `EventSource` to pgdn. By default both are
 /// refused (403 before any upgrade or stream; nothing is registered);
 /// with the page's origin listed, both connect, and the stream carries the

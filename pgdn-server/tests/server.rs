@@ -1,4 +1,4 @@
-//! End-to-end tests over real sockets: every behaviour of PROTOCOL.md
+//! End-to-end tests over real sockets: every behaviour of docs/protocol.md
 //! sections 1 to 5 and 7. One test binary (faster to link), one module per
 //! section, and every module twice: `warp::<module>::<test>` against the
 //! warp adapter (`pgdn_server::Pgdn`) and `axum::<module>::<test>` against

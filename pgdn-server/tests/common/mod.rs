@@ -254,6 +254,16 @@ impl<A: Adapter> TestServer<A> {
     }
 
     /// Waits until this node has exactly `n` open connections.
+    /// Whether the hub has closed (or already removed) `user`'s first
+    /// connection: a slow consumer cut off, say.
+    pub fn is_cut(&self, user: &str) -> bool {
+        self.service
+            .hub()
+            .connections_of(user)
+            .first()
+            .is_none_or(|c| c.is_closed())
+    }
+
     pub async fn wait_connections(&self, n: usize) {
         let mut rx = self.service.hub().watch_connections();
         tokio::time::timeout(WAIT, rx.wait_for(|c| *c == n))

@@ -1,4 +1,4 @@
-//! PROTOCOL.md section 5: the publish API.
+//! docs/protocol.md section 5: the publish API.
 
 use serde_json::{Value, json};
 

@@ -1,4 +1,4 @@
-//! PROTOCOL.md section 1: authentication and the connection frame.
+//! docs/protocol.md section 1: authentication and the connection frame.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

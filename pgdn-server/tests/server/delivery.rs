@@ -1,4 +1,4 @@
-//! PROTOCOL.md section 2: who receives what.
+//! docs/protocol.md section 2: who receives what.
 
 use serde_json::{Value, json};
 

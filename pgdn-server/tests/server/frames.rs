@@ -1,4 +1,4 @@
-//! PROTOCOL.md section 3: what clients send.
+//! docs/protocol.md section 3: what clients send.
 
 use futures_util::{SinkExt, StreamExt};
 use pgdn_server::core::HandlerError;

@@ -1,4 +1,4 @@
-//! PROTOCOL.md v1.1 section 1 (token lifetime and in-band refresh) and the
+//! docs/protocol.md v1.1 section 1 (token lifetime and in-band refresh) and the
 //! close codes of section 2 that protect the server from a misbehaving
 //! peer (every inbound frame counts toward the rate limit; 1002, 1007).
 

@@ -1,4 +1,4 @@
-//! PROTOCOL.md section 4: resume after reconnect with `since=<id>`.
+//! docs/protocol.md section 4: resume after reconnect with `since=<id>`.
 
 use std::collections::HashSet;
 

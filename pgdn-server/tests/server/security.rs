@@ -1,4 +1,4 @@
-//! Security hardening over real sockets: origin checks (PROTOCOL.md v1.1
+//! Security hardening over real sockets: origin checks (docs/protocol.md v1.1
 //! section 1), connection limits per user and per client address (429
 //! before any upgrade or stream, counted race-free), and several publish
 //! keys at once.

@@ -1,4 +1,4 @@
-//! PROTOCOL.md v1.1 section 7: the Server-Sent Events transport, on the
+//! docs/protocol.md v1.1 section 7: the Server-Sent Events transport, on the
 //! same session as WebSocket (same order, limits, stats and close codes).
 
 use std::time::Duration;
@@ -253,14 +253,7 @@ async fn a_slow_sse_consumer_is_cut_off_while_the_others_keep_receiving() {
     let mut fast = s.connect("fast", &[]).await;
     let pad = "x".repeat(32 * 1024);
     let mut published = 0;
-    let cut = || {
-        s.service
-            .hub()
-            .connections_of("slow")
-            .first()
-            .is_none_or(|c| c.is_closed())
-    };
-    while !cut() {
+    while !s.is_cut("slow") {
         assert!(published < 5000, "slow consumer never cut off");
         s.publish(
             json!({"target":{"broadcast":{}},"type":"info","payload":{"i":published,"pad":pad}}),

@@ -13,15 +13,8 @@ use super::common::*;
 
 /// Waits until the hub has marked `user`'s connection closed.
 async fn wait_cut(s: &TestServer, user: &str) {
-    let cut = || {
-        s.service
-            .hub()
-            .connections_of(user)
-            .first()
-            .is_none_or(|c| c.is_closed())
-    };
     tokio::time::timeout(WAIT, async {
-        while !cut() {
+        while !s.is_cut(user) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -90,12 +83,7 @@ async fn a_resume_replay_counts_toward_the_outbound_bound() {
     for i in 100..3000 {
         s.publish(json!({"target":{"user":"u1"},"type":"info","payload":{"i":i,"pad":pad}}))
             .await;
-        if s.service
-            .hub()
-            .connections_of("u1")
-            .first()
-            .is_none_or(|c| c.is_closed())
-        {
+        if s.is_cut("u1") {
             break;
         }
     }
