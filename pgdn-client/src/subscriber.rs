@@ -1,10 +1,10 @@
 //! A subscriber that stays connected: it reconnects by itself with jittered
 //! backoff, resumes with `since=<last id>` so that nothing published while
-//! it was away is missed (PROTOCOL.md section 4), keeps the connection alive
+//! it was away is missed (docs/protocol.md section 4), keeps the connection alive
 //! with pings, asks for a fresh token before each reconnect, and stops with
 //! [`Error::Unauthorized`] on close code 1008 instead of retrying forever.
 //!
-//! # Token lifetime (PROTOCOL.md section 1)
+//! # Token lifetime (docs/protocol.md section 1)
 //!
 //! A server closes a live connection whose token expired with 4001
 //! `token expired`. With a token callback
@@ -371,7 +371,7 @@ async fn drive(
                 connected,
             } => {
                 failures = if connected { 1 } else { failures + 1 };
-                // Token expired (PROTOCOL.md section 1): a fresh token and
+                // Token expired (docs/protocol.md section 1): a fresh token and
                 // an immediate reconnect with since= lose nothing.
                 let expired = code == Some(4001)
                     && connected

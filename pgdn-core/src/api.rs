@@ -1,5 +1,5 @@
 //! The HTTP side of a pgdn service, free of any web framework
-//! (PROTOCOL.md section 5): the publish API behind the publish key,
+//! (docs/protocol.md section 5): the publish API behind the publish key,
 //! `/healthz`, `/readyz`, `/metrics`, the browser client and the demo
 //! page. An adapter asks [`Service::route`] whether a request is ours and
 //! hands it to [`Service::respond`] with its headers and body stream; it
@@ -138,7 +138,7 @@ impl Service {
         }
     }
 
-    /// `GET /readyz` (PROTOCOL.md section 5): `ready`, or 503 with why not.
+    /// `GET /readyz` (docs/protocol.md section 5): `ready`, or 503 with why not.
     pub fn ready(&self) -> HttpResponse {
         if self.is_shutting_down() {
             json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down")

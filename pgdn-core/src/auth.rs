@@ -9,7 +9,7 @@ use http::HeaderMap;
 
 use crate::identity::Identity;
 
-/// Why a token was refused. Each maps to the close reason of PROTOCOL.md
+/// Why a token was refused. Each maps to the close reason of docs/protocol.md
 /// section 1; the connection is closed with 1008 (or, on Server-Sent
 /// Events, answered 401) and nothing is registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,7 +45,7 @@ pub enum AuthPurpose {
     /// A new connection (WebSocket upgrade or Server-Sent Events request).
     Connect,
     /// An in-band `{"type":"refresh","token":...}` on a live connection
-    /// (PROTOCOL.md section 1). The headers are then empty: a refresh
+    /// (docs/protocol.md section 1). The headers are then empty: a refresh
     /// carries only its token.
     Refresh,
 }

@@ -15,7 +15,7 @@ pub struct Config {
     /// Path of the WebSocket route, relative to where the routes are
     /// mounted. Default `/ws`.
     pub ws_path: String,
-    /// Path of the Server-Sent Events route (PROTOCOL.md section 7).
+    /// Path of the Server-Sent Events route (docs/protocol.md section 7).
     /// Default `/sse`.
     pub sse_path: String,
     /// Largest inbound WebSocket message; a larger one closes the connection
@@ -53,7 +53,7 @@ pub struct Config {
     /// the right-most `X-Forwarded-For` entry that is not a trusted proxy.
     /// Default empty: the peer's address is the client's.
     pub trusted_proxies: Vec<IpNetwork>,
-    /// Origins allowed to connect besides the server's own (PROTOCOL.md
+    /// Origins allowed to connect besides the server's own (docs/protocol.md
     /// section 1): `https://app.example.com`, or `*` for any. A request
     /// with another `Origin` gets 403 before any upgrade. Default empty:
     /// same origin only.

@@ -1,5 +1,5 @@
 //! De-duplication of publisher-chosen message ids for a time window
-//! (PROTOCOL.md section 5: 5 minutes).
+//! (docs/protocol.md section 5: 5 minutes).
 //!
 //! An id is claimed while its publish is in flight and completed when it
 //! is done. A retry that arrives while the first attempt is still in

@@ -1,6 +1,6 @@
 //! Protocol frames other than notifications: the connection, pong and error
 //! frames the server sends, and parsing of the frames a client sends
-//! (PROTOCOL.md sections 1 to 3).
+//! (docs/protocol.md sections 1 to 3).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -65,10 +65,10 @@ pub enum ErrorCode {
     UnknownType,
     /// The handler for the frame's type failed.
     HandlerError,
-    /// Resume could not reach back to the requested id (PROTOCOL.md section 4).
+    /// Resume could not reach back to the requested id (docs/protocol.md section 4).
     HistoryGap,
     /// An in-band token refresh was refused; the old expiry stands
-    /// (PROTOCOL.md section 1).
+    /// (docs/protocol.md section 1).
     RefreshFailed,
 }
 
@@ -148,7 +148,7 @@ pub enum ClientFrame {
         timestamp: Value,
     },
     /// `{"type":"refresh","token":"..."}`: a new token for this connection
-    /// (PROTOCOL.md section 1). `None` when `token` is missing or not a
+    /// (docs/protocol.md section 1). `None` when `token` is missing or not a
     /// string.
     Refresh {
         /// The new token.
@@ -164,7 +164,7 @@ pub enum ClientFrame {
 }
 
 impl ClientFrame {
-    /// Parses one text frame (PROTOCOL.md section 3).
+    /// Parses one text frame (docs/protocol.md section 3).
     pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;

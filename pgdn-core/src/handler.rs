@@ -1,4 +1,4 @@
-//! Handlers for custom inbound client frames (PROTOCOL.md section 3).
+//! Handlers for custom inbound client frames (docs/protocol.md section 3).
 
 use std::future::Future;
 

@@ -1,5 +1,5 @@
 //! What was sent to each user lately, so that a client that reconnects with
-//! `since=<id>` gets what it missed (PROTOCOL.md section 4).
+//! `since=<id>` gets what it missed (docs/protocol.md section 4).
 //!
 //! The hub records every message it delivers, in delivery order, under a
 //! node-local sequence number. For `user` and `users` targets the frame is

@@ -552,7 +552,7 @@ impl Hub {
     }
 
     /// What a client of `user_id` that reconnects with `since` missed
-    /// (PROTOCOL.md section 4). The transport registers the connection
+    /// (docs/protocol.md section 4). The transport registers the connection
     /// first, then sends this replay, then calls
     /// [`Outbox::skip_replayed`] with its sequence numbers so that nothing
     /// is sent twice.
@@ -628,7 +628,7 @@ impl Hub {
         Ok(())
     }
 
-    /// Answers one client text frame from `conn` (PROTOCOL.md section 3):
+    /// Answers one client text frame from `conn` (docs/protocol.md section 3):
     /// the reply to send back, if any. Never fails: a bad frame or a failing
     /// (even panicking) handler yields an error frame. A `refresh` needs the
     /// authenticator and is answered by the [`Session`](crate::Session).

@@ -16,7 +16,7 @@ pub struct Identity {
     #[serde(default)]
     pub groups: Vec<Arc<str>>,
     /// When a live connection with this identity is closed with 4001
-    /// `token expired` (PROTOCOL.md section 1), unless an in-band refresh
+    /// `token expired` (docs/protocol.md section 1), unless an in-band refresh
     /// extends it first. `None`: never. The built-in JWT authenticator sets
     /// it to the token's `exp` plus its leeway. Not part of the serialized
     /// form: it belongs to one connection, not to the user.
@@ -45,7 +45,7 @@ impl Identity {
     }
 
     /// Whether this identity may be registered: the user id is not empty
-    /// (PROTOCOL.md section 1: otherwise the connection closes with
+    /// (docs/protocol.md section 1: otherwise the connection closes with
     /// `invalid identity`).
     pub fn is_valid(&self) -> bool {
         !self.user_id.trim().is_empty()

@@ -36,7 +36,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 /// Default leeway allowed on `exp`, `nbf` and `iat`, in seconds
-/// (PROTOCOL.md: at most 60).
+/// (docs/protocol.md: at most 60).
 pub const LEEWAY_SECS: u64 = 60;
 
 /// The claims pgdn writes (and reads: `sub`, `groups`, `exp`).
@@ -207,7 +207,7 @@ impl JwtAuthenticator {
     }
 
     /// Sets the leeway on `exp`, `nbf` and `iat` (whole seconds, at most
-    /// 60: PROTOCOL.md section 1): a token is accepted, and a live
+    /// 60: docs/protocol.md section 1): a token is accepted, and a live
     /// connection kept, until `exp` + leeway. Zero makes expiry exact.
     pub fn leeway(mut self, leeway: Duration) -> Self {
         self.leeway = leeway.as_secs().min(LEEWAY_SECS);

@@ -43,7 +43,7 @@
 //! - [`config`]: every limit with its default ([`Config`]).
 //! - [`limits`]: connection limits per node, user and address, and the
 //!   client's address behind trusted proxies.
-//! - `origin`: the `Origin` checks of PROTOCOL.md section 1.
+//! - `origin`: the `Origin` checks of docs/protocol.md section 1.
 //! - [`auth`], [`handler`], [`broker`], [`session`], [`history`]: the traits
 //!   other crates implement, each with an in-process default.
 //! - [`jwt`] (feature `jwt`, on by default): [`JwtAuthenticator`].

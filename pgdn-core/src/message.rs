@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 
 /// Message types a publisher may not use: they name protocol frames
-/// (PROTOCOL.md section 2).
+/// (docs/protocol.md section 2).
 pub const RESERVED_TYPES: [&str; 6] = [
     "connection",
     "ping",
@@ -98,7 +98,7 @@ impl<'de> Deserialize<'de> for MessageType {
     }
 }
 
-/// Longest accepted message id, in bytes (PROTOCOL.md section 5).
+/// Longest accepted message id, in bytes (docs/protocol.md section 5).
 pub const MAX_ID_LEN: usize = 128;
 
 /// A message id: 1-128 characters of `[A-Za-z0-9_.:-]`, either chosen by the
@@ -154,7 +154,7 @@ pub fn timestamp_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// A notification as it goes over the wire (PROTOCOL.md section 2).
+/// A notification as it goes over the wire (docs/protocol.md section 2).
 ///
 /// Built once per publish and serialized once; every connection gets the
 /// same bytes.

@@ -1,4 +1,4 @@
-//! Origin checks (PROTOCOL.md v1.1 section 1): a connecting request that
+//! Origin checks (docs/protocol.md v1.1 section 1): a connecting request that
 //! carries an `Origin` header is served only when that origin is allowed.
 //!
 //! - **Same origin** is always allowed: the origin's host and port equal

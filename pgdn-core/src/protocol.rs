@@ -1,4 +1,4 @@
-//! The connection protocol (PROTOCOL.md sections 1 to 4), once, for every
+//! The connection protocol (docs/protocol.md sections 1 to 4), once, for every
 //! transport: what a subscriber connection does from its request to its
 //! close, minus the bytes on a socket.
 //!
@@ -85,7 +85,7 @@ impl ConnectInfo {
 
     /// For Server-Sent Events: a `Last-Event-ID` header (what a browser's
     /// `EventSource` sends when it reconnects by itself) wins over `since=`
-    /// (PROTOCOL.md section 7).
+    /// (docs/protocol.md section 7).
     pub fn with_last_event_id(mut self) -> Self {
         if let Some(id) = self
             .headers
@@ -234,7 +234,7 @@ impl Session {
 
 /// Writes the connection frame, then, for a resuming client, `history_gap`
 /// if the window does not reach back and the replayed messages, all before
-/// any live traffic (PROTOCOL.md section 4).
+/// any live traffic (docs/protocol.md section 4).
 ///
 /// The replay counts toward the connection's outbound bound: what does not
 /// fit is dropped, oldest first, and reported as a gap (the client
@@ -448,7 +448,7 @@ async fn on_inbound(
         Inbound::ProtocolError => return Err(DisconnectReason::ProtocolError),
         Inbound::RateLimited => return Err(DisconnectReason::RateLimited),
         counted => {
-            // Every frame counts, control frames included (PROTOCOL.md
+            // Every frame counts, control frames included (docs/protocol.md
             // section 3): a Ping flood costs the flooder its connection.
             // A transport that counts wire frames itself has done so.
             if !counts_frames && !limiter.allow() {
@@ -493,7 +493,7 @@ fn send_reply(conn: &Connection, outbox: &Outbox, reply: String) -> Result<(), D
         .map_err(|_| outbox.mark_closed(DisconnectReason::SlowConsumer))
 }
 
-/// An in-band token refresh (PROTOCOL.md section 1): the reply, and the
+/// An in-band token refresh (docs/protocol.md section 1): the reply, and the
 /// new expiry when it was accepted.
 async fn refresh(
     service: &Service,

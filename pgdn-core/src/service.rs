@@ -10,12 +10,12 @@
 //!   [`Service::respond`] answers it.
 //!
 //! Before an upgrade (or an SSE stream), [`Service::admit`] runs every
-//! check that PROTOCOL.md answers in HTTP: the `Origin` (403), shutdown
+//! check that docs/protocol.md answers in HTTP: the `Origin` (403), shutdown
 //! and the node's connection limit (503), the per-address and per-user
 //! limits (429); it authenticates the request on the way, so that the
 //! user is known before the answer. An authentication failure is not an
 //! HTTP answer: it travels in the [`Admission`], and the WebSocket is
-//! upgraded and then closed with 1008, as PROTOCOL.md section 1 says (SSE
+//! upgraded and then closed with 1008, as docs/protocol.md section 1 says (SSE
 //! answers 401).
 
 use std::future::Future;
@@ -279,7 +279,7 @@ impl Service {
     /// order; a refusal is the HTTP answer to send instead of upgrading:
     ///
     /// 1. an `Origin` that is not allowed: 403 `origin not allowed`
-    ///    (PROTOCOL.md section 1; requests without `Origin` pass);
+    ///    (docs/protocol.md section 1; requests without `Origin` pass);
     /// 2. shutting down, or this node at `max_connections`: 503;
     /// 3. the client's address at `max_connections_per_ip` (when set): 429
     ///    `too many connections from this address`;
@@ -424,7 +424,7 @@ impl Service {
 
     /// Runs one admitted connection over a bidirectional transport (a
     /// WebSocket right after its upgrade): when its authentication failed,
-    /// closes with 1008 and the reason of PROTOCOL.md section 1; otherwise
+    /// closes with 1008 and the reason of docs/protocol.md section 1; otherwise
     /// runs the session to its end. Returns why the connection ended
     /// (`None` when it was refused).
     pub async fn serve<T: Transport>(
@@ -442,7 +442,7 @@ impl Service {
         }
     }
 
-    /// Answers a Server-Sent Events request (PROTOCOL.md section 7): the
+    /// Answers a Server-Sent Events request (docs/protocol.md section 7): the
     /// refusals of [`Service::admit`] (403, 503, 429), 401 with the reason
     /// when authentication fails; otherwise a 200 `text/event-stream`
     /// whose body the session (spawned on [`Service::tasks`]) feeds. An

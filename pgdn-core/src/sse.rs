@@ -1,4 +1,4 @@
-//! The Server-Sent Events transport (PROTOCOL.md section 7), free of any
+//! The Server-Sent Events transport (docs/protocol.md section 7), free of any
 //! web framework: [`Service::sse`](crate::Service::sse) returns an
 //! `http::Response` whose body is an [`SseStream`] of byte chunks; the
 //! adapter sends it as a streaming body. The session writes into the
@@ -48,7 +48,7 @@ pub fn channel() -> (SseTransport, SseStream) {
     (SseTransport { tx: Some(tx) }, SseStream { rx })
 }
 
-/// The 200 answer that starts a stream, with the headers of PROTOCOL.md
+/// The 200 answer that starts a stream, with the headers of docs/protocol.md
 /// section 7 (and `X-Accel-Buffering: no`, so nginx does not buffer it).
 pub fn response(stream: SseStream) -> http::Response<SseStream> {
     http::Response::builder()

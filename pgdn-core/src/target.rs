@@ -1,4 +1,4 @@
-//! Who a publish is for, the publish body and its receipt (PROTOCOL.md
+//! Who a publish is for, the publish body and its receipt (docs/protocol.md
 //! section 5).
 
 use std::sync::Arc;

@@ -53,7 +53,7 @@ impl TransportError {
 }
 
 /// One thing read from the peer. Every variant but the terminal ones
-/// counts toward the inbound rate limit (PROTOCOL.md section 3: text,
+/// counts toward the inbound rate limit (docs/protocol.md section 3: text,
 /// binary, Ping, Pong and each fragment).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -129,7 +129,7 @@ pub trait Transport: Send {
     /// the peer has gone. Must be cancel-safe.
     fn recv(&mut self) -> impl Future<Output = Inbound> + Send;
 
-    /// Ends the connection with `code` and `reason` (PROTOCOL.md section
+    /// Ends the connection with `code` and `reason` (docs/protocol.md section
     /// 2): a WebSocket close frame, an SSE close event. The session bounds
     /// how long this may take.
     fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;

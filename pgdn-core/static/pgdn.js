@@ -1,7 +1,7 @@
 /*! pgdn.js: the browser client of pgdn. Plain JS, no build step, no dependencies.
  *
  * Load it with <script src="/pgdn.js"></script> (every pgdn server serves it);
- * it defines window.Pgdn. Wire contract: PROTOCOL.md.
+ * it defines window.Pgdn. Wire contract: docs/protocol.md.
  *
  *   const client = new Pgdn.Client({
  *     url: '/ws',                  // relative, or absolute ws(s):// or http(s):// URL
@@ -59,7 +59,7 @@
  * attempt (the first connect and each reconnect) with a WebSocket; when that
  * cannot open (an error before the handshake completed, e.g. a proxy that
  * refuses the upgrade), the same attempt goes on at once over Server-Sent
- * Events (EventSource, PROTOCOL.md section 7). So it goes back to WebSocket as
+ * Events (EventSource, docs/protocol.md section 7). So it goes back to WebSocket as
  * soon as the network lets it, and behind a proxy that refuses upgrades each
  * (re)connect costs one refused handshake. The resume point (lastId) is shared
  * by both transports. SSE is receive-only: send() and ping() return false, the

@@ -1,6 +1,6 @@
 //! [`RedisHistory`]: per-user windows in Redis, shared by all nodes, so a
 //! subscriber that reconnects to another node resumes without loss
-//! (PROTOCOL.md section 4).
+//! (docs/protocol.md section 4).
 //!
 //! The publish script writes them and maps every message id to its number
 //! (`ids:{minute}` hashes, kept as long as the age bound), so `record` has

@@ -1,5 +1,5 @@
 //! Redis implementations of pgdn-core's cluster traits, so that many pgdn
-//! nodes behind a load balancer share one Redis (PROTOCOL.md section 6).
+//! nodes behind a load balancer share one Redis (docs/protocol.md section 6).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), pgdn_redis::Error> {

@@ -1,5 +1,5 @@
 //! Counting every inbound WebSocket frame toward the rate limit
-//! (PROTOCOL.md v1.1 section 3: text, binary, Ping, Pong and each
+//! (docs/protocol.md v1.1 section 3: text, binary, Ping, Pong and each
 //! fragment).
 //!
 //! tungstenite reassembles fragments and answers nothing for a stream of

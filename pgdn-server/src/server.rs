@@ -207,7 +207,7 @@ impl Pgdn {
     }
 
     /// The Server-Sent Events route at the configured path (default
-    /// `/sse`, PROTOCOL.md section 7).
+    /// `/sse`, docs/protocol.md section 7).
     pub fn sse_route(
         &self,
     ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {

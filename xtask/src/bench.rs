@@ -11,7 +11,7 @@
 //! (pgdn, pgdn-sse, baseline, then baseline, pgdn-sse, pgdn, ...) so that a
 //! slow spell of this shared machine hits all alike. "pgdn" is pgdn-server
 //! with WebSocket subscribers (`/ws`), "pgdn-sse" the same server with
-//! Server-Sent Events subscribers (`/sse`, PROTOCOL.md section 7; the
+//! Server-Sent Events subscribers (`/sse`, docs/protocol.md section 7; the
 //! client is in `bench/sse.rs`); `--transport ws` or `sse` measures only
 //! one of them (default: both). One run:
 //!

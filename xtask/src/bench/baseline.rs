@@ -290,7 +290,7 @@ async fn shard(mut rx: mpsc::UnboundedReceiver<Cmd>, coalesce: usize) {
     }
 }
 
-/// A notification as pgdn puts it on the wire (PROTOCOL.md section 2).
+/// A notification as pgdn puts it on the wire (docs/protocol.md section 2).
 #[derive(Serialize)]
 struct Frame<'a> {
     id: String,

@@ -342,7 +342,7 @@ pub(crate) async fn connect_all(
 }
 
 /// Publishes bench notifications over HTTP, the same JSON body for both
-/// servers (PROTOCOL.md section 5).
+/// servers (docs/protocol.md section 5).
 pub(crate) struct Publisher {
     http: reqwest::Client,
     url: String,

@@ -1,4 +1,4 @@
-//! The bench's Server-Sent Events subscribers (PROTOCOL.md section 7): a
+//! The bench's Server-Sent Events subscribers (docs/protocol.md section 7): a
 //! minimal HTTP/1.1 client on a raw `TcpStream`, so that its own cost per
 //! delivery stays as small as the WebSocket client's.
 //!
