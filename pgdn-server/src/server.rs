@@ -198,7 +198,7 @@ impl Pgdn {
             self.ws_config(),
             (c.rate_limit_per_sec, c.rate_limit_burst),
             self.service.tasks(),
-            move |socket, _| async move {
+            move |socket| async move {
                 service
                     .serve(admission, WsTransport::counting(socket))
                     .await;

@@ -103,7 +103,8 @@ pub(crate) fn upgrade_request()
 
 impl UpgradeRequest {
     /// Answers `101 Switching Protocols` and, on `tasks`, runs `on_socket`
-    /// with the upgraded socket once hyper hands it over.
+    /// with the upgraded socket once hyper hands it over. The caller takes
+    /// [`UpgradeRequest::info`] first, to admit the connection.
     pub(crate) fn accept<F, Fut>(
         self,
         config: WebSocketConfig,
@@ -112,7 +113,7 @@ impl UpgradeRequest {
         on_socket: F,
     ) -> warp::reply::Response
     where
-        F: FnOnce(Socket, ConnectInfo) -> Fut + Send + 'static,
+        F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Some(on_upgrade) = self.on_upgrade else {
@@ -123,7 +124,6 @@ impl UpgradeRequest {
             )
             .into_response();
         };
-        let info = self.info;
         tasks.spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
@@ -132,7 +132,7 @@ impl UpgradeRequest {
                     let socket = Box::new(
                         WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await,
                     );
-                    on_socket(socket, info).await;
+                    on_socket(socket).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
             }
