@@ -142,6 +142,8 @@ impl Service {
     pub fn ready(&self) -> HttpResponse {
         if self.is_shutting_down() {
             json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+        } else if let Err(why) = self.hub().readiness() {
+            json_error(StatusCode::SERVICE_UNAVAILABLE, &why)
         } else {
             ok_text("text/plain; charset=utf-8", "ready")
         }

@@ -170,6 +170,16 @@ pub trait Broker: Send + Sync + 'static {
     fn delivers_locally(&self) -> bool {
         false
     }
+
+    /// Whether this node can deliver what it accepts right now: `Ok`, or
+    /// `Err` with why not (e.g. "redis unreachable", "subscribing to
+    /// redis"). `GET /readyz` answers 503 with that reason, and a publish
+    /// made meanwhile should fail (503) rather than be accepted and lost.
+    /// Cheap: called on every readiness probe and metrics scrape. Default:
+    /// always ready.
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The single-node broker: there are no other nodes, so publishing is done

@@ -295,6 +295,12 @@ impl Hub {
         HubBuilder::default()
     }
 
+    /// Whether the hub's broker can deliver what it accepts now
+    /// ([`Broker::readiness`]); `Err` says why not.
+    pub fn readiness(&self) -> std::result::Result<(), String> {
+        self.inner.broker.readiness()
+    }
+
     /// A handle that does not keep the hub alive.
     pub fn downgrade(&self) -> WeakHub {
         WeakHub(Arc::downgrade(&self.inner))

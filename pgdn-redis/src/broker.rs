@@ -116,6 +116,14 @@ impl Broker for RedisBroker {
     fn validate(&self, req: &PublishRequest) -> pgdn_core::Result<()> {
         Ok(check_target(&self.shared.config, &req.target)?)
     }
+
+    fn readiness(&self) -> std::result::Result<(), String> {
+        if *self.shared.subscribed.borrow() {
+            Ok(())
+        } else {
+            Err("not subscribed to redis".into())
+        }
+    }
 }
 
 /// Parses `seq\norigin\nid\ntarget\nframe` from a channel, and checks
