@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use pgdn_core::{Broker, Envelope, MessageId, PublishRequest, Published, Target, WeakHub};
 
 use redis::aio::ConnectionManager;
@@ -91,19 +90,17 @@ impl Broker for RedisBroker {
             tracing::warn!("RedisBroker attached to a second hub; ignoring it");
             return;
         }
-        tokio::spawn(subscribe_loop(self.shared.clone()));
-        tokio::spawn(heartbeat_loop(self.shared.clone()));
+        tokio::spawn(crate::link::subscribe_loop(self.shared.clone()));
+        tokio::spawn(crate::link::heartbeat_loop(self.shared.clone()));
         tokio::spawn(cleanup_loop(self.shared.clone()));
     }
 
     async fn publish(&self, envelope: &Envelope) -> pgdn_core::Result<Published> {
-        if !*self.shared.subscribed.borrow() {
-            return Err(pgdn_core::Error::Broker(
-                "this node is not subscribed to redis (yet); try again".into(),
-            ));
+        if let Err(why) = self.shared.readiness() {
+            return Err(pgdn_core::Error::Broker(format!("{why}; try again")));
         }
         let shared = &self.shared;
-        match publish_envelope(&mut shared.conn(), &shared.config, envelope).await? {
+        match publish_envelope(&mut shared.conn()?, &shared.config, envelope).await? {
             Some(_) => Ok(Published::Sent),
             None => Ok(Published::Duplicate),
         }
@@ -118,18 +115,14 @@ impl Broker for RedisBroker {
     }
 
     fn readiness(&self) -> std::result::Result<(), String> {
-        if *self.shared.subscribed.borrow() {
-            Ok(())
-        } else {
-            Err("not subscribed to redis".into())
-        }
+        self.shared.readiness().map_err(String::from)
     }
 }
 
 /// Parses `seq\norigin\nid\ntarget\nframe` from a channel, and checks
 /// that it is a message pgdn could have published ([`Envelope::check`]):
 /// anyone who can `PUBLISH` on the channels could have put anything there.
-fn parse_message(payload: &[u8]) -> Result<Envelope> {
+pub(crate) fn parse_message(payload: &[u8]) -> Result<Envelope> {
     let bad = |what: &str| Error::Corrupt(format!("pub/sub message: {what}"));
     let mut parts = payload.splitn(5, |b| *b == b'\n');
     let mut next = |what: &str| parts.next().ok_or_else(|| bad(what));
@@ -153,79 +146,6 @@ fn parse_message(payload: &[u8]) -> Result<Envelope> {
     Ok(envelope)
 }
 
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(2);
-
-/// Keeps the node subscribed to its channels, resubscribing after any
-/// failure, and delivers what arrives. Ends when the hub is gone.
-async fn subscribe_loop(shared: Arc<Shared>) {
-    let mut wait = RETRY_MIN;
-    let channels = [
-        shared.keys.all_channel(),
-        shared.keys.node_channel(&shared.node),
-    ];
-    loop {
-        if shared.hub().is_none() {
-            return;
-        }
-        match shared.client.get_async_pubsub().await {
-            Ok(mut pubsub) => {
-                let subscribed = async {
-                    for c in &channels {
-                        pubsub.subscribe(c).await?;
-                    }
-                    Ok::<_, redis::RedisError>(())
-                };
-                match subscribed.await {
-                    Ok(()) => {
-                        tracing::info!(node = %shared.node, "subscribed to redis");
-                        shared.subscribed.send_replace(true);
-                        // Redis may have restarted empty: register again now.
-                        shared.heartbeat_now.notify_one();
-                        wait = RETRY_MIN;
-                        let mut messages = pubsub.on_message();
-                        while let Some(msg) = messages.next().await {
-                            let Some(hub) = shared.hub() else { return };
-                            match parse_message(msg.get_payload_bytes()) {
-                                Ok(envelope) => {
-                                    hub.deliver_local(&envelope);
-                                }
-                                Err(e) => hub.drop_invalid(&e),
-                            }
-                        }
-                        shared.subscribed.send_replace(false);
-                        tracing::warn!(node = %shared.node, "lost the redis subscription; reconnecting");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "redis subscribe failed"),
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "redis unreachable for pub/sub"),
-        }
-        shared.subscribed.send_replace(false);
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(RETRY_MAX);
-    }
-}
-
-/// Refreshes liveness and mappings every heartbeat interval, and at once
-/// after a reconnect. Ends when the hub is gone.
-async fn heartbeat_loop(shared: Arc<Shared>) {
-    let mut every = tokio::time::interval(shared.config.heartbeat_interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = shared.heartbeat_now.notified() => {}
-        }
-        if shared.hub().is_none() {
-            return;
-        }
-        if let Err(e) = crate::session::heartbeat(&shared).await {
-            tracing::warn!(error = %e, node = %shared.node, "heartbeat failed");
-        }
-    }
-}
-
 /// Runs a bounded cleanup pass every cleanup interval (with jitter, so
 /// that nodes do not all scan at once). Ends when the hub is gone.
 async fn cleanup_loop(shared: Arc<Shared>) {
@@ -238,7 +158,7 @@ async fn cleanup_loop(shared: Arc<Shared>) {
         if shared.hub().is_none() {
             return;
         }
-        let mut conn = shared.conn();
+        let Ok(mut conn) = shared.conn() else { continue };
         match crate::cleanup::cleanup_pass(
             &mut conn,
             &shared.keys.prefix,

@@ -2,6 +2,7 @@
 //! broker, session tracker and history.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -52,6 +53,12 @@ pub struct ClusterConfig {
     /// How long a Redis command may take before it fails (so that a
     /// publish fails fast while Redis is away). Default 2 s.
     pub command_timeout: Duration,
+    /// How often the node PINGs Redis on its command connection and on its
+    /// subscription. Two PINGs in a row without an answer within
+    /// `command_timeout` make it drop that connection and open a new one:
+    /// a half-open connection (a peer or a middlebox that stopped
+    /// answering without closing) is not waited out. Default 1 s.
+    pub ping_interval: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -66,6 +73,7 @@ impl Default for ClusterConfig {
             max_users_per_publish: 1_000,
             dedup_window: Duration::from_secs(300),
             command_timeout: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(1),
         }
     }
 }
@@ -78,19 +86,58 @@ pub(crate) struct Local {
     pub(crate) groups: HashMap<String, u64>,
 }
 
+/// How the node stands with Redis. It takes publishes only when all three
+/// hold: otherwise a publish could be answered 200 and reach nobody (a
+/// message published while this node is not subscribed is lost for it; a
+/// message to a user whose mapping Redis lost, after a restart or a stall
+/// longer than the node TTL, is routed nowhere).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LinkState {
+    /// The command connection answered its last PING.
+    pub(crate) connected: bool,
+    /// The pub/sub subscription is live (and answered its last PING).
+    pub(crate) subscribed: bool,
+    /// A heartbeat completed since the last subscription and since the last
+    /// failure: Redis holds this node's liveness key and every mapping of
+    /// its users and groups.
+    pub(crate) registered: bool,
+    /// The last attempt to connect failed.
+    pub(crate) unreachable: bool,
+}
+
+impl LinkState {
+    pub(crate) fn readiness(&self) -> std::result::Result<(), &'static str> {
+        if !self.connected {
+            Err("redis unreachable")
+        } else if !self.subscribed {
+            Err("not subscribed to redis")
+        } else if !self.registered {
+            Err("registering this node's sessions in redis")
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// State shared by the broker, tracker, history and background tasks.
 pub(crate) struct Shared {
     pub(crate) client: redis::Client,
-    pub(crate) conn: ConnectionManager,
+    /// The command connection; `None` while Redis is unreachable or after
+    /// it stopped answering (then the link task makes a new one: a
+    /// half-open connection is not waited out).
+    pub(crate) conn: Mutex<Option<ConnectionManager>>,
     pub(crate) node: String,
     pub(crate) config: ClusterConfig,
     pub(crate) keys: Keys,
     pub(crate) local: Mutex<Local>,
     pub(crate) hub: OnceLock<WeakHub>,
-    /// Set while this node's subscription is live: without it the node
-    /// would miss messages, so it refuses to take publishes.
-    pub(crate) subscribed: watch::Sender<bool>,
-    /// Wakes the heartbeat at once (after a reconnect to Redis).
+    /// See [`LinkState`].
+    pub(crate) state: watch::Sender<LinkState>,
+    /// Bumped whenever the node's registration in Redis may have been lost
+    /// (a new subscription, a failed command): a heartbeat that started
+    /// before does not count.
+    pub(crate) epoch: AtomicU64,
+    /// Wakes the heartbeat at once (after a reconnect or a failure).
     pub(crate) heartbeat_now: Notify,
 }
 
@@ -99,8 +146,17 @@ impl Shared {
         self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
+    /// The command connection, or an error while there is none.
+    pub(crate) fn conn(&self) -> Result<ConnectionManager> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| Error::Unavailable("redis unreachable".into()))
+    }
+
+    pub(crate) fn set_conn(&self, conn: Option<ConnectionManager>) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
     }
 
     pub(crate) fn ttl_ms(&self) -> u64 {
@@ -109,6 +165,28 @@ impl Shared {
 
     pub(crate) fn hub(&self) -> Option<Hub> {
         self.hub.get().and_then(WeakHub::upgrade)
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut LinkState)) {
+        self.state.send_if_modified(|s| {
+            let before = *s;
+            f(s);
+            before != *s
+        });
+    }
+
+    /// Whether the node can take publishes now, or why not.
+    pub(crate) fn readiness(&self) -> std::result::Result<(), &'static str> {
+        self.state.borrow().readiness()
+    }
+
+    /// This node's registration in Redis may be gone (Redis failed a
+    /// command, restarted, or the subscription was renewed): refuse
+    /// publishes until a heartbeat has written it again, and run one now.
+    pub(crate) fn registration_lost(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.update(|s| s.registered = false);
+        self.heartbeat_now.notify_one();
     }
 }
 
@@ -126,45 +204,82 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-pub(crate) async fn connect_manager(
-    url: &str,
-    timeout: Duration,
-) -> Result<(redis::Client, ConnectionManager)> {
-    let client = redis::Client::open(url)?;
+/// A connection manager on `client` that fails fast: commands time out
+/// after `timeout`, and so does connecting.
+pub(crate) async fn manager(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_secs(2));
-    let mut conn = client.get_connection_manager_with_config(config).await?;
-    let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+    let connect = async {
+        let mut conn = client.get_connection_manager_with_config(config).await?;
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok::<_, Error>(conn)
+    };
+    // The manager's own timeouts do not cover every step of a handshake
+    // with a Redis that accepts TCP but never answers (stopped, half-open).
+    tokio::time::timeout(timeout * 2, connect)
+        .await
+        .map_err(|_| Error::Unavailable("redis did not answer in time".into()))?
+}
+
+pub(crate) async fn connect_manager(
+    url: &str,
+    timeout: Duration,
+) -> Result<(redis::Client, ConnectionManager)> {
+    let client = redis::Client::open(url)?;
+    let conn = manager(&client, timeout).await?;
     Ok((client, conn))
 }
 
 impl Cluster {
     /// Connects node `node` to the Redis at `url` (e.g.
     /// `redis://127.0.0.1:6379`). Fails if Redis cannot be reached now;
-    /// later outages are survived.
+    /// later outages are survived. A server that must come up while Redis
+    /// is still down uses [`Cluster::start`].
     pub async fn connect(url: &str, node: &str, config: ClusterConfig) -> Result<Cluster> {
-        if node.is_empty() || node.contains(['\n', ':', '*', ' ']) {
-            return Err(Error::Corrupt(format!(
-                "node id {node:?} must be non-empty without newlines, colons, spaces or `*`"
-            )));
-        }
+        check_node_id(node)?;
         let (client, conn) = connect_manager(url, config.command_timeout).await?;
-        Ok(Cluster {
-            shared: Arc::new(Shared {
-                client,
-                conn,
-                node: node.to_string(),
-                keys: Keys::new(&config.prefix),
-                config,
-                local: Mutex::new(Local::default()),
-                hub: OnceLock::new(),
-                subscribed: watch::Sender::new(false),
-                heartbeat_now: Notify::new(),
+        Ok(Cluster::with(client, Some(conn), node, config))
+    }
+
+    /// Starts node `node` on the Redis at `url` without waiting for it:
+    /// the node connects in the background, retrying with backoff (and
+    /// logging why) for as long as Redis is away. Until it is connected,
+    /// subscribed and registered, [`Cluster::readiness`] says why not, and
+    /// publishes fail (503) rather than being accepted and lost. Fails only
+    /// on a malformed URL or node id. Call inside a tokio runtime.
+    pub fn start(url: &str, node: &str, config: ClusterConfig) -> Result<Cluster> {
+        check_node_id(node)?;
+        let client = redis::Client::open(url)?;
+        Ok(Cluster::with(client, None, node, config))
+    }
+
+    fn with(
+        client: redis::Client,
+        conn: Option<ConnectionManager>,
+        node: &str,
+        config: ClusterConfig,
+    ) -> Cluster {
+        let connected = conn.is_some();
+        let shared = Arc::new(Shared {
+            client,
+            conn: Mutex::new(conn),
+            node: node.to_string(),
+            keys: Keys::new(&config.prefix),
+            config,
+            local: Mutex::new(Local::default()),
+            hub: OnceLock::new(),
+            state: watch::Sender::new(LinkState {
+                connected,
+                ..LinkState::default()
             }),
-        })
+            epoch: AtomicU64::new(0),
+            heartbeat_now: Notify::new(),
+        });
+        tokio::spawn(crate::link::command_link(Arc::downgrade(&shared)));
+        Cluster { shared }
     }
 
     /// This node's id.
@@ -205,19 +320,47 @@ impl Cluster {
             .history(Arc::new(self.history()))
     }
 
-    /// Whether the node's subscription to Redis is live (it takes
-    /// publishes only then).
+    /// Whether the node's subscription to Redis is live.
     pub fn is_subscribed(&self) -> bool {
-        *self.shared.subscribed.borrow()
+        self.shared.state.borrow().subscribed
+    }
+
+    /// Whether the node can take publishes now: connected to Redis,
+    /// subscribed, and its sessions registered there. `Err` says why not.
+    pub fn readiness(&self) -> std::result::Result<(), &'static str> {
+        self.shared.readiness()
     }
 
     /// Waits until the subscription is live, at most `timeout`; true if it
     /// is.
     pub async fn wait_subscribed(&self, timeout: Duration) -> bool {
-        let mut rx = self.shared.subscribed.subscribe();
+        self.wait_for(timeout, |s| s.subscribed).await
+    }
+
+    /// Waits until the node can take publishes ([`Cluster::readiness`]),
+    /// at most `timeout`; true if it can. Returns false early when an
+    /// attempt to connect to Redis failed (the node keeps trying in the
+    /// background).
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        self.wait_for(timeout, |s| s.readiness().is_ok() || s.unreachable)
+            .await
+            && self.readiness().is_ok()
+    }
+
+    async fn wait_for(&self, timeout: Duration, f: impl Fn(&LinkState) -> bool) -> bool {
+        let mut rx = self.shared.state.subscribe();
         matches!(
-            tokio::time::timeout(timeout, rx.wait_for(|s| *s)).await,
+            tokio::time::timeout(timeout, rx.wait_for(|s| f(s))).await,
             Ok(Ok(_))
         )
     }
+}
+
+fn check_node_id(node: &str) -> Result<()> {
+    if node.is_empty() || node.contains(['\n', ':', '*', ' ']) {
+        return Err(Error::Corrupt(format!(
+            "node id {node:?} must be non-empty without newlines, colons, spaces or `*`"
+        )));
+    }
+    Ok(())
 }

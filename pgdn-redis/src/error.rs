@@ -8,6 +8,11 @@ pub enum Error {
     /// visibly (HTTP 503) until it is back; the node reconnects by itself.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Redis is not usable right now (unreachable, not answering, or this
+    /// node is not yet subscribed and registered); the node is working on
+    /// it. Publishes fail visibly (HTTP 503) meanwhile.
+    #[error("{0}")]
+    Unavailable(String),
     /// Something in Redis is not what pgdn wrote there (another program
     /// using the same key prefix?).
     #[error("unexpected data in redis: {0}")]
@@ -25,7 +30,7 @@ impl From<Error> for pgdn_core::Error {
         match e {
             Error::Core(e) => e,
             Error::Redis(e) => pgdn_core::Error::Broker(e.to_string()),
-            Error::Corrupt(m) => pgdn_core::Error::Broker(m),
+            Error::Corrupt(m) | Error::Unavailable(m) => pgdn_core::Error::Broker(m),
         }
     }
 }

@@ -52,7 +52,7 @@ impl History for RedisHistory {
 
     async fn replay(&self, user_id: &str, since: &str) -> pgdn_core::Result<Replay> {
         let keys = &self.shared.keys;
-        let mut conn = self.shared.conn();
+        let mut conn = self.shared.conn()?;
         let reply: Vec<redis::Value> = scripts::REPLAY
             .prepare_invoke()
             .key(keys.history(user_id))

@@ -38,6 +38,8 @@
 //! - [`cleanup`]: the stale-mapping cleanup pass.
 //! - [`emitter`]: [`Emitter`], publishing straight into Redis from a batch
 //!   job.
+//! - `link`: the background tasks that keep the node's link to Redis
+//!   (reconnect, PING, resubscribe, heartbeat) and decide when it is ready.
 //! - `keys`, `scripts`: key names and the Lua scripts.
 //! - [`error`]: the crate's [`Error`].
 
@@ -48,6 +50,7 @@ pub mod emitter;
 pub mod error;
 pub mod history;
 mod keys;
+mod link;
 mod scripts;
 pub mod session;
 

@@ -47,7 +47,7 @@ async fn register_delta(shared: &Shared, identity: &Identity, delta: i64) -> Res
     for g in &identity.groups {
         inv.arg(&**g);
     }
-    let _: i64 = inv.invoke_async(&mut shared.conn()).await?;
+    let _: i64 = inv.invoke_async(&mut shared.conn()?).await?;
     Ok(())
 }
 
@@ -61,7 +61,7 @@ const CHUNK: usize = 500;
 /// rewrites its counts; removes counts Redis has for users the node no
 /// longer holds (an unregister lost while Redis was away).
 pub(crate) async fn heartbeat(shared: &Shared) -> Result<()> {
-    let mut conn = shared.conn();
+    let mut conn = shared.conn()?;
     let in_redis: Vec<String> = conn.hkeys(shared.keys.node_conns(&shared.node)).await?;
     let (users, groups): (Counts, Counts) = {
         let local = shared.local();
@@ -158,7 +158,13 @@ impl SessionTracker for RedisSessionTracker {
         _connection_id: &str,
     ) -> pgdn_core::Result<()> {
         adjust_local(&self.shared, identity, 1);
-        Ok(register_delta(&self.shared, identity, 1).await?)
+        if let Err(e) = register_delta(&self.shared, identity, 1).await {
+            // Other nodes cannot route this user here until a heartbeat
+            // writes the mapping: take no publishes until then.
+            self.shared.registration_lost();
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     async fn unregister(
@@ -176,7 +182,7 @@ impl SessionTracker for RedisSessionTracker {
             .prepare_invoke()
             .arg(&self.shared.keys.prefix)
             .arg(user_id)
-            .invoke_async(&mut self.shared.conn())
+            .invoke_async(&mut self.shared.conn().map_err(crate::Error::from)?)
             .await
             .map_err(crate::Error::from)?;
         nodes.sort();
@@ -190,7 +196,7 @@ impl SessionTracker for RedisSessionTracker {
 
 async fn cluster_stats(shared: &Shared) -> Result<ClusterStats> {
     let keys = &shared.keys;
-    let mut conn = shared.conn();
+    let mut conn = shared.conn()?;
     let known: Vec<String> = conn.smembers(keys.nodes()).await?;
     let mut alive_pipe = redis::pipe();
     for n in &known {

@@ -265,17 +265,24 @@ async fn cluster_hub(
     cluster_config.heartbeat_interval = args.node_ttl / 3;
     cluster_config.history = config.history;
     cluster_config.max_users_per_publish = args.max_users_per_publish;
-    let cluster = pgdn_redis::Cluster::connect(url, &node, cluster_config)
-        .await
-        .map_err(|e| {
-            pgdn_server::Error::Config(format!("cannot use redis at {}: {e}", redacted(url)))
-        })?;
+    // Redis may not be up yet (containers start in any order): the node
+    // comes up anyway, serves /healthz, and is not ready (503 on /readyz
+    // and on publishes) until it is connected, subscribed and registered;
+    // the link retries with backoff and logs why meanwhile.
+    let cluster = pgdn_redis::Cluster::start(url, &node, cluster_config).map_err(|e| {
+        pgdn_server::Error::Config(format!("cannot use redis at {}: {e}", redacted(url)))
+    })?;
     // One parseable line on stdout, before the listening line.
     println!("pgdn-server cluster node {node} on {}", redacted(url));
     let hub = cluster.hub_builder().queue_limits(config.queue).build();
-    // Take publishes only once this node hears the cluster.
-    if !cluster.wait_subscribed(Duration::from_secs(10)).await {
-        tracing::warn!("not subscribed to redis yet; publishes get 503 until it is");
+    // Give a Redis that is up the time to take this node in, so that a
+    // node started beside a running cluster is ready when it says it
+    // listens; one that is down is not waited for.
+    if !cluster.wait_ready(Duration::from_secs(5)).await {
+        tracing::warn!(
+            why = cluster.readiness().err().unwrap_or("ready"),
+            "not ready yet; /readyz and publishes answer 503 until this node is"
+        );
     }
     Ok(hub)
 }

@@ -118,6 +118,37 @@ impl RedisServer {
         false
     }
 
+    /// A server that is not started yet, on a port that was free a moment
+    /// ago: for a test of a client that must come up before Redis does
+    /// ([`RedisServer::start_again`] starts it).
+    pub fn not_started() -> RedisServer {
+        RedisServer {
+            port: free_port(),
+            child: None,
+        }
+    }
+
+    /// Stops the process (`SIGSTOP`): Redis keeps its connections open but
+    /// answers nothing, as a stalled or swapped-out server would, until
+    /// [`RedisServer::resume`].
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a paused server (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
@@ -173,6 +204,10 @@ mod tests {
         r.kill();
         assert!(!ping(r.port()));
         r.start_again();
+        assert!(ping(r.port()));
+        r.pause();
+        assert!(!ping(r.port()), "a paused redis answers nothing");
+        r.resume();
         assert!(ping(r.port()));
         let port = r.port();
         drop(r);
