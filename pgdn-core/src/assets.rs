@@ -25,12 +25,18 @@ pub fn demo_page(ws_path: &str, sse_path: &str) -> String {
     INDEX_HTML
         .replacen(
             WS_PATH_META,
-            &format!(r#"<meta name="pgdn-ws-path" content="{}">"#, escape(ws_path)),
+            &format!(
+                r#"<meta name="pgdn-ws-path" content="{}">"#,
+                escape(ws_path)
+            ),
             1,
         )
         .replacen(
             SSE_PATH_META,
-            &format!(r#"<meta name="pgdn-sse-path" content="{}">"#, escape(sse_path)),
+            &format!(
+                r#"<meta name="pgdn-sse-path" content="{}">"#,
+                escape(sse_path)
+            ),
             1,
         )
 }

@@ -1099,7 +1099,12 @@ async fn the_dev_banner_demo_url_works_with_custom_paths() {
     let _child = Kill(child);
     // The banner, up to its third rule (a blocking read: an event).
     let mut banner = Vec::new();
-    while banner.iter().filter(|l: &&String| l.starts_with("=====")).count() < 3 {
+    while banner
+        .iter()
+        .filter(|l: &&String| l.starts_with("====="))
+        .count()
+        < 3
+    {
         let mut line = String::new();
         assert!(reader.read_line(&mut line).unwrap() > 0, "{banner:#?}");
         banner.push(line.trim().to_string());
@@ -1141,7 +1146,11 @@ async fn the_dev_banner_demo_url_works_with_custom_paths() {
             .await;
         assert_eq!(state, json!(["connected", transport, "demo-user"]), "{url}");
         let used = b
-            .eval(if transport == "sse" { "pgdnDemo.client.sseUrl" } else { "pgdnDemo.client.url" })
+            .eval(if transport == "sse" {
+                "pgdnDemo.client.sseUrl"
+            } else {
+                "pgdnDemo.client.url"
+            })
             .await;
         assert_eq!(used, endpoint.as_str());
         n += 1;
