@@ -3,7 +3,7 @@
 //! - `cargo xtask test`: everything CI checks: formatting, clippy with
 //!   warnings denied, and every test of the workspace. It first makes sure
 //!   what the tests need is installed (`redis-server`, `chromium`,
-//!   `nginx`, `python3` with `requests`), installing it with apt-get when
+//!   `nginx`, `python3` with `requests`, `systemd-analyze`), installing it with apt-get when
 //!   it can.
 //! - `cargo xtask bench`: see `bench.rs` (also `--publisher`, the
 //!   blocking publisher, and `--cluster`, three nodes on one Redis).
@@ -111,7 +111,8 @@ fn test() -> ExitCode {
     // the shipped nginx file (pgdn-server/tests/nginx.rs: pgdn-testkit runs
     // its own nginx process with that file on free ports; the package's
     // default site and service are not used); python3 with requests for the
-    // README's Python publisher (pgdn-server/tests/readme.rs).
+    // README's Python publisher (pgdn-server/tests/readme.rs);
+    // systemd-analyze to verify the shipped unit (pgdn-server/tests/deploy.rs).
     for (sub, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
         if !has_cargo_subcommand(sub) {
             eprintln!(
@@ -124,6 +125,7 @@ fn test() -> ExitCode {
         ("redis-server", "redis-server", "the cluster tests"),
         ("chromium", "chromium", "the browser tests"),
         ("nginx", "nginx", "the nginx tests"),
+        ("systemd-analyze", "systemd", "the deploy tests"),
         ("python3", "python3", "the README tests"),
     ];
     for (program, package, why) in services {
