@@ -68,8 +68,8 @@ fn the_unit_passes_systemd_analyze_verify() {
         .output()
         .expect("systemd-analyze runs (install it with `apt-get install -y systemd`)");
     let _ = std::fs::remove_dir_all(&dir);
-    let said = String::from_utf8_lossy(&out.stderr).into_owned()
-        + &String::from_utf8_lossy(&out.stdout);
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
 
@@ -86,7 +86,10 @@ fn the_unit_waits_longer_than_the_graceful_shutdown() {
         .and_then(|rest| rest.split("[default: ").nth(1))
         .and_then(|rest| rest.split(']').next())
         .expect("--help states the shutdown timeout's default");
-    assert!(stop > duration(line), "TimeoutStopSec {stop:?} <= default {line}");
+    assert!(
+        stop > duration(line),
+        "TimeoutStopSec {stop:?} <= default {line}"
+    );
     let (_, set) = settings(false)
         .into_iter()
         .find(|(k, _)| k == "PGDN_SHUTDOWN_TIMEOUT")
@@ -103,7 +106,10 @@ fn every_setting_of_the_environment_file_is_read_by_the_binary() {
     let all = settings(true);
     assert!(all.len() >= 10, "{all:?}");
     for (key, _) in all {
-        assert!(help.contains(&format!("[env: {key}")), "{key} is not a setting");
+        assert!(
+            help.contains(&format!("[env: {key}")),
+            "{key} is not a setting"
+        );
     }
 }
 
@@ -130,7 +136,10 @@ fn the_environment_file_starts_the_binary_once_its_secrets_are_set() {
     let out = run(false).wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("PGDN_JWT_SECRET") || err.contains("--jwt-secret"), "{err}");
+    assert!(
+        err.contains("PGDN_JWT_SECRET") || err.contains("--jwt-secret"),
+        "{err}"
+    );
     // Filled in: it serves (its first line, an event, names the address).
     let mut child = run(true);
     let mut line = String::new();
@@ -139,5 +148,8 @@ fn the_environment_file_starts_the_binary_once_its_secrets_are_set() {
         .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(line.starts_with("pgdn-server listening on http://127.0.0.1:"), "{line:?}");
+    assert!(
+        line.starts_with("pgdn-server listening on http://127.0.0.1:"),
+        "{line:?}"
+    );
 }
