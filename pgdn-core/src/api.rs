@@ -108,7 +108,7 @@ impl Service {
                     .insert(header::CACHE_CONTROL, "no-cache".parse().expect("valid"));
                 res
             }
-            Route::DemoPage => ok_text("text/html; charset=utf-8", crate::assets::INDEX_HTML),
+            Route::DemoPage => ok_text("text/html; charset=utf-8", self.inner.demo_page.clone()),
             api => {
                 if let Err(res) = self.check_key(headers) {
                     return res;

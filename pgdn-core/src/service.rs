@@ -75,6 +75,8 @@ pub(crate) struct Inner {
     pub(crate) tasks: TaskTracker,
     /// Cancelled when the service starts shutting down.
     pub(crate) shutdown: CancellationToken,
+    /// The demo page with this service's endpoint paths, made once.
+    pub(crate) demo_page: bytes::Bytes,
 }
 
 /// A pgdn service: the hub, the authenticator, the publish key and the
@@ -226,8 +228,11 @@ impl ServiceBuilder {
                 .history_config(self.config.history)
                 .build()
         });
+        let demo_page =
+            crate::assets::demo_page(&self.config.ws_path, &self.config.sse_path).into();
         Ok(Service {
             inner: Arc::new(Inner {
+                demo_page,
                 metrics: Metrics::new(hub.clone()),
                 hub,
                 auth,

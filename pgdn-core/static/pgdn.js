@@ -9,7 +9,8 @@
  *                                  // replaced by 'sse' ('/ws' -> '/sse', '/rt/ws' -> '/rt/sse')
  *     transport: 'auto',           // 'auto' | 'websocket' | 'sse' (see below)
  *     token: 'jwt',                // or a function returning a token or a Promise of one,
- *                                  // called before every attempt and before the token expires
+ *                                  // called before every attempt and before the token expires;
+ *                                  // whitespace around it is ignored (a trailing newline)
  *     onNotification(n) {},        // {id, type, payload, timestamp, user_id?, group_ids?}, each id once
  *     onConnect({userId, connectionId, resumed, transport}) {},  // resumed: it sent since=<lastId>
  *     onDisconnect({code, reason, retryIn, wasConnected}) {},  // it reconnects in retryIn ms
@@ -100,6 +101,10 @@
   }
 
   function errorText(e) { return String(e && e.message || e); }
+
+  // A token as given, without the whitespace around it (a token pasted or
+  // fetched with a trailing newline is still the same token).
+  function cleanToken(token) { return typeof token === 'string' ? token.trim() : token; }
 
   class Client {
     constructor(options) {
@@ -234,7 +239,7 @@
       let token;
       try {
         const t = this.options.token;
-        token = typeof t === 'function' ? await t() : t;
+        token = cleanToken(typeof t === 'function' ? await t() : t);
       } catch (e) {
         if (gen === this._gen) this._closed(gen, null, 'token: ' + errorText(e), false);
         return;
@@ -399,6 +404,7 @@
         console.warn('pgdn: the token function failed, not refreshing', e);
         return;
       }
+      token = cleanToken(token);
       if (this._conn !== c || !token) return;
       c.refreshing = token;
       if (!this.send({ type: 'refresh', token })) c.refreshing = null;

@@ -1013,3 +1013,163 @@ async fn pgdn_js_lives_with_short_lived_tokens() {
         started.elapsed()
     );
 }
+
+/// `/pgdn.js` ignores whitespace around a token: one pasted with a
+/// trailing newline (a string) or read from a file with one (a token
+/// function) connects, over WebSocket and over SSE, and gets its
+/// notifications. Without the trim the server sees `token=...%0A` and
+/// refuses it (1008, the client stops).
+#[tokio::test]
+async fn pgdn_js_trims_whitespace_around_a_token() {
+    let mut b = Browser::launch().await;
+    let server = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    let tok = token(USER);
+    server.page(
+        "trim",
+        format!(
+            "<!doctype html><title>trim</title><script src='/pgdn.js'></script><script>
+             window.t = {{pasted: [], fetched: [], stops: []}};
+             const common = {{onStop: (e) => t.stops.push(e.reason)}};
+             window.pasted = new Pgdn.Client(Object.assign({{
+               url: '/ws', transport: 'websocket', token: '{tok}\\n ',
+               onNotification: (n) => t.pasted.push(n.payload.n),
+             }}, common));
+             window.fetched = new Pgdn.Client(Object.assign({{
+               url: '/ws', transport: 'sse', token: async () => ' \\t{tok}\\r\\n',
+               onNotification: (n) => t.fetched.push(n.payload.n),
+             }}, common));
+             pasted.connect();
+             fetched.connect();
+             </script>"
+        ),
+    );
+    b.navigate(&format!("http://{}/app/trim", server.addr))
+        .await;
+    b.wait_for(
+        "both clients to connect (or stop)",
+        "window.t && (t.stops.length > 0 || (pasted.state === 'connected' && fetched.state === 'connected'))",
+    )
+    .await;
+    assert_eq!(b.eval("t.stops").await, json!([]), "no token refused");
+    server.wait_connections(2).await;
+    server.publish(USER, 1).await;
+    b.wait_for(
+        "the notification on both",
+        "t.pasted.length === 1 && t.fetched.length === 1",
+    )
+    .await;
+    assert_eq!(
+        b.eval("[t.pasted, t.fetched, pasted.transport, fetched.transport]")
+            .await,
+        json!([[1], [1], "websocket", "sse"])
+    );
+    b.navigate("about:blank").await;
+    server.stop().await;
+}
+
+/// The binary in dev mode with its endpoints moved (`--ws-path`,
+/// `--sse-path`): the demo page URL its banner prints connects in
+/// Chromium, over WebSocket and (with `&transport=sse`) over SSE, at the
+/// configured paths, and shows a notification published with the
+/// banner's key. The page learns the paths from the server, not the URL.
+#[tokio::test]
+async fn the_dev_banner_demo_url_works_with_custom_paths() {
+    use std::io::{BufRead, BufReader};
+    let mut b = Browser::launch().await;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgdn-server"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PGDN_")) {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd
+        .args(["--addr", "127.0.0.1:0", "--ws-path", "/custom/ws"])
+        .args(["--sse-path", "/custom/events"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let _child = Kill(child);
+    // The banner, up to its third rule (a blocking read: an event).
+    let mut banner = Vec::new();
+    while banner
+        .iter()
+        .filter(|l: &&String| l.starts_with("====="))
+        .count()
+        < 3
+    {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "{banner:#?}");
+        banner.push(line.trim().to_string());
+    }
+    std::thread::spawn(move || for _ in reader.lines() {});
+    let field = |label: &str| {
+        let i = banner.iter().position(|l| l.starts_with(label)).unwrap();
+        match banner[i][label.len()..].trim() {
+            "" => banner[i + 1].clone(),
+            rest => rest.to_string(),
+        }
+    };
+    let page = field("Demo page:");
+    let key = field("Publish key:");
+    let addr = page
+        .strip_prefix("http://")
+        .and_then(|p| p.split('/').next())
+        .unwrap()
+        .to_string();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut n = 0;
+    for (url, transport, endpoint) in [
+        (page.clone(), "websocket", format!("ws://{addr}/custom/ws")),
+        (
+            format!("{page}&transport=sse"),
+            "sse",
+            format!("http://{addr}/custom/events"),
+        ),
+    ] {
+        b.navigate(&url).await;
+        b.wait_for(
+            "the demo page to connect (or stop)",
+            "window.pgdnDemo && (pgdnDemo.state === 'connected' || pgdnDemo.state === 'stopped' \
+             || pgdnDemo.attempts > 0)",
+        )
+        .await;
+        let state = b
+            .eval("[pgdnDemo.state, pgdnDemo.transport, pgdnDemo.userId]")
+            .await;
+        assert_eq!(state, json!(["connected", transport, "demo-user"]), "{url}");
+        let used = b
+            .eval(if transport == "sse" {
+                "pgdnDemo.client.sseUrl"
+            } else {
+                "pgdnDemo.client.url"
+            })
+            .await;
+        assert_eq!(used, endpoint.as_str());
+        n += 1;
+        let res = http
+            .post(format!("http://{addr}/api/v1/publish"))
+            .bearer_auth(&key)
+            .json(&json!({"target": {"user": "demo-user"}, "type": "info",
+                          "payload": {"title": "custom paths", "n": n}}))
+            .timeout(WAIT)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        b.wait_for(
+            "the notification on the page",
+            "pgdnDemo.received.length === 1",
+        )
+        .await;
+        assert_eq!(b.eval("pgdnDemo.received[0].payload.n").await, n);
+        b.navigate("about:blank").await;
+    }
+}

@@ -4,6 +4,16 @@
 //!
 //! A missing `redis-server` is a clear failure, not a skip: the message
 //! says how to install it (`cargo xtask test` installs it where it can).
+//!
+//! # Layout
+//! - this file: [`RedisServer`].
+//! - `nginx`: [`Nginx`], a private nginx that runs the repository's deploy
+//!   file in front of a test server (same rules: a missing `nginx` fails,
+//!   naming [`NGINX_INSTALL_HINT`]).
+
+mod nginx;
+
+pub use nginx::{NGINX_INSTALL_HINT, Nginx, nginx_path};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -2,8 +2,9 @@
 //!
 //! - `cargo xtask test`: everything CI checks: formatting, clippy with
 //!   warnings denied, and every test of the workspace. It first makes sure
-//!   what the tests need is installed (`redis-server`, `chromium`),
-//!   installing it with apt-get when it can.
+//!   what the tests need is installed (`redis-server`, `chromium`,
+//!   `nginx`, `python3` with `requests`, `systemd-analyze`), installing it with apt-get when
+//!   it can.
 //! - `cargo xtask bench`: see `bench.rs` (also `--publisher`, the
 //!   blocking publisher, and `--cluster`, three nodes on one Redis).
 
@@ -37,18 +38,38 @@ fn has_cargo_subcommand(sub: &str) -> bool {
     cmd.status().is_ok_and(|s| s.success())
 }
 
-/// Whether an executable `name` is at `/usr/bin/name` or on PATH.
+/// Whether an executable `name` is in `/usr/bin`, `/usr/sbin` (nginx's
+/// place on Debian, off a normal user's PATH) or on PATH.
 fn has_program(name: &str) -> bool {
-    std::path::Path::new("/usr/bin").join(name).is_file()
+    ["/usr/bin", "/usr/sbin"]
+        .iter()
+        .any(|dir| std::path::Path::new(dir).join(name).is_file())
         || env::var_os("PATH")
             .is_some_and(|p| env::split_paths(&p).any(|dir| dir.join(name).is_file()))
+}
+
+/// Whether `python3` can import the `requests` module (the README's
+/// Python publisher uses it).
+fn has_python_requests() -> bool {
+    Command::new("python3")
+        .args(["-c", "import requests"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Makes sure `program` is installed: when it is missing and we can
 /// install it (root, with apt-get: Debian's package `package`), we do;
 /// otherwise we stop with the command to run. `why` names the tests.
 fn ensure_installed(program: &str, package: &str, why: &str) -> bool {
-    if has_program(program) {
+    ensure(program, &|| has_program(program), package, why)
+}
+
+/// Like [`ensure_installed`], for what `present` checks (a program, a
+/// Python module), called `what` in messages.
+fn ensure(what: &str, present: &dyn Fn() -> bool, package: &str, why: &str) -> bool {
+    if present() {
         return true;
     }
     let is_root = Command::new("id")
@@ -62,18 +83,18 @@ fn ensure_installed(program: &str, package: &str, why: &str) -> bool {
         .is_ok_and(|s| s.success());
     if !(is_root && has_apt) {
         eprintln!(
-            "xtask: {program} is missing ({why} need it); install it with:\n    sudo apt-get install -y {package}"
+            "xtask: {what} is missing ({why} need it); install it with:\n    sudo apt-get install -y {package}"
         );
         return false;
     }
-    eprintln!("xtask: {program} is missing ({why} need it); installing {package}");
+    eprintln!("xtask: {what} is missing ({why} need it); installing {package}");
     // Non-interactive: no debconf prompt may wait for an answer.
     let apt = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");
         cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
-    if run(apt(&["update"])) && run(apt(&["install", "-y", package])) && has_program(program) {
+    if run(apt(&["update"])) && run(apt(&["install", "-y", package])) && present() {
         return true;
     }
     eprintln!(
@@ -86,7 +107,12 @@ fn test() -> ExitCode {
     // What the tests need and what installs it: rustfmt and clippy;
     // redis-server for the cluster tests (pgdn-testkit starts a private one
     // on a free port; nothing is expected to be running); Chromium for the
-    // browser test (pgdn-server/tests/browser.rs).
+    // browser test (pgdn-server/tests/browser.rs); nginx for the test of
+    // the shipped nginx file (pgdn-server/tests/nginx.rs: pgdn-testkit runs
+    // its own nginx process with that file on free ports; the package's
+    // default site and service are not used); python3 with requests for the
+    // README's Python publisher (pgdn-server/tests/readme.rs);
+    // systemd-analyze to verify the shipped unit (pgdn-server/tests/deploy.rs).
     for (sub, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
         if !has_cargo_subcommand(sub) {
             eprintln!(
@@ -98,11 +124,23 @@ fn test() -> ExitCode {
     let services = [
         ("redis-server", "redis-server", "the cluster tests"),
         ("chromium", "chromium", "the browser tests"),
+        ("nginx", "nginx", "the nginx tests"),
+        ("systemd-analyze", "systemd", "the deploy tests"),
+        ("python3", "python3", "the README tests"),
     ];
     for (program, package, why) in services {
         if !ensure_installed(program, package, why) {
             return ExitCode::FAILURE;
         }
+    }
+    let requests = "python3's requests module";
+    if !ensure(
+        requests,
+        &has_python_requests,
+        "python3-requests",
+        "the README tests",
+    ) {
+        return ExitCode::FAILURE;
     }
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
