@@ -538,7 +538,11 @@ impl Logged {
 
     /// Waits for a log line that contains every one of `parts`.
     fn wait_line(&mut self, parts: &[&str]) -> String {
-        if let Some(l) = self.seen.iter().find(|l| parts.iter().all(|p| l.contains(p))) {
+        if let Some(l) = self
+            .seen
+            .iter()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+        {
             return l.clone();
         }
         let deadline = std::time::Instant::now() + common::WAIT;
@@ -567,7 +571,9 @@ impl Logged {
 /// A WebSocket request to `addr` with `query` and an optional `Origin`.
 async fn ws_status(addr: &str, query: &str, origin: Option<&str>) -> u16 {
     use tokio_tungstenite::tungstenite::{Error, client::IntoClientRequest};
-    let mut req = format!("ws://{addr}/ws{query}").into_client_request().unwrap();
+    let mut req = format!("ws://{addr}/ws{query}")
+        .into_client_request()
+        .unwrap();
     if let Some(origin) = origin {
         req.headers_mut().insert("origin", origin.parse().unwrap());
     }
@@ -611,7 +617,10 @@ async fn refusals_and_cuts_are_logged_once_with_the_address_and_never_the_token(
         403
     );
     let line = server.wait_line(&["origin_not_allowed"]);
-    assert!(line.contains("remote=127.0.0.1") && line.contains("403"), "{line}");
+    assert!(
+        line.contains("remote=127.0.0.1") && line.contains("403"),
+        "{line}"
+    );
 
     // This node's connection limit.
     let (stalled, _) =
@@ -626,12 +635,16 @@ async fn refusals_and_cuts_are_logged_once_with_the_address_and_never_the_token(
     let _other = Client::after_upgrade(other).await;
     assert_eq!(ws_status(&addr, &query, None).await, 503);
     let line = server.wait_line(&["reason=\"max_connections\""]);
-    assert!(line.contains("remote=127.0.0.1") && line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("remote=127.0.0.1") && line.contains("WARN"),
+        "{line}"
+    );
 
     // A client that does not read: cut off with 1013, logged with its user.
     let http = reqwest::Client::new();
     let pad = "x".repeat(16 * 1024);
-    let body = format!(r#"{{"target":{{"user":"stalled"}},"type":"info","payload":{{"pad":"{pad}"}}}}"#);
+    let body =
+        format!(r#"{{"target":{{"user":"stalled"}},"type":"info","payload":{{"pad":"{pad}"}}}}"#);
     let mut cut = None;
     // At most 64 MiB: far more than loopback buffers and the queue hold.
     for _ in 0..4096 {
@@ -660,7 +673,10 @@ async fn refusals_and_cuts_are_logged_once_with_the_address_and_never_the_token(
     }
     let line = cut.expect("the stalled client was cut off");
     assert!(line.contains("WARN") && line.contains("stalled"), "{line}");
-    assert!(line.contains("remote=127.0.0.1") && line.contains("1013"), "{line}");
+    assert!(
+        line.contains("remote=127.0.0.1") && line.contains("1013"),
+        "{line}"
+    );
     drop(stalled);
 
     let log = server.stop();
@@ -669,7 +685,10 @@ async fn refusals_and_cuts_are_logged_once_with_the_address_and_never_the_token(
     assert_eq!(count("origin_not_allowed"), 1, "{log:#?}");
     assert_eq!(count("slow consumer"), 1, "{log:#?}");
     // Never the token, not even a part of it; no colours down a pipe.
-    assert!(!log.iter().any(|l| l.contains("Zm9yZ2VkLXNpZ25hdHVyZQ")), "{log:#?}");
+    assert!(
+        !log.iter().any(|l| l.contains("Zm9yZ2VkLXNpZ25hdHVyZQ")),
+        "{log:#?}"
+    );
     assert!(!log.iter().any(|l| l.contains(&token("stalled"))));
     assert!(!log.iter().any(|l| l.contains("\x1b[")), "{log:#?}");
 }

@@ -69,9 +69,7 @@ async fn histograms_transports_build_and_process_after_a_delivery() {
     let m = s.metrics().await;
     let count = |name: &str| sample(&m, name);
     assert_eq!(
-        count(
-            r#"pgdn_publish_request_duration_seconds_count{endpoint="publish",outcome="ok"}"#
-        ),
+        count(r#"pgdn_publish_request_duration_seconds_count{endpoint="publish",outcome="ok"}"#),
         1.0,
         "{m}"
     );
@@ -84,7 +82,10 @@ async fn histograms_transports_build_and_process_after_a_delivery() {
         count(r#"pgdn_connections_opened_total{transport="websocket"}"#),
         1.0
     );
-    assert_eq!(count(r#"pgdn_connections_opened_total{transport="sse"}"#), 1.0);
+    assert_eq!(
+        count(r#"pgdn_connections_opened_total{transport="sse"}"#),
+        1.0
+    );
     assert_eq!(count("pgdn_ready"), 1.0);
     assert_eq!(count("pgdn_broker_ready"), 1.0);
     assert!(
@@ -123,7 +124,10 @@ async fn histograms_transports_build_and_process_after_a_delivery() {
     drop(sse);
     s.wait_connections(0).await;
     let m = s.metrics().await;
-    assert_eq!(sample(&m, r#"pgdn_connections{transport="websocket"}"#), 0.0);
+    assert_eq!(
+        sample(&m, r#"pgdn_connections{transport="websocket"}"#),
+        0.0
+    );
     assert_eq!(sample(&m, r#"pgdn_connections{transport="sse"}"#), 0.0);
     s.stop().await;
 }
