@@ -109,7 +109,11 @@ async fn http(State(service): State<Service>, request: Request) -> Response {
         return StatusCode::NOT_FOUND.into_response();
     };
     let (parts, body) = request.into_parts();
-    let reply = service.respond(route, &parts.headers, body.into_data_stream());
+    let remote = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|info| info.0);
+    let reply = service.respond_from(route, &parts.headers, body.into_data_stream(), remote);
     reply.await.map(Body::from)
 }
 

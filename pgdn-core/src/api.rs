@@ -14,9 +14,13 @@ use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, Method, StatusCode, header};
 use subtle::ConstantTimeEq;
 
+use std::net::SocketAddr;
+use std::time::Instant;
+
 use crate::error::Error;
+use crate::limits::client_ip;
 use crate::protocol::bearer;
-use crate::service::{HttpResponse, Service, json_error};
+use crate::service::{HttpResponse, Remote, Service, json_error};
 use crate::target::PublishRequest;
 
 /// A request path the service answers (see [`Service::route`]).
@@ -89,11 +93,36 @@ impl Service {
 
     /// Answers a request [`Service::route`] matched. `body` is the
     /// request body as a stream of chunks; it is read only for a publish
-    /// with the right key, and never past the body limit.
+    /// with the right key, and never past the body limit. (Adapters that
+    /// know the peer's address call [`Service::respond_from`], so that
+    /// refusals are logged with it.)
     pub async fn respond<S, E>(&self, route: Route, headers: &HeaderMap, body: S) -> HttpResponse
     where
         S: Stream<Item = std::result::Result<Bytes, E>> + Send,
     {
+        self.respond_from(route, headers, body, None).await
+    }
+
+    /// [`Service::respond`] for a request from `remote` (the peer's
+    /// address): a refused publish (wrong key, body too large) is logged
+    /// with the client's address.
+    pub async fn respond_from<S, E>(
+        &self,
+        route: Route,
+        headers: &HeaderMap,
+        body: S,
+        remote: Option<SocketAddr>,
+    ) -> HttpResponse
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send,
+    {
+        let remote = || {
+            Remote(client_ip(
+                remote,
+                headers,
+                &self.inner.config.trusted_proxies,
+            ))
+        };
         match route {
             Route::Health => self.health(),
             Route::Ready => self.ready(),
@@ -110,18 +139,34 @@ impl Service {
             }
             Route::DemoPage => ok_text("text/html; charset=utf-8", self.inner.demo_page.clone()),
             api => {
-                if let Err(res) = self.check_key(headers) {
-                    return res;
-                }
-                match api {
-                    Route::Publish => self.publish(headers, body).await,
-                    Route::PublishBatch => self.publish_batch(headers, body).await,
-                    Route::Stats => self.stats().await,
-                    Route::ApiMethodNotAllowed => {
-                        json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-                    }
-                    _ => json_error(StatusCode::NOT_FOUND, "not found"),
-                }
+                let started = Instant::now();
+                let res = match self.check_key(headers, remote) {
+                    Err(res) => res,
+                    Ok(()) => match api {
+                        Route::Publish => self.publish(headers, body, remote).await,
+                        Route::PublishBatch => self.publish_batch(headers, body, remote).await,
+                        Route::Stats => self.stats().await,
+                        Route::ApiMethodNotAllowed => {
+                            json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+                        }
+                        _ => json_error(StatusCode::NOT_FOUND, "not found"),
+                    },
+                };
+                let endpoint = match api {
+                    Route::Publish => "publish",
+                    Route::PublishBatch => "publish_batch",
+                    _ => return res,
+                };
+                let outcome = match res.status() {
+                    s if s.is_success() => "ok",
+                    StatusCode::UNAUTHORIZED => "unauthorized",
+                    s if s.is_server_error() => "unavailable",
+                    _ => "bad_request",
+                };
+                self.inner
+                    .metrics
+                    .publish_request(endpoint, outcome, started.elapsed());
+                res
             }
         }
     }
@@ -152,11 +197,25 @@ impl Service {
     /// Requires `Authorization: Bearer <publish key>`, compared in
     /// constant time.
     #[allow(clippy::result_large_err)] // a refusal is the answer to send; cold path
-    fn check_key(&self, headers: &HeaderMap) -> std::result::Result<(), HttpResponse> {
+    fn check_key(
+        &self,
+        headers: &HeaderMap,
+        remote: impl Fn() -> Remote,
+    ) -> std::result::Result<(), HttpResponse> {
         let metrics = &self.inner.metrics;
-        if headers.get(header::AUTHORIZATION).is_none() {
+        let refuse = |reason: &'static str, message: &str| {
+            // Never the key that was sent, only that it was wrong.
+            tracing::info!(
+                remote = %remote(),
+                reason,
+                code = 401,
+                "api request refused: authentication failed"
+            );
             metrics.api_request("unauthorized");
-            return Err(json_error(StatusCode::UNAUTHORIZED, "missing publish key"));
+            Err(json_error(StatusCode::UNAUTHORIZED, message))
+        };
+        if headers.get(header::AUTHORIZATION).is_none() {
+            return refuse("missing_publish_key", "missing publish key");
         }
         let given = bearer(headers).unwrap_or("").as_bytes();
         // Every key is compared, in constant time, whichever matches: the
@@ -171,8 +230,7 @@ impl Service {
         if bool::from(matched) {
             Ok(())
         } else {
-            metrics.api_request("unauthorized");
-            Err(json_error(StatusCode::UNAUTHORIZED, "invalid publish key"))
+            refuse("invalid_publish_key", "invalid publish key")
         }
     }
 
@@ -182,6 +240,7 @@ impl Service {
         &self,
         headers: &HeaderMap,
         body: S,
+        remote: impl Fn() -> Remote,
     ) -> std::result::Result<T, HttpResponse>
     where
         T: serde::de::DeserializeOwned,
@@ -193,6 +252,13 @@ impl Service {
             json_error(status, &message)
         };
         let too_large = || {
+            tracing::info!(
+                remote = %remote(),
+                reason = "body_too_large",
+                code = 413,
+                limit,
+                "api request refused: limit exceeded"
+            );
             bad(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body larger than {limit} bytes"),
@@ -264,11 +330,16 @@ impl Service {
     /// `POST /api/v1/publish`. The publish is cancel-safe
     /// ([`Hub::publish`](crate::Hub::publish)): a publisher that hangs up
     /// mid-way leaves its id free for the retry.
-    async fn publish<S, E>(&self, headers: &HeaderMap, body: S) -> HttpResponse
+    async fn publish<S, E>(
+        &self,
+        headers: &HeaderMap,
+        body: S,
+        remote: impl Fn() -> Remote,
+    ) -> HttpResponse
     where
         S: Stream<Item = std::result::Result<Bytes, E>> + Send,
     {
-        let req: PublishRequest = match self.read_json(headers, body).await {
+        let req: PublishRequest = match self.read_json(headers, body, remote).await {
             Ok(req) => req,
             Err(res) => return res,
         };
@@ -282,11 +353,16 @@ impl Service {
     }
 
     /// `POST /api/v1/publish/batch`: all or nothing for malformed items.
-    async fn publish_batch<S, E>(&self, headers: &HeaderMap, body: S) -> HttpResponse
+    async fn publish_batch<S, E>(
+        &self,
+        headers: &HeaderMap,
+        body: S,
+        remote: impl Fn() -> Remote,
+    ) -> HttpResponse
     where
         S: Stream<Item = std::result::Result<Bytes, E>> + Send,
     {
-        let reqs: Vec<PublishRequest> = match self.read_json(headers, body).await {
+        let reqs: Vec<PublishRequest> = match self.read_json(headers, body, remote).await {
             Ok(reqs) => reqs,
             Err(res) => return res,
         };

@@ -135,6 +135,7 @@ impl HubBuilder {
             counters: Counters::default(),
             connections,
             started: Instant::now(),
+            clock: Default::default(),
         });
         let hub = Hub { inner };
         hub.inner.broker.attach(hub.downgrade());
@@ -192,6 +193,8 @@ struct Inner {
     /// The number of open connections, for whoever waits on a change.
     connections: watch::Sender<usize>,
     started: Instant,
+    /// When each message was taken, for the publish-to-write latency.
+    clock: crate::latency::DeliveryClock,
 }
 
 /// A claimed publisher-chosen id: released when dropped unless the publish
@@ -420,6 +423,7 @@ impl Hub {
     /// as a duplicate of a publish that never finished. A broker that
     /// already took the message de-duplicates the retry itself.
     pub async fn publish(&self, req: PublishRequest) -> Result<PublishReceipt> {
+        let accepted = Instant::now();
         req.target.validate()?;
         self.inner.broker.validate(&req)?;
         let mut claim = ClaimGuard {
@@ -465,7 +469,7 @@ impl Hub {
         let delivered = if self.inner.broker.delivers_locally() {
             None
         } else {
-            Some(self.deliver_local(&envelope))
+            Some(self.deliver_local_since(&envelope, accepted))
         };
         claim.complete(delivered);
         Ok(PublishReceipt { id, delivered })
@@ -492,6 +496,12 @@ impl Hub {
     /// other nodes. A connection whose queue is full is disconnected (1013)
     /// and not counted.
     pub fn deliver_local(&self, envelope: &Envelope) -> usize {
+        self.deliver_local_since(envelope, Instant::now())
+    }
+
+    /// [`Hub::deliver_local`] for a message this node took at `taken`
+    /// (the start of the publish latency).
+    fn deliver_local_since(&self, envelope: &Envelope, taken: Instant) -> usize {
         let mut delivered = 0usize;
         let registry = &self.inner.registry;
         let mut seq_guard = self
@@ -502,6 +512,7 @@ impl Hub {
         // A broker's cluster-wide number when there is one, else this node's.
         let seq = envelope.seq.unwrap_or(*seq_guard + 1);
         *seq_guard = seq;
+        self.inner.clock.stamp(seq, taken);
         let users = envelope.target.user_recipients();
         self.inner.history.record(&HistoryRecord {
             seq,
@@ -512,7 +523,9 @@ impl Hub {
         let mut send = |c: &Connection| match c.try_send_seq(seq, envelope.frame.clone()) {
             Ok(()) => delivered += 1,
             Err(SendError::Full) => {
-                tracing::warn!(
+                // The session logs the cut (with the client's address) once
+                // it ends; this is the detail of why.
+                tracing::debug!(
                     connection = c.wire_id(),
                     user = c.user_id(),
                     "outbound queue full: disconnecting slow consumer"
@@ -740,6 +753,20 @@ impl Hub {
 
     // ----- numbers -----
 
+    /// How often the registry listed every user or group (tests).
+    #[cfg(test)]
+    pub(crate) fn registry_listings(&self) -> usize {
+        self.inner
+            .registry
+            .listings
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// When each message was taken, for the publish-to-write latency.
+    pub(crate) fn delivery_clock(&self) -> &crate::latency::DeliveryClock {
+        &self.inner.clock
+    }
+
     /// Numbers over every live node of the cluster, from the session
     /// tracker; `None` on a single node.
     pub async fn cluster_stats(&self) -> Result<Option<ClusterStats>> {
@@ -749,14 +776,25 @@ impl Hub {
     /// Numbers about this node.
     pub fn stats(&self) -> Stats {
         let r = &self.inner.registry;
+        let mut stats = self.totals();
+        stats.groups = r.groups();
+        stats.users = r.users();
+        stats.total_groups = stats.groups.len();
+        stats
+    }
+
+    /// [`Hub::stats`] without the lists of users and groups (left empty):
+    /// counters and map sizes only, so it costs the same with a million
+    /// users as with one (what `/metrics` reads at every scrape).
+    pub(crate) fn totals(&self) -> Stats {
+        let r = &self.inner.registry;
         let c = &self.inner.counters;
-        let groups = r.groups();
         Stats {
             total_users: r.user_count(),
             total_connections: r.connection_count(),
-            total_groups: groups.len(),
-            groups,
-            users: r.users(),
+            total_groups: r.group_count(),
+            groups: Vec::new(),
+            users: Vec::new(),
             node_id: self.node_id().to_string(),
             messages_published: c.published.load(Ordering::Relaxed),
             messages_delivered: c.deliveries.load(Ordering::Relaxed),

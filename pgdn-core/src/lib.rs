@@ -47,7 +47,9 @@
 //! - [`auth`], [`handler`], [`broker`], [`session`], [`history`]: the traits
 //!   other crates implement, each with an in-process default.
 //! - [`jwt`] (feature `jwt`, on by default): [`JwtAuthenticator`].
-//! - `metrics`: the Prometheus text at `/metrics`.
+//! - `metrics`: the Prometheus text at `/metrics`; `latency`: the
+//!   publish-to-write latency it reports; `process`: the process's
+//!   memory, CPU and file descriptors it reports.
 //! - `assets`: the browser client `/pgdn.js` and the demo page.
 //! - [`error`]: the crate's [`Error`] enum.
 
@@ -66,10 +68,12 @@ pub mod hub;
 pub mod identity;
 #[cfg(feature = "jwt")]
 pub mod jwt;
+mod latency;
 pub mod limits;
 pub mod message;
 mod metrics;
 mod origin;
+mod process;
 pub mod protocol;
 pub mod registry;
 pub mod service;
@@ -98,4 +102,4 @@ pub use service::{Admission, HttpResponse, Service, ServiceBuilder, json_error};
 pub use session::{ClusterStats, MemorySessionTracker, SessionTracker};
 pub use sse::{SseStream, SseTransport};
 pub use target::{PublishReceipt, PublishRequest, Target};
-pub use transport::{Frame, Inbound, Transport, TransportError};
+pub use transport::{Frame, Inbound, Transport, TransportError, TransportKind};

@@ -18,9 +18,12 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use http::HeaderMap;
+
+use crate::transport::TransportKind;
 
 /// An IP network in CIDR notation (`10.0.0.0/8`, `fd00::/8`), or one
 /// address (`192.0.2.7`): an entry of
@@ -159,10 +162,16 @@ struct Counts {
     ips: HashMap<IpAddr, usize>,
 }
 
-/// The reservations of every connection of a service.
+/// The reservations of every connection of a service, and its sessions
+/// by transport (maintained counters, so that `/metrics` reads numbers
+/// instead of walking connections).
 #[derive(Debug, Default)]
 pub(crate) struct Limiter {
     counts: Mutex<Counts>,
+    /// Sessions running now, by [`TransportKind::index`].
+    open: [AtomicI64; TransportKind::ALL.len()],
+    /// Sessions started since start, by [`TransportKind::index`].
+    opened: [AtomicU64; TransportKind::ALL.len()],
 }
 
 impl Limiter {
@@ -170,33 +179,51 @@ impl Limiter {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reserves a slot on this node (`total < max`) and, when `ip` is given
-    /// with a limit, one for the address.
+    /// Reserves a slot on this node (`total < max`) and, when the client's
+    /// address `ip` is known and `max_per_ip` given, one for the address.
+    /// The slots remember the address (for logs) either way.
     pub(crate) fn reserve(
         self: &Arc<Self>,
         max_total: usize,
-        ip: Option<(IpAddr, usize)>,
+        ip: Option<IpAddr>,
+        max_per_ip: Option<usize>,
     ) -> Result<Slots, LimitExceeded> {
         let mut counts = self.lock();
         if counts.total >= max_total {
             return Err(LimitExceeded::Total);
         }
-        if let Some((ip, max)) = ip {
-            let n = counts.ips.entry(ip).or_default();
-            if *n >= max {
-                if *n == 0 {
-                    counts.ips.remove(&ip);
+        let ip_counted = match (ip, max_per_ip) {
+            (Some(ip), Some(max)) => {
+                let n = counts.ips.entry(ip).or_default();
+                if *n >= max {
+                    if *n == 0 {
+                        counts.ips.remove(&ip);
+                    }
+                    return Err(LimitExceeded::Ip);
                 }
-                return Err(LimitExceeded::Ip);
+                *n += 1;
+                true
             }
-            *n += 1;
-        }
+            _ => false,
+        };
         counts.total += 1;
         Ok(Slots {
             limiter: Some(self.clone()),
-            ip: ip.map(|(ip, _)| ip),
+            ip,
+            ip_counted,
             user: None,
+            transport: None,
         })
+    }
+
+    /// Sessions running now over `kind`.
+    pub(crate) fn open(&self, kind: TransportKind) -> i64 {
+        self.open[kind.index()].load(Ordering::Relaxed)
+    }
+
+    /// Sessions started over `kind` since start.
+    pub(crate) fn opened(&self, kind: TransportKind) -> u64 {
+        self.opened[kind.index()].load(Ordering::Relaxed)
     }
 
     /// How many connections hold a slot for `user`.
@@ -207,11 +234,21 @@ impl Limiter {
 }
 
 /// The slots a connection holds; given back when dropped.
+///
+/// Also where a connection keeps its client's address (for its log lines)
+/// and its transport (for the open-connections gauge): both fit in this
+/// struct's padding (48 bytes before and after), so an idle connection
+/// does not grow for them.
 #[derive(Debug, Default)]
 pub(crate) struct Slots {
     limiter: Option<Arc<Limiter>>,
+    /// The client's address, where known.
     ip: Option<IpAddr>,
+    /// Whether `ip` holds a slot of `max_connections_per_ip`.
+    ip_counted: bool,
     user: Option<Arc<str>>,
+    /// Set once the session runs: counted in [`Limiter::open`] until dropped.
+    transport: Option<TransportKind>,
 }
 
 impl Slots {
@@ -239,14 +276,36 @@ impl Slots {
     }
 }
 
+impl Slots {
+    /// The client's address, where known.
+    pub(crate) fn ip(&self) -> Option<IpAddr> {
+        self.ip
+    }
+
+    /// Counts the connection as running over `kind` until these slots are
+    /// dropped.
+    pub(crate) fn open_as(&mut self, kind: TransportKind) {
+        let Some(limiter) = &self.limiter else {
+            return;
+        };
+        if self.transport.replace(kind).is_none() {
+            limiter.open[kind.index()].fetch_add(1, Ordering::Relaxed);
+            limiter.opened[kind.index()].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Drop for Slots {
     fn drop(&mut self) {
         let Some(limiter) = self.limiter.take() else {
             return;
         };
+        if let Some(kind) = self.transport.take() {
+            limiter.open[kind.index()].fetch_sub(1, Ordering::Relaxed);
+        }
         let mut counts = limiter.lock();
         counts.total = counts.total.saturating_sub(1);
-        if let Some(ip) = self.ip.take() {
+        if let Some(ip) = self.ip.take().filter(|_| self.ip_counted) {
             if let Some(n) = counts.ips.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
@@ -337,20 +396,32 @@ mod tests {
         let limiter = Arc::new(Limiter::default());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let user: Arc<str> = "u1".into();
-        let mut a = limiter.reserve(3, Some((ip, 2))).unwrap();
+        let mut a = limiter.reserve(3, Some(ip), Some(2)).unwrap();
         a.reserve_user(&user, 1).unwrap();
-        let mut b = limiter.reserve(3, Some((ip, 2))).unwrap();
+        let mut b = limiter.reserve(3, Some(ip), Some(2)).unwrap();
         assert_eq!(b.reserve_user(&user, 1), Err(LimitExceeded::User));
         assert_eq!(
-            limiter.reserve(3, Some((ip, 2))).unwrap_err(),
+            limiter.reserve(3, Some(ip), Some(2)).unwrap_err(),
             LimitExceeded::Ip
         );
-        let c = limiter.reserve(3, None).unwrap();
-        assert_eq!(limiter.reserve(3, None).unwrap_err(), LimitExceeded::Total);
+        // Without a per-address limit the address is kept, not counted.
+        let mut c = limiter.reserve(3, Some(ip), None).unwrap();
+        assert_eq!(c.ip(), Some(ip));
+        assert_eq!(
+            limiter.reserve(3, None, None).unwrap_err(),
+            LimitExceeded::Total
+        );
+        c.open_as(TransportKind::Sse);
+        c.open_as(TransportKind::Sse);
+        assert_eq!(limiter.open(TransportKind::Sse), 1, "counted once");
+        assert_eq!(limiter.opened(TransportKind::Sse), 1);
+        assert_eq!(limiter.open(TransportKind::WebSocket), 0);
         drop(a);
         b.reserve_user(&user, 1).unwrap();
         assert_eq!(limiter.user_count("u1"), 1);
         drop((b, c));
+        assert_eq!(limiter.open(TransportKind::Sse), 0, "given back");
+        assert_eq!(limiter.opened(TransportKind::Sse), 1);
         let counts = limiter.lock();
         assert_eq!(counts.total, 0);
         assert!(counts.users.is_empty() && counts.ips.is_empty());

@@ -200,8 +200,9 @@ impl Session {
             conn,
             outbox,
             replay,
-            slots,
+            mut slots,
         } = self;
+        slots.open_as(transport.kind());
         let config = service.config();
         tracing::debug!(
             connection = conn.wire_id(),
@@ -216,6 +217,9 @@ impl Session {
             Err(reason) => reason,
         };
         let reason = outbox.mark_closed(reason);
+        // Logged before the close frame goes out: whoever sees the close
+        // can find the line.
+        log_end(&conn, &slots, reason);
         if let Some((code, why)) = reason.close_frame() {
             let _ = tokio::time::timeout(config.close_timeout, transport.close(code, why)).await;
         }
@@ -223,12 +227,34 @@ impl Session {
         // unregistered, so a client that saw it leave can take its place.
         drop(slots);
         service.hub().disconnect(&conn, reason).await;
-        tracing::debug!(
-            connection = conn.wire_id(),
-            reason = reason.as_str(),
-            "subscriber disconnected"
-        );
         reason
+    }
+}
+
+/// One line for a connection's end: a limit the client hit at `info`, a
+/// slow consumer cut off at `warn` (a capacity signal), anything else at
+/// `debug`.
+fn log_end(conn: &Connection, slots: &crate::limits::Slots, reason: DisconnectReason) {
+    let remote = crate::service::Remote(slots.ip());
+    let code = reason.close_frame().map(|(code, _)| code);
+    macro_rules! end {
+        ($level:ident, $message:literal) => {
+            tracing::$level!(
+                user = conn.user_id(),
+                %remote,
+                connection = conn.wire_id(),
+                reason = reason.as_str(),
+                code,
+                $message
+            )
+        };
+    }
+    match reason {
+        DisconnectReason::SlowConsumer => end!(warn, "connection closed: slow consumer"),
+        DisconnectReason::RateLimited | DisconnectReason::FrameTooLarge => {
+            end!(info, "connection closed: limit exceeded")
+        }
+        _ => end!(debug, "subscriber disconnected"),
     }
 }
 
@@ -324,8 +350,15 @@ async fn serve<T: Transport>(
                 if let Err(reason) = queued {
                     return reason;
                 }
+                // The batch's oldest message (0: none), timed once written.
+                // A plain u64, not an Option: it lives across the write,
+                // in every connection's future.
+                let oldest = batch.iter().find(|f| f.is_notification()).map_or(0, |f| f.seq);
                 if let Err(reason) = write_queued(t, service, outbox, &mut batch).await {
                     return reason;
+                }
+                if oldest != 0 {
+                    service.hub().delivery_clock().written(oldest);
                 }
                 batches = batches.wrapping_add(1);
                 if batches % 8 != 0 {
@@ -345,7 +378,10 @@ async fn serve<T: Transport>(
                 // Dead only if a keepalive went unanswered for long enough:
                 // while a flood of outbound frames keeps this branch from
                 // running, none goes out and a live peer is never blamed.
-                let patience = config.idle_timeout.saturating_sub(interval);
+                // (The interval is read from the config again rather than
+                // kept across the loop: one less field in every
+                // connection's future.)
+                let patience = config.idle_timeout.saturating_sub(config.ping_interval);
                 if unanswered_since.is_some_and(|t| t.elapsed() >= patience) {
                     return DisconnectReason::IdleTimeout;
                 }

@@ -21,6 +21,10 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: RwLock<Inner>,
+    /// How often every user or group was listed ([`Registry::users`],
+    /// [`Registry::groups`]): tests check that `/metrics` never does.
+    #[cfg(test)]
+    pub(crate) listings: std::sync::atomic::AtomicUsize,
 }
 
 impl Registry {
@@ -169,6 +173,9 @@ impl Registry {
 
     /// Connected user ids, sorted.
     pub fn users(&self) -> Vec<String> {
+        #[cfg(test)]
+        self.listings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut v: Vec<String> = self.read().users.keys().map(|u| u.to_string()).collect();
         v.sort();
         v
@@ -176,6 +183,9 @@ impl Registry {
 
     /// Groups with at least one connection, sorted.
     pub fn groups(&self) -> Vec<String> {
+        #[cfg(test)]
+        self.listings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut v: Vec<String> = self.read().groups.keys().map(|g| g.to_string()).collect();
         v.sort();
         v

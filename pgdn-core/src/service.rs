@@ -230,18 +230,20 @@ impl ServiceBuilder {
         });
         let demo_page =
             crate::assets::demo_page(&self.config.ws_path, &self.config.sse_path).into();
+        let limiter = Arc::<Limiter>::default();
+        let shutdown = CancellationToken::new();
         Ok(Service {
             inner: Arc::new(Inner {
                 demo_page,
-                metrics: Metrics::new(hub.clone()),
+                metrics: Metrics::new(hub.clone(), limiter.clone(), shutdown.clone()),
                 hub,
                 auth,
                 config: self.config,
                 publish_keys: self.publish_keys,
                 origins,
-                limiter: Arc::default(),
+                limiter,
                 tasks: TaskTracker::new(),
-                shutdown: CancellationToken::new(),
+                shutdown,
             }),
         })
     }
@@ -302,11 +304,20 @@ impl Service {
     /// `Access-Control-Allow-Origin`, so that a page can read it.
     pub async fn admit(&self, info: ConnectInfo) -> std::result::Result<Admission, HttpResponse> {
         let config = &self.inner.config;
+        // The client's address, for the limits and for the log lines of
+        // refusals (one line per refusal; docs in README "Logging").
+        let ip = client_ip(info.remote_addr, &info.headers, &config.trusted_proxies);
+        let remote = Remote(ip);
         let allow_origin = match self.inner.origins.check(&info.headers) {
             OriginCheck::Absent => None,
             OriginCheck::Allowed(origin) => Some(origin),
             OriginCheck::Refused => {
-                tracing::debug!("origin not allowed, refusing a connection");
+                tracing::info!(
+                    %remote,
+                    reason = "origin_not_allowed",
+                    code = 403,
+                    "connection refused"
+                );
                 return Err(json_error(StatusCode::FORBIDDEN, "origin not allowed"));
             }
         };
@@ -322,25 +333,37 @@ impl Service {
             ));
         }
         let max = config.max_connections;
-        let ip_limit = config.max_connections_per_ip.and_then(|max| {
-            client_ip(info.remote_addr, &info.headers, &config.trusted_proxies).map(|ip| (ip, max))
-        });
         let reserved = if self.inner.hub.connection_count() >= max {
             Err(LimitExceeded::Total)
         } else {
-            self.inner.limiter.reserve(max, ip_limit)
+            self.inner
+                .limiter
+                .reserve(max, ip, config.max_connections_per_ip)
         };
         let mut slots = match reserved {
             Ok(slots) => slots,
             Err(LimitExceeded::Total) => {
-                tracing::warn!(max, "connection limit reached, refusing a connection");
+                // This node is full: a capacity problem, hence `warn`.
+                tracing::warn!(
+                    %remote,
+                    reason = "max_connections",
+                    code = 503,
+                    max,
+                    "connection refused"
+                );
                 return Err(refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "too many connections",
                 ));
             }
             Err(_) => {
-                tracing::debug!("per-address connection limit reached, refusing a connection");
+                tracing::info!(
+                    %remote,
+                    reason = "max_connections_per_ip",
+                    code = 429,
+                    max = config.max_connections_per_ip,
+                    "connection refused"
+                );
                 return Err(refuse(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too many connections from this address",
@@ -356,8 +379,14 @@ impl Service {
             Ok(identity) => {
                 let max = config.max_connections_per_user;
                 if slots.reserve_user(&identity.user_id, max).is_err() {
-                    // The user is not logged: it may be personal data.
-                    tracing::debug!(max, "per-user connection limit reached");
+                    tracing::info!(
+                        user = &*identity.user_id,
+                        %remote,
+                        reason = "max_connections_per_user",
+                        code = 429,
+                        max,
+                        "connection refused"
+                    );
                     return Err(refuse(
                         StatusCode::TOO_MANY_REQUESTS,
                         "too many connections for this user",
@@ -365,8 +394,14 @@ impl Service {
                 }
             }
             Err(e) => {
-                // `e` names what failed, never the token.
-                tracing::debug!(error = %e, "authentication failed");
+                // `e` names what failed, never the token. Closed with 1008
+                // (WebSocket) or answered 401 (SSE) later, not logged again.
+                tracing::info!(
+                    %remote,
+                    reason = auth_label(e),
+                    error = %e,
+                    "connection refused: authentication failed"
+                );
                 self.inner.metrics.auth_failure(e.close_reason());
             }
         }
@@ -393,8 +428,13 @@ impl Service {
             Ok(pair) => pair,
             Err(e) => {
                 // The hub refuses an identity without a user id, whatever
-                // the authenticator said.
-                tracing::debug!(error = %e, "identity refused");
+                // the authenticator said (`admit` has already checked it).
+                tracing::info!(
+                    remote = %Remote(slots.ip()),
+                    reason = "invalid_identity",
+                    error = %e,
+                    "connection refused: authentication failed"
+                );
                 self.inner.metrics.auth_failure("invalid identity");
                 return Err(AuthError::InvalidIdentity);
             }
@@ -509,6 +549,29 @@ impl Service {
     /// Resolves once shutdown has begun.
     pub async fn shutting_down(&self) {
         self.inner.shutdown.cancelled().await
+    }
+}
+
+/// A client's address in a log line: the IP, or `unknown` when the
+/// adapter does not know the peer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Remote(pub(crate) Option<std::net::IpAddr>);
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
+/// The `reason` of an authentication failure in logs.
+fn auth_label(e: &AuthError) -> &'static str {
+    match e {
+        AuthError::MissingToken => "missing_token",
+        AuthError::InvalidToken(_) => "invalid_token",
+        _ => "invalid_identity",
     }
 }
 

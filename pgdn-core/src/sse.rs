@@ -151,6 +151,10 @@ impl Transport for SseTransport {
     fn answers_keepalive(&self) -> bool {
         false
     }
+
+    fn kind(&self) -> crate::transport::TransportKind {
+        crate::transport::TransportKind::Sse
+    }
 }
 
 #[cfg(test)]

@@ -39,6 +39,38 @@ impl Frame {
     }
 }
 
+/// Which kind of transport a connection uses: the `transport` label of
+/// the connection metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// A WebSocket (or another bidirectional transport).
+    WebSocket,
+    /// Server-Sent Events.
+    Sse,
+}
+
+impl TransportKind {
+    /// Every kind, in the order of [`TransportKind::index`].
+    pub const ALL: [TransportKind; 2] = [TransportKind::WebSocket, TransportKind::Sse];
+
+    /// The metric label: `websocket` or `sse`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::WebSocket => "websocket",
+            TransportKind::Sse => "sse",
+        }
+    }
+
+    /// Its place in [`TransportKind::ALL`].
+    pub(crate) fn index(self) -> usize {
+        match self {
+            TransportKind::WebSocket => 0,
+            TransportKind::Sse => 1,
+        }
+    }
+}
+
 /// A transport failed (the socket broke, the peer went away). The session
 /// ends the connection as [`DisconnectReason::TransportError`](crate::DisconnectReason).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,5 +180,13 @@ pub trait Transport: Send {
     /// with the config's rate and burst when implementing this).
     fn counts_frames(&self) -> bool {
         false
+    }
+
+    /// Which kind of transport this is, for the connection metrics.
+    /// Default [`TransportKind::WebSocket`], the bidirectional transport
+    /// [`Service::serve`](crate::Service::serve) is for; the SSE transport
+    /// says [`TransportKind::Sse`].
+    fn kind(&self) -> TransportKind {
+        TransportKind::WebSocket
     }
 }

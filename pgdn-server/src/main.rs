@@ -246,6 +246,35 @@ struct Args {
     /// Log filter (tracing-subscriber syntax), e.g. `info` or `pgdn_server=debug`.
     #[arg(long, env = "PGDN_LOG", default_value = "info")]
     log: String,
+    /// Log line format on stderr: `text`, or `json` (one object a line).
+    #[arg(long, env = "PGDN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines, coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object a line, for log shippers.
+    Json,
+}
+
+/// Installs the log subscriber on stderr; an invalid `--log` filter is an
+/// error (silently logging at `info` instead would hide the mistake).
+fn init_logs(filter: &str, format: LogFormat) -> Result<(), pgdn_server::Error> {
+    use std::io::IsTerminal;
+    let filter = EnvFilter::try_new(filter).map_err(|e| {
+        pgdn_server::Error::Config(format!("invalid --log (PGDN_LOG) filter {filter:?}: {e}"))
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
 }
 
 /// Connects this node to the cluster's Redis and builds its hub.
@@ -487,10 +516,10 @@ async fn jwks_authenticator(_: &str) -> Result<JwtAuthenticator, pgdn_server::Er
 async fn main() {
     let cli = Cli::parse();
     let args = cli.args;
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = init_logs(&args.log, args.log_format) {
+        eprintln!("pgdn-server: {e}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Some(Task::Cleanup {
             redis_url,

@@ -253,16 +253,19 @@ impl Pgdn {
         let service = self.service.clone();
         routed
             .and(warp::header::headers_cloned())
+            .and(crate::listener::remote_addr())
             .and(warp::body::stream())
-            .then(move |route: Route, headers: HeaderMap, body| {
-                let service = service.clone();
-                async move {
-                    service
-                        .respond(route, &headers, body_chunks(body))
-                        .await
-                        .into_response()
-                }
-            })
+            .then(
+                move |route: Route, headers: HeaderMap, remote: Option<SocketAddr>, body| {
+                    let service = service.clone();
+                    async move {
+                        service
+                            .respond_from(route, &headers, body_chunks(body), remote)
+                            .await
+                            .into_response()
+                    }
+                },
+            )
     }
 
     /// Every route: WebSocket, Server-Sent Events, the API, health,

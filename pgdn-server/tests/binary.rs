@@ -492,3 +492,234 @@ async fn history_bounds_are_configurable() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A configured server whose stderr (its log) is read line by line on a
+/// thread, so that a test waits for a line as for any other event.
+struct Logged {
+    child: Child,
+    addr: String,
+    rx: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line received so far.
+    seen: Vec<String>,
+}
+
+impl Logged {
+    fn start(args: &[&str]) -> Logged {
+        let mut child = clean_command()
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .env("PGDN_JWT_SECRET", GOOD_SECRET)
+            .env("PGDN_PUBLISH_KEY", GOOD_KEY)
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        std::thread::spawn(move || for _ in stdout.lines() {});
+        let addr = first
+            .trim()
+            .strip_prefix("pgdn-server listening on http://")
+            .unwrap_or_else(|| panic!("not started: {first:?}"))
+            .to_string();
+        Logged {
+            child,
+            addr,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line that contains every one of `parts`.
+    fn wait_line(&mut self, parts: &[&str]) -> String {
+        if let Some(l) = self
+            .seen
+            .iter()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+        {
+            return l.clone();
+        }
+        let deadline = std::time::Instant::now() + common::WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("no log line with {parts:?} in:\n{}", self.seen.join("\n"))
+            });
+            self.seen.push(line.clone());
+            if parts.iter().all(|p| line.contains(p)) {
+                return line;
+            }
+        }
+    }
+
+    /// Stops the server and returns its whole log.
+    fn stop(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The reader thread ends at end of file, closing the channel.
+        self.seen.extend(self.rx.iter());
+        self.seen
+    }
+}
+
+/// A WebSocket request to `addr` with `query` and an optional `Origin`.
+async fn ws_status(addr: &str, query: &str, origin: Option<&str>) -> u16 {
+    use tokio_tungstenite::tungstenite::{Error, client::IntoClientRequest};
+    let mut req = format!("ws://{addr}/ws{query}")
+        .into_client_request()
+        .unwrap();
+    if let Some(origin) = origin {
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok(_) => 101,
+        Err(Error::Http(res)) => res.status().as_u16(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn refusals_and_cuts_are_logged_once_with_the_address_and_never_the_token() {
+    let mut server = Logged::start(&[
+        "--allowed-origins",
+        "http://app.example",
+        "--max-connections",
+        "2",
+        "--write-timeout",
+        "300ms",
+        "--queue-bytes",
+        "262144",
+    ]);
+    let addr = server.addr.clone();
+    let auth = pgdn_server::JwtAuthenticator::new(GOOD_SECRET);
+    let token = |user: &str| auth.issue(user, &[], Duration::from_secs(60)).unwrap();
+
+    // A forged token: closed with 1008, one line, without the token.
+    let forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJtYWxsb3J5In0.Zm9yZ2VkLXNpZ25hdHVyZQ";
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={forged}"))
+        .await
+        .unwrap();
+    assert_eq!(expect_close(&mut ws).await, (1008, "invalid token".into()));
+    let line = server.wait_line(&["authentication failed"]);
+    assert!(line.contains("remote=127.0.0.1"), "{line}");
+    assert!(line.contains("invalid_token"), "{line}");
+
+    // A refused origin.
+    let query = format!("?token={}", token("u0"));
+    assert_eq!(
+        ws_status(&addr, &query, Some("http://evil.example")).await,
+        403
+    );
+    let line = server.wait_line(&["origin_not_allowed"]);
+    assert!(
+        line.contains("remote=127.0.0.1") && line.contains("403"),
+        "{line}"
+    );
+
+    // This node's connection limit.
+    let (stalled, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={}", token("stalled")))
+            .await
+            .unwrap();
+    let stalled = Client::after_upgrade(stalled).await;
+    let (other, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={}", token("other")))
+            .await
+            .unwrap();
+    let _other = Client::after_upgrade(other).await;
+    assert_eq!(ws_status(&addr, &query, None).await, 503);
+    let line = server.wait_line(&["reason=\"max_connections\""]);
+    assert!(
+        line.contains("remote=127.0.0.1") && line.contains("WARN"),
+        "{line}"
+    );
+
+    // A client that does not read: cut off with 1013, logged with its user.
+    let http = reqwest::Client::new();
+    let pad = "x".repeat(16 * 1024);
+    let body =
+        format!(r#"{{"target":{{"user":"stalled"}},"type":"info","payload":{{"pad":"{pad}"}}}}"#);
+    let mut cut = None;
+    // At most 64 MiB: far more than loopback buffers and the queue hold.
+    for _ in 0..4096 {
+        let res = http
+            .post(format!("http://{addr}/api/v1/publish"))
+            .bearer_auth(GOOD_KEY)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        while let Ok(line) = server.rx.try_recv() {
+            server.seen.push(line.clone());
+            if line.contains("slow consumer") {
+                cut = Some(line);
+            }
+        }
+        if cut.is_some() {
+            break;
+        }
+        if res.json::<serde_json::Value>().await.unwrap()["delivered"] == 0 {
+            // Cut already: the line is on its way.
+            cut = Some(server.wait_line(&["slow consumer"]));
+            break;
+        }
+    }
+    let line = cut.expect("the stalled client was cut off");
+    assert!(line.contains("WARN") && line.contains("stalled"), "{line}");
+    assert!(
+        line.contains("remote=127.0.0.1") && line.contains("1013"),
+        "{line}"
+    );
+    drop(stalled);
+
+    let log = server.stop();
+    let count = |what: &str| log.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(count("authentication failed"), 1, "{log:#?}");
+    assert_eq!(count("origin_not_allowed"), 1, "{log:#?}");
+    assert_eq!(count("slow consumer"), 1, "{log:#?}");
+    // Never the token, not even a part of it; no colours down a pipe.
+    assert!(
+        !log.iter().any(|l| l.contains("Zm9yZ2VkLXNpZ25hdHVyZQ")),
+        "{log:#?}"
+    );
+    assert!(!log.iter().any(|l| l.contains(&token("stalled"))));
+    assert!(!log.iter().any(|l| l.contains("\x1b[")), "{log:#?}");
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_a_line() {
+    let mut server = Logged::start(&["--log-format", "json"]);
+    let addr = server.addr.clone();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token=nope"))
+        .await
+        .unwrap();
+    assert_eq!(expect_close(&mut ws).await.0, 1008);
+    let line = server.wait_line(&["authentication failed"]);
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert_eq!(v["fields"]["remote"], "127.0.0.1", "{v}");
+    assert_eq!(v["fields"]["reason"], "invalid_token", "{v}");
+    let log = server.stop();
+    assert!(log.len() >= 2, "{log:#?}");
+    for line in &log {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(v.is_object(), "{line}");
+    }
+}
+
+#[test]
+fn an_invalid_log_filter_is_refused_at_start() {
+    let mut cmd = clean_command();
+    cmd.args(["--addr", "127.0.0.1:0", "--log", "not[a filter"]);
+    let (ok, err) = exit_of(cmd);
+    assert!(!ok, "{err}");
+    assert!(err.contains("--log"), "{err}");
+}

@@ -26,6 +26,7 @@ mod warp {
     mod frames;
     mod lifecycle;
     mod lifetime;
+    mod metrics;
     mod resume;
     mod security;
     mod sse;
@@ -46,6 +47,7 @@ mod axum {
     mod frames;
     mod lifecycle;
     mod lifetime;
+    mod metrics;
     mod resume;
     mod security;
     mod sse;
