@@ -75,11 +75,18 @@ pub(crate) async fn publish_envelope(
         .arg(kind)
         .arg(target)
         .arg(&*envelope.origin)
-        .arg(envelope.frame.as_ref());
+        .arg(envelope.frame.as_ref())
+        .arg(config.settle_gap().as_millis() as u64)
+        .arg(config.settle_time().as_millis() as u64);
     for u in &users {
         inv.arg(&**u);
     }
     let seq: i64 = inv.invoke_async(conn).await?;
+    if seq == -2 {
+        return Err(Error::Unavailable(
+            "redis is back from an outage; waiting for every node to register again".into(),
+        ));
+    }
     Ok((seq >= 0).then_some(seq as u64))
 }
 
@@ -158,7 +165,9 @@ async fn cleanup_loop(shared: Arc<Shared>) {
         if shared.hub().is_none() {
             return;
         }
-        let Ok(mut conn) = shared.conn() else { continue };
+        let Ok(mut conn) = shared.conn() else {
+            continue;
+        };
         match crate::cleanup::cleanup_pass(
             &mut conn,
             &shared.keys.prefix,

@@ -61,6 +61,25 @@ pub struct ClusterConfig {
     pub ping_interval: Duration,
 }
 
+impl ClusterConfig {
+    /// How long no node may have reached Redis before the cluster assumes
+    /// that mappings expired meanwhile and settles: the node TTL less a
+    /// heartbeat (the shortest outage that can expire a mapping), and at
+    /// least three PINGs, so that a node that is merely slow does not make
+    /// the cluster settle.
+    pub(crate) fn settle_gap(&self) -> Duration {
+        (self.node_ttl.saturating_sub(self.heartbeat_interval)).max(self.ping_interval * 3)
+    }
+
+    /// How long the cluster settles after such an outage (or on a Redis
+    /// that starts empty): a PING interval (every node learns of it, and
+    /// starts a heartbeat at once) plus a command timeout (the heartbeat
+    /// has written its sessions).
+    pub(crate) fn settle_time(&self) -> Duration {
+        self.ping_interval + self.command_timeout
+    }
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
@@ -103,6 +122,9 @@ pub(crate) struct LinkState {
     pub(crate) registered: bool,
     /// The last attempt to connect failed.
     pub(crate) unreachable: bool,
+    /// Redis was away or restarted, and the cluster waits for every node
+    /// to register again (the publish script's clock).
+    pub(crate) settling: bool,
 }
 
 impl LinkState {
@@ -113,6 +135,8 @@ impl LinkState {
             Err("not subscribed to redis")
         } else if !self.registered {
             Err("registering this node's sessions in redis")
+        } else if self.settling {
+            Err("redis is back from an outage; waiting for every node to register again")
         } else {
             Ok(())
         }
@@ -139,6 +163,8 @@ pub(crate) struct Shared {
     pub(crate) epoch: AtomicU64,
     /// Wakes the heartbeat at once (after a reconnect or a failure).
     pub(crate) heartbeat_now: Notify,
+    /// Wakes the command link's PING (the clock's touch) at once.
+    pub(crate) touch_now: Notify,
 }
 
 impl Shared {
@@ -183,10 +209,17 @@ impl Shared {
     /// This node's registration in Redis may be gone (Redis failed a
     /// command, restarted, or the subscription was renewed): refuse
     /// publishes until a heartbeat has written it again, and run one now.
+    ///
+    /// Whether the cluster is settling is unknown too until the clock is
+    /// touched again (at once): Redis may have restarted.
     pub(crate) fn registration_lost(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.update(|s| s.registered = false);
+        self.update(|s| {
+            s.registered = false;
+            s.settling = true;
+        });
         self.heartbeat_now.notify_one();
+        self.touch_now.notify_one();
     }
 }
 
@@ -206,7 +239,10 @@ impl std::fmt::Debug for Cluster {
 
 /// A connection manager on `client` that fails fast: commands time out
 /// after `timeout`, and so does connecting.
-pub(crate) async fn manager(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager> {
+pub(crate) async fn manager(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<ConnectionManager> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
@@ -273,10 +309,13 @@ impl Cluster {
             hub: OnceLock::new(),
             state: watch::Sender::new(LinkState {
                 connected,
+                // Unknown until the first touch of the clock.
+                settling: true,
                 ..LinkState::default()
             }),
             epoch: AtomicU64::new(0),
             heartbeat_now: Notify::new(),
+            touch_now: Notify::new(),
         });
         tokio::spawn(crate::link::command_link(Arc::downgrade(&shared)));
         Cluster { shared }

@@ -17,7 +17,7 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::cluster::Shared;
 
@@ -80,6 +80,8 @@ impl Outage {
 pub(crate) async fn command_link(weak: Weak<Shared>) {
     let mut wait = RETRY_MIN;
     let mut missed = 0u32;
+    // Whether the last touch found the cluster settling.
+    let mut settled_seen = false;
     let mut outage = Outage::new("redis is unreachable");
     loop {
         let Some(shared) = weak.upgrade() else { return };
@@ -110,15 +112,33 @@ pub(crate) async fn command_link(weak: Weak<Shared>) {
                 }
             },
             Ok(mut conn) => {
-                let cmd = redis::cmd("PING");
-                let ping = cmd.query_async::<String>(&mut conn);
+                // The PING is the cluster clock's touch (see the publish
+                // script): it also says whether the cluster is settling.
+                let config = &shared.config;
+                let mut touch = crate::scripts::TOUCH.prepare_invoke();
+                touch
+                    .arg(&shared.keys.prefix)
+                    .arg(config.settle_gap().as_millis() as u64)
+                    .arg(config.settle_time().as_millis() as u64);
+                let ping = touch.invoke_async::<i64>(&mut conn);
                 match tokio::time::timeout(timeout, ping).await {
-                    Ok(Ok(_)) => {
+                    Ok(Ok(settling)) => {
                         if missed > 0 {
                             shared.update(|s| s.connected = true);
                             outage.recovered(&shared.node);
                         }
                         missed = 0;
+                        let settling = settling > 0;
+                        if settling && !settled_seen {
+                            tracing::warn!(
+                                node = %shared.node,
+                                "redis was away or restarted: registering again; \
+                                 publishes get 503 until every node has"
+                            );
+                            shared.registration_lost();
+                        }
+                        settled_seen = settling;
+                        shared.update(|s| s.settling = settling);
                     }
                     failed => {
                         missed += 1;
@@ -139,8 +159,13 @@ pub(crate) async fn command_link(weak: Weak<Shared>) {
                 shared.config.ping_interval
             }
         };
-        drop(shared);
-        tokio::time::sleep(pause).await;
+        let woken = async move {
+            shared.touch_now.notified().await;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = woken => {}
+        }
     }
 }
 
@@ -196,21 +221,42 @@ pub(crate) async fn subscribe_loop(shared: Arc<Shared>) {
                     }
                 };
                 tokio::pin!(pings);
+                let deliver = |msg: redis::Msg| {
+                    let Some(hub) = shared.hub() else {
+                        return false;
+                    };
+                    match crate::broker::parse_message(msg.get_payload_bytes()) {
+                        Ok(envelope) => {
+                            tracing::trace!(seq = envelope.seq, id = %envelope.id, "from redis");
+                            hub.deliver_local(&envelope);
+                        }
+                        Err(e) => hub.drop_invalid(&e),
+                    }
+                    true
+                };
                 let why = loop {
                     tokio::select! {
+                        // Messages first: what Redis sent before a failure
+                        // is delivered before the failure is acted on.
+                        biased;
                         msg = messages.next() => {
                             let Some(msg) = msg else {
                                 break "redis closed the subscription".to_string();
                             };
-                            let Some(hub) = shared.hub() else { return };
-                            match crate::broker::parse_message(msg.get_payload_bytes()) {
-                                Ok(envelope) => {
-                                    hub.deliver_local(&envelope);
-                                }
-                                Err(e) => hub.drop_invalid(&e),
+                            if !deliver(msg) {
+                                return;
                             }
                         }
-                        why = &mut pings => break why,
+                        why = &mut pings => {
+                            // A PING failed: deliver what had arrived
+                            // before it, then start over.
+                            while let Some(Some(msg)) = messages.next().now_or_never() {
+                                if !deliver(msg) {
+                                    return;
+                                }
+                            }
+                            break why;
+                        }
                     }
                 };
                 shared.update(|s| s.subscribed = false);
@@ -257,7 +303,10 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {
                 Err(e) => {
                     shared.update(|s| s.registered = false);
                     outage.failed(&shared.node, &e);
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shared.heartbeat_now.notified() => {}
+                    }
                     wait = (wait * 2).min(RETRY_MAX);
                 }
             }

@@ -9,10 +9,30 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// The cluster clock, run first by [`PUBLISH`] and [`TOUCH`] with `p` (the
+/// prefix), `now` (ms, Redis clock), `gap` and `settle` (ms) defined.
+/// `clock` holds when a node last reached Redis. If it is missing (Redis
+/// restarted empty) or older than `gap` (Redis stalled, or was away, long
+/// enough for nodes' mappings to expire), the cluster is *settling* for
+/// `settle` ms: long enough for every live node to notice and register its
+/// sessions again. Publishes are refused meanwhile: one could be routed by
+/// mappings not yet rewritten, answered 200 and reach nobody. Leaves
+/// `settling` = the ms left.
+const CLOCK: &str = r#"
+local last = tonumber(redis.call('GET', p .. 'clock'))
+if (not last) or now - last > gap then
+  redis.call('SET', p .. 'settling', '1', 'PX', settle)
+end
+redis.call('SET', p .. 'clock', now)
+local settling = redis.call('PTTL', p .. 'settling')
+"#;
+
 /// Publish one message. ARGV: prefix, id, chosen (1/0), dedup_ms, hist_max,
 /// hist_age_ms, kind (`a` all nodes / `u` user targets), target JSON,
-/// origin, frame, then the target users. Returns the cluster-wide sequence
-/// number, or -1 for a repeated publisher id.
+/// origin, frame, gap_ms, settle_ms, then the target users. Returns the
+/// cluster-wide sequence number, -1 for a repeated publisher id, or -2
+/// while the cluster is settling after a Redis outage ([`CLOCK`]; nothing
+/// is written then, not even the id's claim, so a retry is published).
 ///
 /// A user message's frame is stored once, in `msg:{seq}` for the age bound
 /// ([`Keys::message`](crate::keys::Keys::message) names it the same way);
@@ -21,12 +41,17 @@ use redis::Script;
 /// [`ClusterConfig::max_users_per_publish`](crate::ClusterConfig::max_users_per_publish)
 /// bounds.
 pub(crate) static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
         r#"
 local p = ARGV[1]
 local id = ARGV[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gap, settle = tonumber(ARGV[11]), tonumber(ARGV[12])
+{CLOCK}
+if settling > 0 then
+  return -2
+end
 if ARGV[3] == '1' then
   if not redis.call('SET', p .. 'dedup:' .. id, '1', 'NX', 'PX', ARGV[4]) then
     return -1
@@ -43,12 +68,12 @@ if ARGV[7] == 'a' then
   return seq
 end
 local max = tonumber(ARGV[5])
-local nodes = {}
+local nodes = {{}}
 if max > 0 then
   redis.call('SET', p .. 'msg:' .. seq, ARGV[10], 'PX', age)
 end
 local ref = seq .. ':' .. now
-for i = 11, #ARGV do
+for i = 13, #ARGV do
   local u = ARGV[i]
   if max > 0 then
     local hk = p .. 'hist:' .. u
@@ -71,7 +96,23 @@ for node, _ in pairs(nodes) do
 end
 return seq
 "#,
-    )
+    ))
+});
+
+/// Touches the cluster clock ([`CLOCK`]) for a node's PING. ARGV: prefix,
+/// gap_ms, settle_ms. Returns the ms the cluster still settles, or a
+/// value <= 0 when it does not.
+pub(crate) static TOUCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gap, settle = tonumber(ARGV[2]), tonumber(ARGV[3])
+{CLOCK}
+return settling
+"#
+    ))
 });
 
 /// A connection opened (delta 1) or closed (delta -1). ARGV: prefix, node,

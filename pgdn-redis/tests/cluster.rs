@@ -21,7 +21,7 @@ fn config() -> ClusterConfig {
 async fn node(redis: &RedisServer, id: &str) -> (Cluster, Hub) {
     let cluster = Cluster::connect(&redis.url(), id, config()).await.unwrap();
     let hub = cluster.hub_builder().build();
-    assert!(cluster.wait_subscribed(WAIT).await, "node {id} subscribed");
+    assert!(cluster.wait_ready(WAIT).await, "node {id} ready");
     (cluster, hub)
 }
 
@@ -306,7 +306,7 @@ async fn redis_restart_fails_publishes_visibly_then_recovers_by_itself() {
     assert_eq!(b.connection_count(), 1);
 
     redis.start_again();
-    assert!(ca.wait_subscribed(WAIT).await && cb.wait_subscribed(WAIT).await);
+    assert!(ca.wait_ready(WAIT).await && cb.wait_ready(WAIT).await);
     // The node re-registers its sessions in the empty Redis by itself.
     let tracker = ca.session_tracker();
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -4,8 +4,10 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Client, WAIT};
@@ -21,10 +23,60 @@ const KEY: &str = "cluster-publish-key";
 struct Node {
     child: Child,
     addr: String,
+    /// What it logged on stderr so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Node {
     fn start(redis: &RedisServer, id: &str) -> Node {
+        let node = Node::launch(&redis.url(), id, &["--node-ttl", "1s"]);
+        node.wait_ready();
+        node
+    }
+
+    /// [`Node::wait_ready`] without blocking the test's runtime (which may
+    /// run a proxy the node depends on).
+    async fn ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, body) = self.get("/readyz").await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never ready: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `/readyz` answers 200: the node may take publishes. (A
+    /// fresh Redis makes the cluster settle for a few seconds first.)
+    /// Blocks the thread.
+    fn wait_ready(&self) {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let mut status = String::new();
+            if let Ok(mut s) = std::net::TcpStream::connect(&self.addr) {
+                let _ =
+                    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+                let _ = s.read_to_string(&mut status);
+            }
+            if status.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never ready: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a node on the Redis at `url` with `extra` flags.
+    fn launch(url: &str, id: &str, extra: &[&str]) -> Node {
         let mut cmd = Command::new(BIN);
         for (k, _) in std::env::vars() {
             if k.starts_with("PGDN_") {
@@ -32,28 +84,23 @@ impl Node {
             }
         }
         let mut child = cmd
-            .args([
-                "--addr",
-                "127.0.0.1:0",
-                "--redis-url",
-                &redis.url(),
-                "--node-id",
-                id,
-            ])
-            .args([
-                "--jwt-secret",
-                SECRET,
-                "--publish-key",
-                KEY,
-                "--node-ttl",
-                "1s",
-            ])
+            .args(["--addr", "127.0.0.1:0", "--redis-url", url, "--node-id", id])
+            .args(["--jwt-secret", SECRET, "--publish-key", KEY])
+            .args(extra)
             .args(["--log", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("pgdn-server starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut addr = None;
         for line in lines.by_ref() {
@@ -67,7 +114,21 @@ impl Node {
         Node {
             child,
             addr: addr.expect("the node prints its address"),
+            log,
         }
+    }
+
+    /// Whether a line it logged contains `text`.
+    fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
+    /// `GET path`: the status and body.
+    async fn get(&self, path: &str) -> (u16, String) {
+        let res = reqwest::get(format!("http://{}{path}", self.addr))
+            .await
+            .unwrap();
+        (res.status().as_u16(), res.text().await.unwrap())
     }
 
     /// `kill -9`.
@@ -411,4 +472,317 @@ async fn a_users_target_longer_than_one_redis_call_allows_is_refused() {
     node.publish(json!({"target":{"users":&users[..1000]},"type":"info","payload":{"n":1}}))
         .await;
     assert_eq!(next_n(&mut last).await, 1);
+}
+
+/// Publishes `user(alice, n)` to `node` every 50 ms (n = 0, 1, ...) until
+/// told to stop, reporting each answer's status on the channel; returns
+/// the numbers answered 200. A publish that gets neither 200 nor 503 (an
+/// error, a client-side timeout) fails the test. While `hold` is set it
+/// sends nothing, and says so once with a status of 0.
+fn steady_publisher(
+    addr: String,
+    statuses: tokio::sync::mpsc::UnboundedSender<u16>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut hold: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        let mut every = tokio::time::interval(Duration::from_millis(50));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut accepted = Vec::new();
+        for n in 0.. {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = stop.wait_for(|s| *s) => return accepted,
+            }
+            if *hold.borrow_and_update() {
+                let _ = statuses.send(0);
+                tokio::select! {
+                    _ = hold.wait_for(|h| !*h) => {}
+                    _ = stop.wait_for(|s| *s) => return accepted,
+                }
+            }
+            let res = http
+                .post(format!("http://{addr}/api/v1/publish"))
+                .bearer_auth(KEY)
+                .body(user("alice", n).to_string())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("publish {n} got no answer: {e}"));
+            let status = res.status().as_u16();
+            let body = res.text().await.unwrap_or_default();
+            assert!(
+                status == 200 || status == 503,
+                "publish {n}: {status} {body}"
+            );
+            if status == 200 {
+                accepted.push(n);
+            }
+            let _ = statuses.send(status);
+        }
+        accepted
+    })
+}
+
+/// Waits for the next answer with `status` from the steady publisher.
+async fn wait_status(statuses: &mut tokio::sync::mpsc::UnboundedReceiver<u16>, status: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, statuses.recv()).await {
+            Ok(Some(s)) if s == status => return,
+            Ok(Some(_)) => {}
+            other => panic!("never answered {status}: {other:?}"),
+        }
+    }
+}
+
+/// Reads `c` until the notification with `payload.n == marker`, returning
+/// every number seen before it.
+async fn read_until(c: &mut Client, marker: u64) -> BTreeSet<u64> {
+    let mut seen = BTreeSet::new();
+    loop {
+        let n = next_n(c).await;
+        if n == marker {
+            return seen;
+        }
+        seen.insert(n);
+    }
+}
+
+/// Holds the steady publisher (after one more 200), then publishes
+/// `marker` through `node` and reads both subscribers up to it, keeping
+/// what they got in `seen`: afterwards nothing is in flight.
+async fn quiesce(
+    hold: &tokio::sync::watch::Sender<bool>,
+    statuses: &mut tokio::sync::mpsc::UnboundedReceiver<u16>,
+    node: &Node,
+    subscribers: [&mut Client; 2],
+    seen: &mut [BTreeSet<u64>; 2],
+    marker: u64,
+) {
+    wait_status(statuses, 200).await;
+    hold.send_replace(true);
+    wait_status(statuses, 0).await;
+    node.publish(user("alice", marker)).await;
+    for (c, seen) in subscribers.into_iter().zip(seen.iter_mut()) {
+        seen.extend(read_until(c, marker).await);
+    }
+}
+
+/// Stops the steady publisher, sends a last marked message and checks
+/// that each subscriber got every publish that was answered 200 (the
+/// acceptance promise: nothing answered "accepted" may be lost).
+async fn check_every_accepted_delivered(
+    stop: tokio::sync::watch::Sender<bool>,
+    publisher: tokio::task::JoinHandle<Vec<u64>>,
+    node: &Node,
+    subscribers: &mut [&mut Client],
+    seen_before: impl IntoIterator<Item = BTreeSet<u64>>,
+) -> usize {
+    stop.send_replace(true);
+    let accepted = publisher.await.unwrap();
+    const MARKER: u64 = u64::MAX / 2;
+    node.publish(user("alice", MARKER)).await;
+    let mut before = seen_before.into_iter();
+    for (i, c) in subscribers.iter_mut().enumerate() {
+        let mut seen = read_until(c, MARKER).await;
+        seen.extend(before.next().unwrap_or_default());
+        let lost: Vec<_> = accepted.iter().filter(|n| !seen.contains(n)).collect();
+        assert!(
+            lost.is_empty(),
+            "subscriber {i}: {} publishes were answered 200 and never delivered: {lost:?} \
+             (accepted {accepted:?}, delivered {seen:?})",
+            lost.len()
+        );
+    }
+    accepted.len()
+}
+
+/// Redis is killed and restarted empty, then stalled (SIGSTOP) for twice
+/// the node TTL, while a publisher sends every 50 ms through one node to a
+/// user connected to both: every answer is 200 or 503, and every 200 is
+/// delivered on both nodes. (Before, a node answered 200 after a restart
+/// as soon as it had resubscribed, before its sessions were registered
+/// again, and after a stall until its next heartbeat tick: those messages
+/// were routed to nobody.)
+#[tokio::test]
+async fn nothing_accepted_is_lost_across_a_redis_restart_and_a_stall() {
+    let mut redis = RedisServer::start();
+    let ttl = ["--node-ttl", "3s"];
+    let a = Node::launch(&redis.url(), "fa", &ttl);
+    let b = Node::launch(&redis.url(), "fb", &ttl);
+    a.ready().await;
+    b.ready().await;
+    let mut on_a = a.connect("alice", &[], None).await;
+    let mut on_b = b.connect("alice", &[], None).await;
+    a.wait_stats("alice registered twice", |s| s["total_connections"] == 2)
+        .await;
+
+    let (tx, mut statuses) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (hold, held) = tokio::sync::watch::channel(false);
+    let publisher = steady_publisher(a.addr.clone(), tx, stopped, held);
+    // Before each fault the publisher holds for a moment and both
+    // subscribers catch up, so that no message is in flight at the
+    // instant Redis dies: one that Redis has answered but not yet pushed
+    // to a node dies with it (pub/sub has no redelivery, and a Redis
+    // without persistence keeps no history across a restart).
+    let mut seen = [BTreeSet::new(), BTreeSet::new()];
+    let subs = [&mut on_a, &mut on_b];
+    quiesce(&hold, &mut statuses, &b, subs, &mut seen, 2_000_000).await;
+
+    // kill -9, then a restart with nothing in it.
+    redis.kill();
+    hold.send_replace(false);
+    wait_status(&mut statuses, 503).await;
+    redis.start_again();
+    wait_status(&mut statuses, 200).await;
+
+    // A stall longer than the node TTL: Redis expires every mapping.
+    let subs = [&mut on_a, &mut on_b];
+    quiesce(&hold, &mut statuses, &b, subs, &mut seen, 2_000_001).await;
+    redis.pause();
+    hold.send_replace(false);
+    wait_status(&mut statuses, 503).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    redis.resume();
+    wait_status(&mut statuses, 200).await;
+    for _ in 0..5 {
+        wait_status(&mut statuses, 200).await;
+    }
+
+    let accepted =
+        check_every_accepted_delivered(stop, publisher, &a, &mut [&mut on_a, &mut on_b], seen)
+            .await;
+    assert!(accepted >= 8, "only {accepted} publishes were accepted");
+}
+
+/// A TCP proxy to Redis whose existing connections can be made to stop
+/// answering (everything sent through them is swallowed, nothing is
+/// closed) while new connections still work: a half-open link, as a
+/// crashed middlebox or a failed-over VIP leaves behind.
+struct BlackholeProxy {
+    port: u16,
+    epoch: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BlackholeProxy {
+    async fn start(upstream: u16) -> BlackholeProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let current = epoch.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let born = current.load(Ordering::SeqCst);
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                for (mut from, mut to) in [(dr, uw), (ur, dw)].map(|(r, w)| {
+                    (
+                        Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    )
+                }) {
+                    let current = current.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if current.load(Ordering::SeqCst) != born {
+                                continue; // swallowed
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        BlackholeProxy { port, epoch }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Every connection open now stops answering; later ones work.
+    fn blackhole(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The node's connections to Redis go half-open (they stay open but
+/// nothing comes back): the node notices with its PINGs, opens new ones,
+/// resubscribes and serves again within 30 s, and nothing it answered 200
+/// meanwhile is lost. (Before, it stayed at 503 for good.)
+#[tokio::test]
+async fn a_half_open_redis_connection_is_replaced_and_the_node_serves_again() {
+    let redis = RedisServer::start();
+    let proxy = BlackholeProxy::start(redis.port()).await;
+    let node = Node::launch(&proxy.url(), "ho", &["--node-ttl", "3s"]);
+    node.ready().await;
+    let mut alice = node.connect("alice", &[], None).await;
+    node.wait_stats("alice registered", |s| s["total_connections"] == 1)
+        .await;
+
+    node.publish(user("alice", 1_000_000)).await;
+    assert_eq!(next_n(&mut alice).await, 1_000_000);
+
+    // Nothing is in flight when the link goes half-open (a message Redis
+    // has sent into a dead link is lost with it: pub/sub has no redelivery).
+    proxy.blackhole();
+    let (tx, mut statuses) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (_hold, held) = tokio::sync::watch::channel(false);
+    let publisher = steady_publisher(node.addr.clone(), tx, stopped, held);
+    let cut = tokio::time::Instant::now();
+    wait_status(&mut statuses, 503).await;
+    wait_status(&mut statuses, 200).await;
+    let back_after = cut.elapsed();
+    assert!(
+        back_after < Duration::from_secs(30),
+        "served again only after {back_after:?}"
+    );
+    for _ in 0..5 {
+        wait_status(&mut statuses, 200).await;
+    }
+    check_every_accepted_delivered(stop, publisher, &node, &mut [&mut alice], []).await;
+    assert!(node.logged("PING"), "the node says why it reconnected");
+}
+
+/// A node started while Redis is down does not exit: it retries with
+/// backoff and logs why, serves `/healthz`, and answers 503 on `/readyz`
+/// and on publishes until Redis is there; then it is ready and delivers.
+#[tokio::test]
+async fn a_node_started_before_redis_waits_for_it() {
+    let mut redis = RedisServer::not_started();
+    let mut node = Node::launch(&redis.url(), "early", &["--node-ttl", "3s"]);
+    assert_eq!(node.get("/healthz").await, (200, "ok".to_string()));
+    let (status, body) = node.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let why: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(why["error"], "redis unreachable", "{body}");
+    let (status, reply) = node.post(user("alice", 0)).await;
+    assert_eq!(status, 503, "{reply}");
+    // A subscriber may already connect: its node serves it locally.
+    let mut alice = node.connect("alice", &[], None).await;
+    assert!(node.logged("redis is unreachable"), "{:?}", node.log);
+
+    redis.start_again();
+    node.ready().await;
+    node.publish(user("alice", 1)).await;
+    assert_eq!(next_n(&mut alice).await, 1);
+    assert!(node.child.try_wait().unwrap().is_none(), "the node exited");
 }
