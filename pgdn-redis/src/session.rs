@@ -182,7 +182,7 @@ impl SessionTracker for RedisSessionTracker {
             .prepare_invoke()
             .arg(&self.shared.keys.prefix)
             .arg(user_id)
-            .invoke_async(&mut self.shared.conn().map_err(crate::Error::from)?)
+            .invoke_async(&mut self.shared.conn()?)
             .await
             .map_err(crate::Error::from)?;
         nodes.sort();
