@@ -52,6 +52,10 @@ pub struct ClusterConfig {
     /// How long a Redis command may take before it fails (so that a
     /// publish fails fast while Redis is away). Default 2 s.
     pub command_timeout: Duration,
+    /// For a `rediss://` URL: the CA certificate(s), PEM, that the Redis
+    /// server's certificate must chain to, instead of the public webpki
+    /// roots (a private PKI). Default `None`. Needs the `tls` feature.
+    pub redis_ca_cert: Option<Vec<u8>>,
 }
 
 impl Default for ClusterConfig {
@@ -66,6 +70,7 @@ impl Default for ClusterConfig {
             max_users_per_publish: 1_000,
             dedup_window: Duration::from_secs(300),
             command_timeout: Duration::from_secs(2),
+            redis_ca_cert: None,
         }
     }
 }
@@ -129,8 +134,9 @@ impl std::fmt::Debug for Cluster {
 pub(crate) async fn connect_manager(
     url: &str,
     timeout: Duration,
+    ca_cert: Option<&[u8]>,
 ) -> Result<(redis::Client, ConnectionManager)> {
-    let client = redis::Client::open(url)?;
+    let client = crate::tls::client(url, ca_cert)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
@@ -151,7 +157,8 @@ impl Cluster {
                 "node id {node:?} must be non-empty without newlines, colons, spaces or `*`"
             )));
         }
-        let (client, conn) = connect_manager(url, config.command_timeout).await?;
+        let (client, conn) =
+            connect_manager(url, config.command_timeout, config.redis_ca_cert.as_deref()).await?;
         Ok(Cluster {
             shared: Arc::new(Shared {
                 client,

@@ -12,6 +12,11 @@ pub enum Error {
     /// using the same key prefix?).
     #[error("unexpected data in redis: {0}")]
     Corrupt(String),
+    /// The Redis TLS settings are unusable (a CA certificate that is not
+    /// PEM, or set for a `redis://` URL); the message says which. Fix the
+    /// configuration.
+    #[error("redis tls: {0}")]
+    Tls(String),
     /// A publish was malformed.
     #[error(transparent)]
     Core(#[from] pgdn_core::Error),
@@ -26,6 +31,7 @@ impl From<Error> for pgdn_core::Error {
             Error::Core(e) => e,
             Error::Redis(e) => pgdn_core::Error::Broker(e.to_string()),
             Error::Corrupt(m) => pgdn_core::Error::Broker(m),
+            Error::Tls(m) => pgdn_core::Error::Broker(m),
         }
     }
 }

@@ -39,6 +39,9 @@
 //! - [`emitter`]: [`Emitter`], publishing straight into Redis from a batch
 //!   job.
 //! - `keys`, `scripts`: key names and the Lua scripts.
+//! - `tls`: the Redis client for `redis://` and `rediss://` URLs (feature
+//!   `tls`, on by default), with a private CA from
+//!   [`ClusterConfig::redis_ca_cert`].
 //! - [`error`]: the crate's [`Error`].
 
 pub mod broker;
@@ -50,6 +53,7 @@ pub mod history;
 mod keys;
 mod scripts;
 pub mod session;
+mod tls;
 
 pub use broker::RedisBroker;
 pub use cleanup::{CleanupReport, cleanup_all, cleanup_pass};
