@@ -159,7 +159,10 @@ fn test() -> ExitCode {
     let mut server_embedded = cargo();
     server_embedded.args(["check", "-p", "pgdn-server", "--no-default-features"]);
     let feature_sets = [client_without_tls, client_native_tls, server_embedded];
-    for cmd in [fmt, clippy, tests, doctests].into_iter().chain(feature_sets) {
+    for cmd in [fmt, clippy, tests, doctests]
+        .into_iter()
+        .chain(feature_sets)
+    {
         if !run(cmd) {
             return ExitCode::FAILURE;
         }
