@@ -74,7 +74,8 @@ pub(crate) type Acceptor = tokio_rustls::TlsAcceptor;
 /// What terminates TLS on each connection: without the `tls` feature there
 /// is none (the type has no value).
 #[cfg(not(feature = "tls"))]
-pub(crate) type Acceptor = Infallible;
+#[derive(Clone)]
+pub(crate) enum Acceptor {}
 
 /// The peer address of a request served by [`serve`], in the request's
 /// extensions (warp keeps its own address type private).
