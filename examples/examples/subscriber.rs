@@ -52,7 +52,13 @@ async fn main() {
         std::process::exit(2);
     };
     println!("subscribing at {url} (Ctrl-C to stop)");
-    let mut events = builder.subscribe();
+    let mut events = match builder.subscribe() {
+        Ok(events) => events,
+        Err(e) => {
+            eprintln!("cannot subscribe: {e}");
+            std::process::exit(2);
+        }
+    };
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,

@@ -183,7 +183,8 @@ async fn batch_job_progress_reaches_the_subscriber() {
         "owner".into(),
     )
     .unwrap()
-    .subscribe();
+    .subscribe()
+    .unwrap();
     loop {
         let e = tokio::time::timeout(Duration::from_secs(10), events.next())
             .await

@@ -1,6 +1,7 @@
 //! A blocking publisher for code without an async runtime: batch jobs on
 //! plain threads (the role Celery workers play for pgdn-ws), scripts, and
-//! `tokio::task::spawn_blocking`.
+//! `tokio::task::spawn_blocking`. Needs the `blocking` feature (on by
+//! default).
 //!
 //! It owns one background thread with a small tokio runtime and hands each
 //! call to it over a channel, waiting for the answer. Unlike calling

@@ -43,6 +43,16 @@ pub enum Error {
     /// The request could not be built: a bad URL, message type or payload.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The URL needs TLS (`https://`, `wss://`) but pgdn-client was built
+    /// without a TLS feature. Enable `rustls` (a default feature) or
+    /// `native-tls` in your `Cargo.toml`; retrying cannot help.
+    #[error(
+        "{scheme} URLs need TLS, but pgdn-client was built without it: enable its `rustls` or `native-tls` feature"
+    )]
+    TlsNotEnabled {
+        /// The scheme that needs TLS.
+        scheme: &'static str,
+    },
     /// The server answered something that is not pgdn's protocol.
     #[error("unexpected reply: {0}")]
     Protocol(String),

@@ -1,4 +1,6 @@
 //! The async publisher: `POST /api/v1/publish` and friends, with retries.
+//! Needs the `publisher` feature (on by default); `https://` needs `rustls`
+//! (on by default) or `native-tls`.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::retry::Backoff;
+use crate::tls::{self, Roots};
 
 /// `GET /api/v1/stats`: pgdn-ws's fields, and whatever else the server
 /// reports in `extra`.
@@ -35,6 +38,7 @@ pub struct PublisherBuilder {
     request_timeout: Duration,
     deadline: Duration,
     backoff: Backoff,
+    roots: Roots,
 }
 
 impl PublisherBuilder {
@@ -55,7 +59,22 @@ impl PublisherBuilder {
         self
     }
 
+    /// Trusts the CA certificate(s) in `pem` for `https://`, besides the
+    /// built-in roots: for a server whose certificate a private CA signed.
+    /// Call it once per PEM document; an unreadable one fails
+    /// [`build`](Self::build). Needs the `rustls` or `native-tls` feature.
+    #[cfg(any(feature = "rustls", feature = "native-tls"))]
+    pub fn root_certificate(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.roots.add(pem.as_ref());
+        self
+    }
+
     /// Builds the publisher.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a URL that is not `http://` or `https://` or
+    /// an unreadable root certificate; [`Error::TlsNotEnabled`] for an
+    /// `https://` URL when pgdn-client was built without a TLS feature.
     pub fn build(self) -> Result<Publisher> {
         let base = self.base_url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
@@ -63,9 +82,11 @@ impl PublisherBuilder {
                 "base URL must start with http:// or https://, got {base:?}"
             )));
         }
-        let http = reqwest::Client::builder()
+        tls::check(&base)?;
+        let builder = reqwest::Client::builder()
             .timeout(self.request_timeout)
-            .connect_timeout(self.request_timeout.min(Duration::from_secs(5)))
+            .connect_timeout(self.request_timeout.min(Duration::from_secs(5)));
+        let http = tls::reqwest_builder(builder, &self.roots)?
             .build()
             .map_err(|e| Error::Invalid(e.to_string()))?;
         Ok(Publisher {
@@ -131,6 +152,7 @@ impl Publisher {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(5),
             },
+            roots: Roots::default(),
         }
     }
 
@@ -294,7 +316,11 @@ mod tests {
         assert!(!format!("{p:?}").contains("s3cret-key"));
         let b = Publisher::builder("http://127.0.0.1:1", "s3cret-key");
         assert!(!format!("{b:?}").contains("s3cret-key"));
-        let blocking = crate::blocking::Publisher::new("http://127.0.0.1:1", "s3cret-key").unwrap();
-        assert!(!format!("{blocking:?}").contains("s3cret-key"));
+        #[cfg(feature = "blocking")]
+        {
+            let blocking =
+                crate::blocking::Publisher::new("http://127.0.0.1:1", "s3cret-key").unwrap();
+            assert!(!format!("{blocking:?}").contains("s3cret-key"));
+        }
     }
 }

@@ -35,6 +35,9 @@
 //! which the server refuses with 1008, ending the subscription with
 //! [`Error::Unauthorized`]. [`SubscriberBuilder::in_band_refresh`] turns
 //! in-band refresh off (then every expiry is a 4001 and a reconnect).
+//!
+//! Needs the `subscriber` feature (on by default); `wss://` needs `rustls`
+//! (on by default) or `native-tls`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,6 +55,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::error::{Error, Result};
 use crate::retry::Backoff;
+use crate::tls::{self, Roots};
 
 /// What a [`Subscription`] yields.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +155,7 @@ pub struct SubscriberBuilder {
     buffer: usize,
     refresh_margin: Duration,
     in_band_refresh: bool,
+    roots: Roots,
 }
 
 impl std::fmt::Debug for SubscriberBuilder {
@@ -206,6 +211,7 @@ impl SubscriberBuilder {
             buffer: 256,
             refresh_margin: REFRESH_MARGIN,
             in_band_refresh: true,
+            roots: Roots::default(),
         }
     }
 
@@ -248,12 +254,39 @@ impl SubscriberBuilder {
         self
     }
 
+    /// Trusts the CA certificate(s) in `pem` for `wss://`, besides the
+    /// built-in roots: for a server whose certificate a private CA signed.
+    /// Call it once per PEM document; an unreadable one fails
+    /// [`subscribe`](Self::subscribe). Needs the `rustls` or `native-tls`
+    /// feature.
+    #[cfg(any(feature = "rustls", feature = "native-tls"))]
+    pub fn root_certificate(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.roots.add(pem.as_ref());
+        self
+    }
+
     /// Starts the subscription on the current tokio runtime.
-    pub fn subscribe(self) -> Subscription {
+    ///
+    /// # Errors
+    /// Before any connection attempt: [`Error::Invalid`] for a URL that is
+    /// not `ws://` or `wss://` or an unreadable root certificate;
+    /// [`Error::TlsNotEnabled`] for a `wss://` URL when pgdn-client was
+    /// built without a TLS feature. Everything later (the server down, a
+    /// refused token) comes from the [`Subscription`].
+    pub fn subscribe(self) -> Result<Subscription> {
+        let lower = self.url.to_ascii_lowercase();
+        if !(lower.starts_with("ws://") || lower.starts_with("wss://")) {
+            return Err(Error::Invalid(format!(
+                "subscriber URL must start with ws:// or wss://, got {:?}",
+                self.url
+            )));
+        }
+        tls::check(&self.url)?;
+        let connector = Connector::new(&self.url, &self.roots)?;
         let (tx, rx) = mpsc::channel(self.buffer.max(1));
         let last_id = Arc::new(Mutex::new(self.since.clone()));
-        let task = tokio::spawn(drive(self, tx, last_id.clone()));
-        Subscription { rx, task, last_id }
+        let task = tokio::spawn(drive(self, connector, tx, last_id.clone()));
+        Ok(Subscription { rx, task, last_id })
     }
 }
 
@@ -329,8 +362,47 @@ enum End {
     },
 }
 
+/// How the subscriber opens its WebSocket: plain TCP, or TLS with the
+/// roots decided once, at [`SubscriberBuilder::subscribe`].
+struct Connector {
+    #[cfg(any(feature = "rustls", feature = "native-tls"))]
+    tls: Option<tokio_tungstenite::Connector>,
+}
+
+impl Connector {
+    #[cfg_attr(
+        not(any(feature = "rustls", feature = "native-tls")),
+        allow(unused_variables, clippy::unnecessary_wraps)
+    )]
+    fn new(url: &str, roots: &Roots) -> Result<Connector> {
+        Ok(Connector {
+            #[cfg(any(feature = "rustls", feature = "native-tls"))]
+            tls: tls::ws_connector(url, roots)?,
+        })
+    }
+
+    async fn connect(
+        &self,
+        url: String,
+    ) -> std::result::Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        tokio_tungstenite::tungstenite::Error,
+    > {
+        #[cfg(any(feature = "rustls", feature = "native-tls"))]
+        let connected =
+            tokio_tungstenite::connect_async_tls_with_config(url, None, false, self.tls.clone())
+                .await;
+        #[cfg(not(any(feature = "rustls", feature = "native-tls")))]
+        let connected = tokio_tungstenite::connect_async(url).await;
+        connected.map(|(ws, _)| ws)
+    }
+}
+
 async fn drive(
     cfg: SubscriberBuilder,
+    connector: Connector,
     tx: mpsc::Sender<Result<Event>>,
     last_id: Arc<Mutex<Option<String>>>,
 ) {
@@ -351,8 +423,8 @@ async fn drive(
             url.push_str(&format!("&since={}", encode(since)));
         }
         let started = Instant::now();
-        let end = match tokio_tungstenite::connect_async(url).await {
-            Ok((ws, _)) => session(ws, &cfg, &tx, &last_id, since.is_some(), expiry).await,
+        let end = match connector.connect(url).await {
+            Ok(ws) => session(ws, &cfg, &tx, &last_id, since.is_some(), expiry).await,
             Err(e) => End::Closed {
                 code: None,
                 reason: e.to_string(),

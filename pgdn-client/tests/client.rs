@@ -93,6 +93,7 @@ fn fast_subscriber(url: String, user: &str) -> Subscription {
     Subscriber::new(url, token(user))
         .backoff(Duration::from_millis(20), Duration::from_millis(200))
         .subscribe()
+        .unwrap()
 }
 
 async fn next_event(sub: &mut Subscription) -> Event {
@@ -480,7 +481,7 @@ async fn a_subscriber_follows_the_server_across_a_restart() {
 #[tokio::test]
 async fn a_subscriber_stops_on_an_auth_failure() {
     let s = Server::start().await;
-    let mut sub = Subscriber::new(s.ws(), "not-a-token").subscribe();
+    let mut sub = Subscriber::new(s.ws(), "not-a-token").subscribe().unwrap();
     match tokio::time::timeout(WAIT, sub.next()).await.unwrap() {
         Some(Err(Error::Unauthorized(reason))) => assert_eq!(reason, "invalid token"),
         other => panic!("expected Unauthorized, got {other:?}"),
@@ -511,7 +512,8 @@ async fn the_token_callback_is_asked_before_every_connection() {
         }
     })
     .backoff(Duration::from_millis(10), Duration::from_millis(50))
-    .subscribe();
+    .subscribe()
+    .unwrap();
     expect_connected(&mut sub).await;
     s.pgdn
         .hub()
@@ -662,7 +664,8 @@ async fn a_subscriber_with_5_s_tokens_refreshes_in_band_and_misses_nothing_for_3
         async { Ok(token_for("u1", Duration::from_secs(5))) }
     })
     .backoff(Duration::from_millis(20), Duration::from_millis(200))
-    .subscribe();
+    .subscribe()
+    .unwrap();
     assert!(!expect_connected(&mut sub).await);
     let publisher = publish_stream(s.http(), &["u1"], COUNT);
     let seen = collect(&mut sub, COUNT as usize).await;
@@ -700,7 +703,8 @@ async fn a_subscriber_whose_token_expires_reconnects_with_since_and_misses_nothi
         Subscriber::with_token_callback(s.ws(), move || async move { Ok(token_for("a", ttl)) })
             .in_band_refresh(false)
             .backoff(Duration::from_millis(20), Duration::from_millis(200))
-            .subscribe();
+            .subscribe()
+            .unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     let mut b = Subscriber::with_token_callback(s.ws(), move || {
@@ -713,7 +717,8 @@ async fn a_subscriber_whose_token_expires_reconnects_with_since_and_misses_nothi
         async move { Ok(token_for(user, ttl)) }
     })
     .backoff(Duration::from_millis(20), Duration::from_millis(200))
-    .subscribe();
+    .subscribe()
+    .unwrap();
     expect_connected(&mut a).await;
     expect_connected(&mut b).await;
     let publisher = publish_stream(s.http(), &["a", "b"], COUNT);

@@ -2,7 +2,9 @@
 //! rust-analyzer's `tidy`): pgdn-core stays free of web frameworks, HTTP
 //! servers, WebSocket stacks and Redis, so every adapter can build on it;
 //! pgdn-client depends on neither pgdn-server nor pgdn-redis; pgdn-redis
-//! not on pgdn-server.
+//! not on pgdn-server. And each user compiles only what it uses: a batch
+//! job that only publishes no WebSocket stack, an app that embeds
+//! pgdn-server none of the binary's dependencies.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -86,4 +88,60 @@ fn clients_and_redis_do_not_pull_the_server() {
     );
     let redis = dependencies("pgdn-redis", &[]);
     assert_none("pgdn-redis", &redis, &["pgdn-server", "warp", "axum"]);
+}
+
+#[test]
+fn a_publishing_batch_job_compiles_no_websocket_stack() {
+    let websocket = ["tungstenite", "tokio-tungstenite"];
+    for features in [
+        "publisher,rustls",
+        "blocking,rustls",
+        "publisher,native-tls",
+    ] {
+        let deps = dependencies(
+            "pgdn-client",
+            &["--no-default-features", "--features", features],
+        );
+        assert!(deps.contains("reqwest"), "{features}: {deps:?}");
+        assert_none(&format!("pgdn-client with {features}"), &deps, &websocket);
+    }
+    // The listing does see it when the subscriber is on.
+    let subscriber = dependencies(
+        "pgdn-client",
+        &["--no-default-features", "--features", "subscriber"],
+    );
+    assert!(subscriber.contains("tokio-tungstenite"), "{subscriber:?}");
+    assert_none(
+        "pgdn-client with subscriber only",
+        &subscriber,
+        &["reqwest"],
+    );
+}
+
+#[test]
+fn an_app_embedding_pgdn_server_compiles_none_of_the_binarys_dependencies() {
+    let deps = dependencies("pgdn-server", &["--no-default-features"]);
+    assert_none(
+        "pgdn-server without default features",
+        &deps,
+        &[
+            "clap",
+            "clap_builder",
+            "tracing-subscriber",
+            "pgdn-redis",
+            "redis",
+            "reqwest",
+            "rustls",
+            "tokio-rustls",
+        ],
+    );
+    // The binary's own feature does pull them.
+    let cli = dependencies(
+        "pgdn-server",
+        &["--no-default-features", "--features", "cli"],
+    );
+    assert!(
+        cli.contains("clap") && cli.contains("tracing-subscriber"),
+        "{cli:?}"
+    );
 }

@@ -59,6 +59,10 @@ pub struct ClusterConfig {
     /// a half-open connection (a peer or a middlebox that stopped
     /// answering without closing) is not waited out. Default 1 s.
     pub ping_interval: Duration,
+    /// For a `rediss://` URL: the CA certificate(s), PEM, that the Redis
+    /// server's certificate must chain to, instead of the public webpki
+    /// roots (a private PKI). Default `None`. Needs the `tls` feature.
+    pub redis_ca_cert: Option<Vec<u8>>,
 }
 
 impl ClusterConfig {
@@ -93,6 +97,7 @@ impl Default for ClusterConfig {
             dedup_window: Duration::from_secs(300),
             command_timeout: Duration::from_secs(2),
             ping_interval: Duration::from_secs(1),
+            redis_ca_cert: None,
         }
     }
 }
@@ -263,8 +268,9 @@ pub(crate) async fn manager(
 pub(crate) async fn connect_manager(
     url: &str,
     timeout: Duration,
+    ca_cert: Option<&[u8]>,
 ) -> Result<(redis::Client, ConnectionManager)> {
-    let client = redis::Client::open(url)?;
+    let client = crate::tls::client(url, ca_cert)?;
     let conn = manager(&client, timeout).await?;
     Ok((client, conn))
 }
@@ -276,7 +282,8 @@ impl Cluster {
     /// is still down uses [`Cluster::start`].
     pub async fn connect(url: &str, node: &str, config: ClusterConfig) -> Result<Cluster> {
         check_node_id(node)?;
-        let (client, conn) = connect_manager(url, config.command_timeout).await?;
+        let (client, conn) =
+            connect_manager(url, config.command_timeout, config.redis_ca_cert.as_deref()).await?;
         Ok(Cluster::with(client, Some(conn), node, config))
     }
 
@@ -288,7 +295,7 @@ impl Cluster {
     /// on a malformed URL or node id. Call inside a tokio runtime.
     pub fn start(url: &str, node: &str, config: ClusterConfig) -> Result<Cluster> {
         check_node_id(node)?;
-        let client = redis::Client::open(url)?;
+        let client = crate::tls::client(url, config.redis_ca_cert.as_deref())?;
         Ok(Cluster::with(client, None, node, config))
     }
 

@@ -31,7 +31,8 @@ impl Emitter {
     /// Connects to the cluster's Redis at `url`. Use the same
     /// [`ClusterConfig`] (prefix, history and dedup bounds) as the nodes.
     pub async fn connect(url: &str, config: ClusterConfig) -> Result<Emitter> {
-        let (_client, conn) = connect_manager(url, config.command_timeout).await?;
+        let (_client, conn) =
+            connect_manager(url, config.command_timeout, config.redis_ca_cert.as_deref()).await?;
         Ok(Emitter {
             conn,
             config: Arc::new(config),

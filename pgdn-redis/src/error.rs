@@ -17,6 +17,11 @@ pub enum Error {
     /// using the same key prefix?).
     #[error("unexpected data in redis: {0}")]
     Corrupt(String),
+    /// The Redis TLS settings are unusable (a CA certificate that is not
+    /// PEM, or set for a `redis://` URL); the message says which. Fix the
+    /// configuration.
+    #[error("redis tls: {0}")]
+    Tls(String),
     /// A publish was malformed.
     #[error(transparent)]
     Core(#[from] pgdn_core::Error),
@@ -30,7 +35,9 @@ impl From<Error> for pgdn_core::Error {
         match e {
             Error::Core(e) => e,
             Error::Redis(e) => pgdn_core::Error::Broker(e.to_string()),
-            Error::Corrupt(m) | Error::Unavailable(m) => pgdn_core::Error::Broker(m),
+            Error::Corrupt(m) | Error::Unavailable(m) | Error::Tls(m) => {
+                pgdn_core::Error::Broker(m)
+            }
         }
     }
 }

@@ -41,6 +41,9 @@
 //! - `link`: the background tasks that keep the node's link to Redis
 //!   (reconnect, PING, resubscribe, heartbeat) and decide when it is ready.
 //! - `keys`, `scripts`: key names and the Lua scripts.
+//! - `tls`: the Redis client for `redis://` and `rediss://` URLs (feature
+//!   `tls`, on by default), with a private CA from
+//!   [`ClusterConfig::redis_ca_cert`].
 //! - [`error`]: the crate's [`Error`].
 
 pub mod broker;
@@ -53,6 +56,7 @@ mod keys;
 mod link;
 mod scripts;
 pub mod session;
+mod tls;
 
 pub use broker::RedisBroker;
 pub use cleanup::{CleanupReport, cleanup_all, cleanup_pass};

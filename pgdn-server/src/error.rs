@@ -7,6 +7,10 @@ pub enum Error {
     /// A setting is invalid; the message names it. Fix the configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The TLS certificate or key cannot be read or used; the message
+    /// names the file and the problem. Fix the files.
+    #[error("tls: {0}")]
+    Tls(String),
     /// Binding or serving failed (address in use, no permission).
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

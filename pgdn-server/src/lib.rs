@@ -30,11 +30,22 @@
 //!   rate limit.
 //! - `socket`: tungstenite messages <-> pgdn-core's `Transport`.
 //! - [`server`]: [`Pgdn`], its builder, the warp routes and `serve`.
+//! - `tls` (feature `tls`, on by default): [`TlsConfig`], a certificate
+//!   and key for [`Pgdn::serve_tls`].
 //! - [`error`]: the crate's [`Error`].
 //! - `jwks` (feature `jwks`, on by default): `HttpJwks`, JWT keys from a
 //!   JWKS URL.
 //!
 //! [`Config`] and [`JwtAuthenticator`] are pgdn-core's, re-exported.
+//!
+//! # Features
+//!
+//! - `cli` (default): the `pgdn-server` binary's own dependencies (clap,
+//!   tracing-subscriber, ...); an embedding app turns it off.
+//! - `tls` (default): TLS termination, [`TlsConfig`] and
+//!   [`Pgdn::serve_tls`].
+//! - `redis` (default): cluster mode for the binary (pgdn-redis).
+//! - `jwks` (default): `jwks::HttpJwks`, JWT keys from a JWKS URL.
 
 pub mod error;
 #[cfg(feature = "jwks")]
@@ -44,12 +55,16 @@ pub mod server;
 mod frames;
 mod listener;
 mod socket;
+#[cfg(feature = "tls")]
+mod tls;
 mod upgrade;
 
 pub use error::{Error, Result};
 pub use listener::remote_addr;
 pub use server::{Pgdn, PgdnBuilder, shutdown_signal};
 pub use socket::WsTransport;
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;
 
 /// pgdn-core, re-exported so that a warp app needs one dependency.
 pub use pgdn_core as core;

@@ -21,6 +21,11 @@
 //! A connection upgraded to a WebSocket leaves hyper, and its watchdog,
 //! at the upgrade: the session's own ping and idle timeout take over.
 //!
+//! With TLS (feature `tls`), the handshake happens in the connection's own
+//! task, never in the accept loop, and belongs to the first request's head:
+//! a peer that opens TCP and never finishes the handshake is dropped at
+//! [`Config::header_read_timeout`] like one that never sends a request.
+//!
 //! Accept errors (out of file descriptors: `EMFILE`, `ENFILE`) neither end
 //! nor spin the loop: it logs (at most every few seconds), waits a little
 //! and tries again, so it serves again as soon as descriptors are free.
@@ -61,6 +66,16 @@ const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// A request body still incomplete this long after `body_timeout` drops
 /// its connection (the publish API answers 408 at `body_timeout` itself).
 const BODY_GRACE: Duration = Duration::from_secs(1);
+
+/// What terminates TLS on each connection: rustls's acceptor; without the
+/// `tls` feature there is none (the type has no value).
+#[cfg(feature = "tls")]
+pub(crate) type Acceptor = tokio_rustls::TlsAcceptor;
+/// What terminates TLS on each connection: without the `tls` feature there
+/// is none (the type has no value).
+#[cfg(not(feature = "tls"))]
+#[derive(Clone)]
+pub(crate) enum Acceptor {}
 
 /// The peer address of a request served by [`serve`], in the request's
 /// extensions (warp keeps its own address type private).
@@ -213,13 +228,13 @@ impl Watch {
     }
 }
 
-/// The socket, telling its watch when bytes arrive.
-struct WatchedIo {
-    inner: TcpStream,
+/// The socket (TCP, or TLS over TCP), telling its watch when bytes arrive.
+struct WatchedIo<S> {
+    inner: S,
     watch: Arc<Watch>,
 }
 
-impl AsyncRead for WatchedIo {
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -234,7 +249,7 @@ impl AsyncRead for WatchedIo {
     }
 }
 
-impl AsyncWrite for WatchedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -399,12 +414,14 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Serves one connection until it ends, its watchdog's deadline passes,
 /// or shutdown: on `stop` it is closed if idle and finishes its request
-/// otherwise; on `force` it is dropped.
+/// otherwise; on `force` it is dropped. With `tls`, the handshake comes
+/// first, within the header-read deadline.
 async fn serve_connection<F>(
     routes: F,
     stream: TcpStream,
     peer: SocketAddr,
     timeouts: Timeouts,
+    tls: Option<Acceptor>,
     stop: CancellationToken,
     force: CancellationToken,
 ) where
@@ -412,6 +429,44 @@ async fn serve_connection<F>(
     F::Extract: Reply,
 {
     let watch = Arc::new(Watch::new(timeouts));
+    let Some(acceptor) = tls else {
+        return serve_http(routes, stream, peer, watch, stop, force).await;
+    };
+    #[cfg(not(feature = "tls"))]
+    match acceptor {}
+    #[cfg(feature = "tls")]
+    {
+        let handshake = tokio::select! {
+            tls = acceptor.accept(stream) => tls,
+            () = sleep_until(watch.deadline()) => {
+                tracing::debug!(%peer, "tls handshake timed out; closing the connection");
+                return;
+            }
+            // No request can be in flight yet: nothing to finish.
+            () = stop.cancelled() => return,
+            () = force.cancelled() => return,
+        };
+        match handshake {
+            Ok(tls) => serve_http(routes, tls, peer, watch, stop, force).await,
+            Err(e) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+        }
+    }
+}
+
+/// Serves HTTP on one connection (after its TLS handshake, if any), as
+/// [`serve_connection`] says.
+async fn serve_http<F, S>(
+    routes: F,
+    stream: S,
+    peer: SocketAddr,
+    watch: Arc<Watch>,
+    stop: CancellationToken,
+    force: CancellationToken,
+) where
+    F: Filter<Error = Rejection> + Clone + Send + Sync + 'static,
+    F::Extract: Reply,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(WatchedIo {
         inner: stream,
         watch: watch.clone(),
@@ -509,11 +564,13 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// Serves `routes` on `listener` until `shutdown` resolves; then shuts
-/// `service` down and returns within its `shutdown_timeout`.
+/// Serves `routes` on `listener` (over TLS with `tls`) until `shutdown`
+/// resolves; then shuts `service` down and returns within its
+/// `shutdown_timeout`.
 pub(crate) async fn serve<F>(
     routes: F,
     listener: TcpListener,
+    tls: Option<Acceptor>,
     service: &Service,
     shutdown: impl Future<Output = ()> + Send,
 ) where
@@ -540,6 +597,7 @@ pub(crate) async fn serve<F>(
                     stream,
                     peer,
                     timeouts,
+                    tls.clone(),
                     stop.clone(),
                     force.clone(),
                 ));

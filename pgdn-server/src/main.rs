@@ -217,6 +217,14 @@ struct Args {
     /// call each); a longer list gets 400.
     #[arg(long, env = "PGDN_MAX_USERS_PER_PUBLISH", default_value_t = 1000)]
     max_users_per_publish: usize,
+    /// PEM certificate chain (the server's certificate first): the server
+    /// terminates TLS itself and serves `https://` and `wss://`. Needs
+    /// --tls-key.
+    #[arg(long, env = "PGDN_TLS_CERT", value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PGDN_TLS_KEY", value_name = "PATH")]
+    tls_key: Option<PathBuf>,
     /// Serve the demo page at `/`.
     #[arg(long, env = "PGDN_DEMO_PAGE", default_value_t = true, action = clap::ArgAction::Set)]
     demo_page: bool,
@@ -233,6 +241,10 @@ struct Args {
     /// File holding the Redis URL (a trailing newline is ignored).
     #[arg(long, env = "PGDN_REDIS_URL_FILE", value_name = "PATH")]
     redis_url_file: Option<PathBuf>,
+    /// For a rediss:// URL: PEM file of the CA that the Redis server's
+    /// certificate must chain to, instead of the public roots.
+    #[arg(long, env = "PGDN_REDIS_CA_CERT", value_name = "PATH")]
+    redis_ca_cert: Option<PathBuf>,
     /// This node's id in the cluster (default: generated, printed at start).
     #[arg(long, env = "PGDN_NODE_ID")]
     node_id: Option<String>,
@@ -294,6 +306,14 @@ async fn cluster_hub(
     cluster_config.heartbeat_interval = args.node_ttl / 3;
     cluster_config.history = config.history;
     cluster_config.max_users_per_publish = args.max_users_per_publish;
+    if let Some(path) = &args.redis_ca_cert {
+        cluster_config.redis_ca_cert = Some(std::fs::read(path).map_err(|e| {
+            pgdn_server::Error::Config(format!(
+                "cannot read --redis-ca-cert {}: {e}",
+                path.display()
+            ))
+        })?);
+    }
     // Redis may not be up yet (containers start in any order): the node
     // comes up anyway, serves /healthz, and is not ready (503 on /readyz
     // and on publishes) until it is connected, subscribed and registered;
@@ -512,6 +532,46 @@ async fn jwks_authenticator(_: &str) -> Result<JwtAuthenticator, pgdn_server::Er
     ))
 }
 
+/// What terminates TLS: a certificate and key (feature `tls`).
+#[cfg(feature = "tls")]
+type Tls = pgdn_server::TlsConfig;
+/// Without the `tls` feature nothing can (the type has no value).
+#[cfg(not(feature = "tls"))]
+type Tls = std::convert::Infallible;
+
+/// The TLS certificate and key of --tls-cert and --tls-key (both or
+/// neither), read now so that a bad file stops the start.
+fn tls_config(args: &Args) -> Result<Option<Tls>, pgdn_server::Error> {
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => {
+            return Err(pgdn_server::Error::Config(
+                "--tls-cert (PGDN_TLS_CERT) is set but --tls-key (PGDN_TLS_KEY) is not; \
+                 set both to serve https, or neither"
+                    .into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(pgdn_server::Error::Config(
+                "--tls-key (PGDN_TLS_KEY) is set but --tls-cert (PGDN_TLS_CERT) is not; \
+                 set both to serve https, or neither"
+                    .into(),
+            ));
+        }
+    };
+    #[cfg(feature = "tls")]
+    return pgdn_server::TlsConfig::from_pem_files(cert, key).map(Some);
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = (cert, key);
+        Err(pgdn_server::Error::Config(
+            "this pgdn-server was built without the `tls` feature; rebuild with it for --tls-cert"
+                .into(),
+        ))
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -542,6 +602,7 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     let credentials = credentials(&args)?;
+    let tls = tls_config(&args)?;
     let dev_mode = credentials.is_none();
     let (jwt_secret, publish_keys) =
         credentials.unwrap_or_else(|| (random_key(32), vec![random_key(24)]));
@@ -599,8 +660,9 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
         .build()?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // One parseable line on stdout for scripts and tests.
-    println!("pgdn-server listening on http://{addr}");
+    println!("pgdn-server listening on {scheme}://{addr}");
     tracing::info!(%addr, node = pgdn.hub().node_id(), "pgdn-server started");
     if dev_mode {
         print_dev_banner(
@@ -610,9 +672,16 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
             addr,
             &pgdn.config().ws_path,
             &pgdn.config().sse_path,
+            tls.is_some(),
         )?;
     }
-    pgdn.serve(listener, shutdown_signal()).await;
+    match tls {
+        None => pgdn.serve(listener, shutdown_signal()).await,
+        #[cfg(feature = "tls")]
+        Some(tls) => pgdn.serve_tls(listener, tls, shutdown_signal()).await,
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match never {},
+    }
     tracing::info!("pgdn-server stopped");
     Ok(())
 }
@@ -624,7 +693,13 @@ fn print_dev_banner(
     addr: SocketAddr,
     ws_path: &str,
     sse_path: &str,
+    tls: bool,
 ) -> Result<(), pgdn_server::Error> {
+    let (http, ws) = if tls {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     let token = auth.issue("demo-user", &["demo"], Duration::from_secs(24 * 3600))?;
     let host = match addr {
         SocketAddr::V4(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
@@ -643,12 +718,12 @@ fn print_dev_banner(
  Demo token (user "demo-user", group "demo", valid 24 h):
    {token}
 
- Demo page:   http://{host}/?token={token}
- WebSocket:   ws://{host}{ws_path}?token=<token>
- SSE:         curl -N 'http://{host}{sse_path}?token={token}'
+ Demo page:   {http}://{host}/?token={token}
+ WebSocket:   {ws}://{host}{ws_path}?token=<token>
+ SSE:         curl -N '{http}://{host}{sse_path}?token={token}'
 
  Publish to the demo user:
-   curl -sS -X POST http://{host}/api/v1/publish \
+   curl -sS -X POST {http}://{host}/api/v1/publish \
      -H 'Authorization: Bearer {publish_key}' \
      -H 'Content-Type: application/json' \
      -d '{{"target":{{"user":"demo-user"}},"type":"info","payload":{{"title":"Hello","message":"from curl"}}}}'

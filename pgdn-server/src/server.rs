@@ -312,7 +312,39 @@ impl Pgdn {
         F: Filter<Error = Rejection> + Clone + Send + Sync + 'static,
         F::Extract: Reply,
     {
-        crate::listener::serve(routes, listener, &self.service, shutdown).await;
+        crate::listener::serve(routes, listener, None, &self.service, shutdown).await;
+    }
+
+    /// [`Pgdn::serve`] over TLS (`https://`, `wss://`): every connection
+    /// completes its TLS handshake in its own task, within
+    /// [`Config::header_read_timeout`] (a peer that never finishes it is
+    /// dropped then), before its first request. Needs the `tls` feature.
+    #[cfg(feature = "tls")]
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        tls: crate::TlsConfig,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let routes = self.routes();
+        self.serve_routes_tls(routes, listener, tls, shutdown).await;
+    }
+
+    /// [`Pgdn::serve_routes`] over TLS, as [`Pgdn::serve_tls`]. Needs the
+    /// `tls` feature.
+    #[cfg(feature = "tls")]
+    pub async fn serve_routes_tls<F>(
+        &self,
+        routes: F,
+        listener: TcpListener,
+        tls: crate::TlsConfig,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) where
+        F: Filter<Error = Rejection> + Clone + Send + Sync + 'static,
+        F::Extract: Reply,
+    {
+        let acceptor = tls.acceptor().clone();
+        crate::listener::serve(routes, listener, Some(acceptor), &self.service, shutdown).await;
     }
 
     /// Closes every connection with 1001 and waits for their tasks to end

@@ -5,8 +5,13 @@
 //! A missing `redis-server` is a clear failure, not a skip: the message
 //! says how to install it (`cargo xtask test` installs it where it can).
 //!
+//! For TLS tests, [`TestCa`] makes a private CA and a server certificate at
+//! test time, and [`RedisServer::start_tls`] serves Redis over TLS only
+//! (`rediss://`) with it.
+//!
 //! # Layout
 //! - this file: [`RedisServer`].
+//! - `tls`: [`TestCa`].
 //! - `nginx`: [`Nginx`], a private nginx that runs the repository's deploy
 //!   file in front of a test server (same rules: a missing `nginx` fails,
 //!   naming [`NGINX_INSTALL_HINT`]).
@@ -15,10 +20,15 @@ mod nginx;
 
 pub use nginx::{NGINX_INSTALL_HINT, Nginx, nginx_path};
 
-use std::io::{Read, Write};
+mod tls;
+
+pub use tls::TestCa;
+
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The command that installs Redis on Debian.
@@ -42,6 +52,8 @@ pub fn redis_server_path() -> Option<PathBuf> {
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// Certificate, key and CA files when it serves TLS only.
+    tls: Option<[PathBuf; 3]>,
 }
 
 fn free_port() -> u16 {
@@ -76,12 +88,36 @@ impl RedisServer {
             let mut server = RedisServer {
                 port: free_port(),
                 child: None,
+                tls: None,
             };
             if server.spawn() {
                 return server;
             }
         }
         panic!("redis-server did not start on a free port after 3 tries");
+    }
+
+    /// Starts one that accepts TLS only (`--port 0 --tls-port <free>`),
+    /// with `ca`'s server certificate and no client certificates, and waits
+    /// until it logs that it is ready. Its [`url`](Self::url) is
+    /// `rediss://127.0.0.1:<port>`; clients must trust [`TestCa::ca_pem`].
+    /// Keep `ca` alive as long as the server: a restart reads its files.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start); also when this `redis-server` was built
+    /// without TLS.
+    pub fn start_tls(ca: &TestCa) -> RedisServer {
+        for _ in 0..3 {
+            let mut server = RedisServer {
+                port: free_port(),
+                child: None,
+                tls: Some([ca.cert_path(), ca.key_path(), ca.ca_path()]),
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server with TLS did not start on a free port after 3 tries");
     }
 
     fn spawn(&mut self) -> bool {
@@ -91,10 +127,21 @@ impl RedisServer {
                  (or run `cargo xtask test`, which installs it when it can)"
             )
         });
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some([cert, key, ca]) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
             .args([
-                "--port",
-                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -107,11 +154,18 @@ impl RedisServer {
                 "no",
             ])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if self.tls.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
         self.child = Some(child);
+        if self.tls.is_some() {
+            return self.wait_ready_line();
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if ping(self.port) {
@@ -135,6 +189,7 @@ impl RedisServer {
         RedisServer {
             port: free_port(),
             child: None,
+            tls: None,
         }
     }
 
@@ -159,14 +214,44 @@ impl RedisServer {
         assert!(status.success(), "kill -{sig} failed");
     }
 
+    /// Waits for the log line saying it accepts connections (a plain PING
+    /// cannot reach a TLS-only port); `false` when it exited first (the
+    /// port was taken) or stayed silent for 10 s.
+    fn wait_ready_line(&mut self) -> bool {
+        let Some(stdout) = self.child.as_mut().and_then(|c| c.stdout.take()) else {
+            return false;
+        };
+        let (ready, on_ready) = mpsc::channel();
+        // Reads every line, so that the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("Ready to accept connections") {
+                    let _ = ready.send(());
+                }
+            }
+        });
+        if on_ready.recv_timeout(Duration::from_secs(10)).is_ok() {
+            return true;
+        }
+        self.kill();
+        false
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Its URL, e.g. `redis://127.0.0.1:40123`.
+    /// Its URL, e.g. `redis://127.0.0.1:40123` (`rediss://` when started
+    /// with [`start_tls`](Self::start_tls)).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Kills it (like a crash) and waits for the process to end.
@@ -222,5 +307,23 @@ mod tests {
         let port = r.port();
         drop(r);
         assert!(!ping(port));
+    }
+
+    #[test]
+    fn serves_tls_only_with_the_test_ca() {
+        let ca = TestCa::generate();
+        assert!(ca.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(ca.key_path().is_file());
+        let mut r = RedisServer::start_tls(&ca);
+        assert!(r.url().starts_with("rediss://127.0.0.1:"));
+        // The port takes connections, but plain RESP gets no PONG.
+        assert!(TcpStream::connect(("127.0.0.1", r.port())).is_ok());
+        assert!(!ping(r.port()));
+        r.start_again();
+        assert!(TcpStream::connect(("127.0.0.1", r.port())).is_ok());
+        let dir = ca.dir().to_path_buf();
+        drop(r);
+        drop(ca);
+        assert!(!dir.exists());
     }
 }

@@ -3,8 +3,11 @@
 //! - `cargo xtask test`: everything CI checks: formatting, clippy with
 //!   warnings denied, and every test of the workspace. It first makes sure
 //!   what the tests need is installed (`redis-server`, `chromium`,
-//!   `nginx`, `python3` with `requests`, `systemd-analyze`), installing it with apt-get when
-//!   it can.
+//!   `nginx`, `python3` with `requests`, `systemd-analyze`, OpenSSL's
+//!   headers), installing it with apt-get when it can. Last it builds the
+//!   feature sets the workspace build does not cover (pgdn-client without
+//!   TLS and with native-tls only, pgdn-server embedded without default
+//!   features) and runs their tests.
 //! - `cargo xtask bench`: see `bench.rs` (also `--publisher`, the
 //!   blocking publisher, and `--cluster`, three nodes on one Redis).
 
@@ -39,8 +42,12 @@ fn has_cargo_subcommand(sub: &str) -> bool {
 }
 
 /// Whether an executable `name` is in `/usr/bin`, `/usr/sbin` (nginx's
-/// place on Debian, off a normal user's PATH) or on PATH.
+/// place on Debian, off a normal user's PATH) or on PATH; for an absolute
+/// path (a header file), whether that file exists.
 fn has_program(name: &str) -> bool {
+    if name.starts_with('/') {
+        return std::path::Path::new(name).is_file();
+    }
     ["/usr/bin", "/usr/sbin"]
         .iter()
         .any(|dir| std::path::Path::new(dir).join(name).is_file())
@@ -127,6 +134,12 @@ fn test() -> ExitCode {
         ("nginx", "nginx", "the nginx tests"),
         ("systemd-analyze", "systemd", "the deploy tests"),
         ("python3", "python3", "the README tests"),
+        ("pkg-config", "pkg-config", "pgdn-client's native-tls tests"),
+        (
+            "/usr/include/openssl/ssl.h",
+            "libssl-dev",
+            "pgdn-client's native-tls tests",
+        ),
     ];
     for (program, package, why) in services {
         if !ensure_installed(program, package, why) {
@@ -157,7 +170,37 @@ fn test() -> ExitCode {
     tests.args(["test", "--workspace", "--all-targets"]);
     let mut doctests = cargo();
     doctests.args(["test", "--workspace", "--doc"]);
-    for cmd in [fmt, clippy, tests, doctests] {
+    // Feature sets the workspace build does not cover: pgdn-client without
+    // TLS (an https URL is refused when built) and with native-tls only,
+    // and pgdn-server as an app embeds it (no binary, no TLS, no Redis).
+    let mut client_without_tls = cargo();
+    client_without_tls.args([
+        "test",
+        "-p",
+        "pgdn-client",
+        "--no-default-features",
+        "--features",
+        "publisher",
+        "--lib",
+    ]);
+    let mut client_native_tls = cargo();
+    client_native_tls.args([
+        "test",
+        "-p",
+        "pgdn-client",
+        "--no-default-features",
+        "--features",
+        "publisher,blocking,subscriber,native-tls",
+        "--test",
+        "tls",
+    ]);
+    let mut server_embedded = cargo();
+    server_embedded.args(["check", "-p", "pgdn-server", "--no-default-features"]);
+    let feature_sets = [client_without_tls, client_native_tls, server_embedded];
+    for cmd in [fmt, clippy, tests, doctests]
+        .into_iter()
+        .chain(feature_sets)
+    {
         if !run(cmd) {
             return ExitCode::FAILURE;
         }
