@@ -1,5 +1,9 @@
 //! The `pgdn-server` binary: a standalone pgdn node configured by flags and
-//! environment variables. With no configuration it runs in dev mode.
+//! environment variables, or a TOML file of the same settings
+//! (`--config`, see `config_file`). With no configuration it runs in dev
+//! mode.
+
+mod config_file;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,7 +40,6 @@ enum Task {
             long,
             env = "PGDN_REDIS_URL",
             hide_env_values = true,
-            required_unless_present = "redis_url_file",
             conflicts_with = "redis_url_file"
         )]
         redis_url: Option<String>,
@@ -478,7 +481,8 @@ async fn jwks_authenticator(_: &str) -> Result<JwtAuthenticator, pgdn_server::Er
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    // Flags > environment > `--config` file > defaults.
+    let cli: Cli = config_file::parse_or_exit();
     let args = cli.args;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
