@@ -229,7 +229,7 @@ impl Settings {
             // quotes the line, which may hold a secret.
             let line = e
                 .span()
-                .map(|s| format!(" at line {}", text[..s.start].lines().count().max(1)))
+                .map(|s| format!(" at line {}", text[..s.start].matches('\n').count() + 1))
                 .unwrap_or_default();
             Error::Config(format!(
                 "config file {where_}{line}: {}",
