@@ -31,12 +31,12 @@ const MASK: &str = "***";
 pub fn parse_or_exit<T: clap::Parser>() -> T {
     let argv: Vec<OsString> = std::env::args_os().collect();
     match parse_from(T::command(), &argv) {
-        Ok(Parsed::Run(matches, mut cmd)) => {
-            T::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
-        }
-        Ok(Parsed::PrintConfig(text)) => {
-            print!("{text}");
+        Ok((matches, cmd)) if matches.get_flag(PRINT_CONFIG) => {
+            print!("{}", print(&cmd, &matches));
             std::process::exit(0)
+        }
+        Ok((matches, mut cmd)) => {
+            T::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
         }
         Err(Failure::Clap(e)) => e.exit(),
         Err(Failure::Config(e)) => {
@@ -44,14 +44,6 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
             std::process::exit(1)
         }
     }
-}
-
-/// What the command line asks for.
-enum Parsed {
-    /// Run with these matches (of this command, for error messages).
-    Run(ArgMatches, Command),
-    /// Print this configuration and exit.
-    PrintConfig(String),
 }
 
 /// Why the command line or the file was refused.
@@ -70,8 +62,9 @@ impl From<clap::Error> for Failure {
 }
 
 /// `cmd` with `--config` and `--print-config`, parsed from `argv` with the
-/// file's values under the environment and the flags.
-fn parse_from(cmd: Command, argv: &[OsString]) -> Result<Parsed, Failure> {
+/// file's values under the environment and the flags; with the command
+/// that parsed them, for error messages.
+fn parse_from(cmd: Command, argv: &[OsString]) -> Result<(ArgMatches, Command), Failure> {
     let cmd = cmd
         .arg(
             Arg::new(CONFIG)
@@ -103,10 +96,7 @@ fn parse_from(cmd: Command, argv: &[OsString]) -> Result<Parsed, Failure> {
         let matches = with_file.clone().try_get_matches_from(argv)?;
         let overridden = settings.overridden(&with_file, &matches, &dropped);
         if overridden.is_empty() {
-            if matches.get_flag(PRINT_CONFIG) {
-                return Ok(Parsed::PrintConfig(print(&with_file, &matches)));
-            }
-            return Ok(Parsed::Run(matches, with_file));
+            return Ok((matches, with_file));
         }
         dropped.extend(overridden);
     }
