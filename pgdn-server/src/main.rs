@@ -1,5 +1,9 @@
 //! The `pgdn-server` binary: a standalone pgdn node configured by flags and
-//! environment variables. With no configuration it runs in dev mode.
+//! environment variables, or a TOML file of the same settings
+//! (`--config`, see `config_file`). With no configuration it runs in dev
+//! mode.
+
+mod config_file;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,7 +40,6 @@ enum Task {
             long,
             env = "PGDN_REDIS_URL",
             hide_env_values = true,
-            required_unless_present = "redis_url_file",
             conflicts_with = "redis_url_file"
         )]
         redis_url: Option<String>,
@@ -574,7 +577,8 @@ fn tls_config(args: &Args) -> Result<Option<Tls>, pgdn_server::Error> {
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    // Flags > environment > `--config` file > defaults.
+    let cli: Cli = config_file::parse_or_exit();
     let args = cli.args;
     if let Err(e) = init_logs(&args.log, args.log_format) {
         eprintln!("pgdn-server: {e}");
