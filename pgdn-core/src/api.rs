@@ -320,7 +320,13 @@ impl Service {
                 json_error(StatusCode::BAD_REQUEST, &m)
             }
             other => {
-                tracing::error!(error = %other, "publish failed");
+                // While the broker is away every publish fails the same
+                // way; the broker logs the outage itself, once.
+                if matches!(other, Error::Broker(_)) {
+                    tracing::debug!(error = %other, "publish refused (503)");
+                } else {
+                    tracing::warn!(error = %other, "publish failed");
+                }
                 self.inner.metrics.api_request("unavailable");
                 json_error(StatusCode::SERVICE_UNAVAILABLE, &other.to_string())
             }
