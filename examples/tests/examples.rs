@@ -234,7 +234,7 @@ async fn emitter_progress_reaches_a_cluster_node() {
         .publish_key("em-publish-key-16")
         .build()
         .unwrap();
-    assert!(cluster.wait_subscribed(Duration::from_secs(10)).await);
+    assert!(cluster.wait_ready(Duration::from_secs(10)).await);
     let addr = serve(pgdn.routes()).await;
     let token = JwtAuthenticator::new(b"em-secret-of-at-least-32-bytes!!")
         .issue("owner", &[], Duration::from_secs(60))
