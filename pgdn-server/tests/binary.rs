@@ -2,14 +2,14 @@
 //! token and curl command really work, SIGTERM shuts down gracefully.
 
 mod common;
+mod spawn;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{Client, expect_close};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgdn-server");
+use spawn::{TempDir, clean_command};
 
 struct Server {
     child: Child,
@@ -23,19 +23,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn clean_command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PGDN_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
 }
 
 /// Starts the binary in dev mode on a free port; reads stdout up to the
@@ -247,29 +234,6 @@ fn exit_of(mut cmd: Command) -> (bool, String) {
 
 const GOOD_SECRET: &str = "a-jwt-secret-of-thirty-two-bytes";
 const GOOD_KEY: &str = "a-publish-key-16";
-
-/// A directory of its own under the system's temp dir, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("pgdn-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn file(&self, name: &str, contents: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[test]
 fn weak_or_empty_secrets_are_refused_naming_the_setting() {

@@ -3,10 +3,11 @@
 //! pgdn-testkit), surviving `kill -9` of a node and a Redis restart.
 
 mod common;
+mod spawn;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,8 +15,8 @@ use common::{Client, WAIT};
 use pgdn_server::JwtAuthenticator;
 use pgdn_testkit::RedisServer;
 use serde_json::{Value, json};
+use spawn::clean_command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgdn-server");
 const SECRET: &str = "cluster-secret-of-at-least-32-bytes";
 const KEY: &str = "cluster-publish-key";
 
@@ -77,20 +78,11 @@ impl Node {
 
     /// Starts a node on the Redis at `url` with `extra` flags.
     fn launch(url: &str, id: &str, extra: &[&str]) -> Node {
-        let mut cmd = Command::new(BIN);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("PGDN_") {
-                cmd.env_remove(k);
-            }
-        }
-        let mut child = cmd
+        let mut child = clean_command()
             .args(["--addr", "127.0.0.1:0", "--redis-url", url, "--node-id", id])
             .args(["--jwt-secret", SECRET, "--publish-key", KEY])
             .args(extra)
             .args(["--log", "warn"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("pgdn-server starts");
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -286,7 +278,7 @@ async fn a_killed_node_expires_is_cleaned_up_and_the_others_go_on() {
     assert_eq!(stats["users"], json!(["alice"]));
 
     // The cleanup task of the command line removes what the dead node left.
-    let out = Command::new(BIN)
+    let out = clean_command()
         .args(["cleanup", "--redis-url", &redis.url()])
         .output()
         .unwrap();

@@ -5,88 +5,16 @@
 //! reads back as a configuration file.
 
 mod common;
+mod spawn;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::Client;
+use spawn::{Running, TempDir, clean_command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgdn-server");
 const SECRET: &str = "file-jwt-secret-of-32-bytes-long";
 const FILE_KEY: &str = "the-files-publish-key";
-
-/// The binary with no `PGDN_*` variable of the test's environment.
-fn clean_command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PGDN_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-/// A directory of its own under the system's temp dir, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("pgdn-cfg-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn file(&self, name: &str, contents: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A started server, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `cmd` and waits for its "listening" line (a blocking read on the
-/// pipe: an event, not a sleep).
-fn start(mut cmd: Command) -> Server {
-    let mut child = cmd.spawn().expect("binary starts");
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
-    let Some(addr) = first
-        .trim()
-        .strip_prefix("pgdn-server listening on http://")
-        .map(str::to_string)
-    else {
-        let _ = child.kill();
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-        panic!("not started: {first:?} {err}");
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in reader.lines() {});
-    Server { child, addr }
-}
 
 /// Runs the binary to its exit (within 30 s): success, stdout, stderr.
 fn run(mut cmd: Command) -> (bool, String, String) {
@@ -144,8 +72,8 @@ demo-page = false
     );
     let mut cmd = clean_command();
     cmd.args(["--config", &config]);
-    let server = start(cmd);
-    let addr = &server.addr;
+    let server = Running::start(cmd);
+    let addr = server.addr();
     // Configured mode: the file's credentials, no dev banner.
     let (ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{addr}/live?token={}", token("u1")))
@@ -196,19 +124,19 @@ async fn the_environment_overrides_the_file_and_a_flag_the_environment() {
     let mut cmd = clean_command();
     cmd.env("PGDN_CONFIG", &config)
         .env("PGDN_PUBLISH_KEY", ENV_KEY);
-    let server = start(cmd);
-    assert_eq!(publish(&server.addr, ENV_KEY, "u").await, 200);
-    assert_eq!(publish(&server.addr, FILE_KEY, "u").await, 401);
+    let server = Running::start(cmd);
+    assert_eq!(publish(server.addr(), ENV_KEY, "u").await, 200);
+    assert_eq!(publish(server.addr(), FILE_KEY, "u").await, 401);
     drop(server);
 
     // ... and the variable by the flag.
     let mut cmd = clean_command();
     cmd.args(["--config", &config, "--publish-key", FLAG_KEY])
         .env("PGDN_PUBLISH_KEY", ENV_KEY);
-    let server = start(cmd);
-    assert_eq!(publish(&server.addr, FLAG_KEY, "u").await, 200);
-    assert_eq!(publish(&server.addr, ENV_KEY, "u").await, 401);
-    assert_eq!(publish(&server.addr, FILE_KEY, "u").await, 401);
+    let server = Running::start(cmd);
+    assert_eq!(publish(server.addr(), FLAG_KEY, "u").await, 200);
+    assert_eq!(publish(server.addr(), ENV_KEY, "u").await, 401);
+    assert_eq!(publish(server.addr(), FILE_KEY, "u").await, 401);
     drop(server);
 
     // A variable also overrides a file's value it conflicts with: the
@@ -218,12 +146,12 @@ async fn the_environment_overrides_the_file_and_a_flag_the_environment() {
     let mut cmd = clean_command();
     cmd.args(["--config", &config])
         .env("PGDN_JWT_SECRET_FILE", &secret_file);
-    let server = start(cmd);
+    let server = Running::start(cmd);
     let signed = pgdn_server::JwtAuthenticator::new(other.as_bytes())
         .issue("v", &[], Duration::from_secs(60))
         .unwrap();
     let (ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={signed}", server.addr))
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={signed}", server.addr()))
             .await
             .expect("the environment's secret file");
     Client::after_upgrade(ws).await;

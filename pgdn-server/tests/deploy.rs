@@ -6,11 +6,14 @@
 //! binary (left empty, they stop it with a message naming the setting).
 //! (`deploy/nginx/pgdn.conf` is run by tests/nginx.rs.)
 
+mod spawn;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgdn-server");
+use spawn::{BIN, clean_command};
+
 const UNIT: &str = include_str!("../../deploy/pgdn-server.service");
 const ENV_FILE: &str = include_str!("../../deploy/pgdn.env.example");
 
@@ -40,16 +43,6 @@ fn unit_value(key: &str) -> &'static str {
 
 fn duration(s: &str) -> Duration {
     humantime::parse_duration(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
-}
-
-/// A `pgdn-server` command with none of the caller's `PGDN_*` variables.
-fn clean_command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PGDN_")) {
-        cmd.env_remove(k);
-    }
-    cmd.stdin(Stdio::null());
-    cmd
 }
 
 #[test]
@@ -127,10 +120,7 @@ fn the_environment_file_starts_the_binary_once_its_secrets_are_set() {
             };
             cmd.env(k, v);
         }
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        cmd.spawn().unwrap()
     };
     // As shipped: the empty secrets stop it, naming the setting.
     let out = run(false).wait_with_output().unwrap();

@@ -17,11 +17,11 @@
 //! nginx is required: the test fails, naming the install command, when
 //! it is missing (`cargo xtask test` installs it when it can).
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod spawn;
 
 use futures_util::{SinkExt, StreamExt};
 use pgdn_server::JwtAuthenticator;
@@ -29,6 +29,7 @@ use pgdn_testkit::Nginx;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
+use spawn::{Running, clean_command};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -40,44 +41,15 @@ const KEY: &str = "nginx-test-publish-key";
 /// Upper bound for any wait; only reached when something is broken.
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The binary, killed when dropped.
-struct Server(Child, SocketAddr);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `pgdn-server` on a free port with the flags that must match the
 /// nginx file, and reads its address from its first line (an event).
-fn start_server() -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgdn-server"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PGDN_")) {
-        cmd.env_remove(k);
-    }
-    let mut child = cmd
-        .args(["--addr", "127.0.0.1:0", "--trusted-proxies", "127.0.0.1"])
+fn start_server() -> Running {
+    let mut cmd = clean_command();
+    cmd.args(["--addr", "127.0.0.1:0", "--trusted-proxies", "127.0.0.1"])
         .args(["--max-connections-per-ip", "1", "--demo-page", "false"])
         .env("PGDN_JWT_SECRET", SECRET)
-        .env("PGDN_PUBLISH_KEY", KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the binary starts");
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    std::thread::spawn(move || for _ in reader.lines() {});
-    let addr = line
-        .trim()
-        .strip_prefix("pgdn-server listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    Server(child, addr)
+        .env("PGDN_PUBLISH_KEY", KEY);
+    Running::start(cmd)
 }
 
 fn token(user: &str) -> String {
@@ -205,7 +177,7 @@ async fn publish(http: &reqwest::Client, nginx: &Nginx, user: &str, n: u64) -> S
 #[tokio::test]
 async fn websocket_and_sse_through_the_shipped_nginx_configuration() {
     let server = start_server();
-    let nginx = Nginx::start(SITE, server.1);
+    let nginx = Nginx::start(SITE, server.addr().parse().unwrap());
     let ws_token = token("ws-user");
     let sse_token = token("sse-user");
     let from_a = https_client(&nginx, [127, 0, 0, 2]);

@@ -15,10 +15,10 @@
 //! `python3-requests` when it can).
 
 mod common;
+mod spawn;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -26,46 +26,18 @@ use std::time::Duration;
 use common::{Client, KEY, SECRET, WAIT};
 use pgdn_server::JwtAuthenticator;
 use serde_json::{Value, json};
+use spawn::{Running, clean_command};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
 const MARKER: &str = "<!-- readme-test: python-publisher -->";
 
-/// The binary, killed when dropped.
-struct Server(Child, SocketAddr);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server() -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgdn-server"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PGDN_")) {
-        cmd.env_remove(k);
-    }
-    let mut child = cmd
-        .args(["--addr", "127.0.0.1:0"])
+fn start_server() -> Running {
+    let mut cmd = clean_command();
+    cmd.args(["--addr", "127.0.0.1:0"])
         .env("PGDN_JWT_SECRET", std::str::from_utf8(SECRET).unwrap())
-        .env("PGDN_PUBLISH_KEY", KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the binary starts");
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    std::thread::spawn(move || for _ in reader.lines() {});
-    let addr = line
-        .trim()
-        .strip_prefix("pgdn-server listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    Server(child, addr)
+        .env("PGDN_PUBLISH_KEY", KEY);
+    Running::start(cmd)
 }
 
 /// The README's Python block after [`MARKER`].
@@ -103,20 +75,20 @@ async fn run_python(url: &str, key: &str, timeout: &str) -> (bool, String, Strin
     )
 }
 
-async fn subscribe(server: &Server) -> Client {
+async fn subscribe(server: &Running) -> Client {
     let token = JwtAuthenticator::new(SECRET)
         .issue("demo-user", &[], Duration::from_secs(600))
         .unwrap();
-    let url = format!("ws://{}/ws?token={token}", server.1);
+    let url = format!("ws://{}/ws?token={token}", server.addr());
     let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     Client::after_upgrade(ws).await
 }
 
 /// Publishes a marker straight to the server: once it arrives, anything
 /// published before it (a duplicate) would have arrived first.
-async fn publish_marker(server: &Server) -> String {
+async fn publish_marker(server: &Running) -> String {
     let reply: Value = reqwest::Client::new()
-        .post(format!("http://{}/api/v1/publish", server.1))
+        .post(format!("http://{}/api/v1/publish", server.addr()))
         .bearer_auth(KEY)
         .json(&json!({"target": {"user": "demo-user"}, "type": "marker"}))
         .send()
@@ -132,7 +104,7 @@ async fn publish_marker(server: &Server) -> String {
 async fn the_python_snippet_publishes_to_a_subscriber() {
     let server = start_server();
     let mut client = subscribe(&server).await;
-    let url = format!("http://{}", server.1);
+    let url = format!("http://{}", server.addr());
     let (ok, stdout, stderr) = run_python(&url, KEY, "10").await;
     assert!(ok, "the script failed:\n{stderr}");
     assert!(stdout.contains("'delivered': 1"), "{stdout}");
@@ -176,7 +148,7 @@ async fn reply_losing_proxy(upstream: SocketAddr) -> (SocketAddr, Arc<AtomicUsiz
 async fn the_python_snippet_retries_a_lost_reply_with_the_same_id() {
     let server = start_server();
     let mut client = subscribe(&server).await;
-    let (proxy, connections) = reply_losing_proxy(server.1).await;
+    let (proxy, connections) = reply_losing_proxy(server.addr().parse().unwrap()).await;
     // A read timeout of 1 s: the first reply never comes.
     let (ok, stdout, stderr) = run_python(&format!("http://{proxy}"), KEY, "1").await;
     assert!(ok, "the script failed:\n{stderr}");
@@ -194,7 +166,7 @@ async fn the_python_snippet_retries_a_lost_reply_with_the_same_id() {
 #[tokio::test]
 async fn the_python_snippet_shows_the_servers_error_on_a_4xx() {
     let server = start_server();
-    let url = format!("http://{}", server.1);
+    let url = format!("http://{}", server.addr());
     let wrong = "a-wrong-publish-key-of-some-length";
     let expected = reqwest::Client::new()
         .post(format!("{url}/api/v1/publish"))

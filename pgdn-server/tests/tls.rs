@@ -5,102 +5,51 @@
 //! header-read timeout while others are served; and cluster mode runs over
 //! a TLS-only `redis-server` (`rediss://`, `--redis-ca-cert`).
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
+
+mod spawn;
 
 use futures_util::StreamExt;
 use pgdn_client::{Event, Publisher, Subscriber, Subscription};
 use pgdn_server::JwtAuthenticator;
 use pgdn_testkit::{RedisServer, TestCa};
 use serde_json::{Value, json};
+use spawn::{Running, clean_command};
 use tokio::io::AsyncWriteExt;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgdn-server");
 const SECRET: &str = "tls-test-secret-of-at-least-32-bytes";
 const KEY: &str = "tls-test-publish-key";
 const WAIT: Duration = Duration::from_secs(15);
 
-/// The binary, configured (not dev mode), on a free port.
-struct Node {
-    child: Child,
-    /// The `listening on` URL, e.g. `https://127.0.0.1:40123`.
-    url: String,
+/// A node: the binary with the test credentials, killed when dropped.
+type Node = Running;
+
+/// Starts a node with `args` and waits for its `listening on` line.
+fn start(args: &[&str]) -> Node {
+    Running::start(command(args))
 }
 
-impl Node {
-    /// Starts it with `args` and waits for its `listening on` line.
-    fn start(args: &[&str]) -> Node {
-        let mut child = command(args).spawn().expect("pgdn-server starts");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut url = None;
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            if let Some(u) = line.strip_prefix("pgdn-server listening on ") {
-                url = Some(u.to_string());
-                break;
-            }
-        }
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        let url = url.unwrap_or_else(|| {
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("no `listening on` line; stderr: {err}")
-        });
-        Node { child, url }
-    }
-
-    /// Starts it serving TLS with `ca`'s server certificate.
-    fn start_tls(ca: &TestCa, extra: &[&str]) -> Node {
-        let (cert, key) = (ca.cert_path(), ca.key_path());
-        let mut args = vec![
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        Node::start(&args)
-    }
-
-    /// `host:port`.
-    fn addr(&self) -> &str {
-        self.url.split_once("://").unwrap().1
-    }
-
-    fn ws(&self) -> String {
-        let scheme = if self.url.starts_with("https") {
-            "wss"
-        } else {
-            "ws"
-        };
-        format!("{scheme}://{}/ws", self.addr())
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts a node serving TLS with `ca`'s server certificate.
+fn start_tls(ca: &TestCa, extra: &[&str]) -> Node {
+    let (cert, key) = (ca.cert_path(), ca.key_path());
+    let mut args = vec![
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    start(&args)
 }
 
 /// The binary with the test credentials and `args`, its environment clean
 /// of `PGDN_*`.
 fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PGDN_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = clean_command();
     cmd.args(["--addr", "127.0.0.1:0", "--jwt-secret", SECRET])
         .args(["--publish-key", KEY, "--log", "warn"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .args(args);
     cmd
 }
 
@@ -156,7 +105,7 @@ async fn next_sse_data(
 #[tokio::test]
 async fn the_binary_serves_https_wss_and_sse_with_its_certificate() {
     let ca = TestCa::generate();
-    let node = Node::start_tls(&ca, &[]);
+    let node = start_tls(&ca, &[]);
     assert!(node.url.starts_with("https://127.0.0.1:"), "{}", node.url);
 
     // A WebSocket subscriber over wss://, trusting the test CA.
@@ -216,7 +165,7 @@ async fn the_binary_serves_https_wss_and_sse_with_its_certificate() {
 #[tokio::test]
 async fn a_stalled_tls_handshake_is_cut_at_the_header_timeout_and_blocks_no_one() {
     let ca = TestCa::generate();
-    let node = Node::start_tls(&ca, &["--header-read-timeout", "4s"]);
+    let node = start_tls(&ca, &["--header-read-timeout", "4s"]);
     // One peer opens TCP and sends nothing; another starts a TLS record
     // (a handshake header announcing 512 bytes) and stops there.
     let mut silent = tokio::net::TcpStream::connect(node.addr()).await.unwrap();
@@ -269,7 +218,7 @@ async fn cluster_mode_over_rediss_delivers_across_nodes() {
     let (url, ca_file) = (redis.url(), ca.ca_path());
     let node = |id| {
         let ca_file = ca_file.to_str().unwrap();
-        Node::start(&[
+        start(&[
             "--redis-url",
             &url,
             "--redis-ca-cert",
