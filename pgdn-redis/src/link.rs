@@ -234,7 +234,7 @@ pub(crate) async fn subscribe_loop(shared: Arc<Shared>) {
                     }
                     true
                 };
-                let why = loop {
+                loop {
                     tokio::select! {
                         // Messages first: what Redis sent before a failure
                         // is delivered before the failure is acted on.
@@ -258,9 +258,7 @@ pub(crate) async fn subscribe_loop(shared: Arc<Shared>) {
                             break why;
                         }
                     }
-                };
-                shared.update(|s| s.subscribed = false);
-                why
+                }
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("subscribing took longer than {:?}", timeout * 2),
