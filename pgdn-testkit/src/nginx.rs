@@ -26,9 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-
-use crate::free_port;
+use crate::{TestCa, free_port};
 
 /// The command that installs nginx on Debian.
 pub const NGINX_INSTALL_HINT: &str = "apt-get install -y nginx";
@@ -65,28 +63,6 @@ pub struct Nginx {
     ca_pem: String,
     /// The site file as run.
     site: String,
-}
-
-/// A CA and a certificate for `localhost` / `127.0.0.1` it signed: (CA
-/// PEM, certificate PEM, key PEM).
-fn certificates() -> (String, String, String) {
-    let ca_key = KeyPair::generate().expect("a CA key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "pgdn-testkit test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_pem = ca.self_signed(&ca_key).expect("the CA certificate").pem();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().expect("a server key");
-    let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .expect("server certificate parameters");
-    leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let cert = leaf
-        .signed_by(&key, &issuer)
-        .expect("the server certificate");
-    (ca_pem, cert.pem(), key.serialize_pem())
 }
 
 /// The directive a config line holds (its first word) and the rest,
@@ -211,9 +187,9 @@ impl Nginx {
             .tempdir()
             .expect("a temporary directory");
         let path = dir.path();
-        let (ca_pem, cert_pem, key_pem) = certificates();
-        std::fs::write(path.join("cert.pem"), cert_pem).expect("write the certificate");
-        std::fs::write(path.join("key.pem"), key_pem).expect("write the key");
+        let ca = TestCa::generate();
+        std::fs::write(path.join("cert.pem"), &ca.cert_pem).expect("write the certificate");
+        std::fs::write(path.join("key.pem"), &ca.key_pem).expect("write the key");
         let rewritten = rewrite_site(site, upstream, path, free_port);
         assert!(
             rewritten.listens.iter().any(|&(_, ssl)| ssl),
@@ -254,7 +230,7 @@ impl Nginx {
             dir,
             child: None,
             listens: rewritten.listens,
-            ca_pem,
+            ca_pem: ca.ca_pem.clone(),
             site: rewritten.text,
         }
     }
