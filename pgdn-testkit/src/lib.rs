@@ -9,6 +9,9 @@
 //! test time, and [`RedisServer::start_tls`] serves Redis over TLS only
 //! (`rediss://`) with it.
 //!
+//! Several independent shards are several [`RedisServer`]s
+//! ([`RedisServer::start_many`]).
+//!
 //! # Layout
 //! - this file: [`RedisServer`].
 //! - `tls`: [`TestCa`].
@@ -36,14 +39,29 @@ pub const INSTALL_HINT: &str = "apt-get install -y redis-server";
 
 /// Where `redis-server` is, if installed.
 pub fn redis_server_path() -> Option<PathBuf> {
+    find_binary("redis-server", "/usr/bin/redis-server")
+}
+
+/// `name` on `PATH`, else `fallback` if it is a file.
+fn find_binary(name: &str, fallback: &str) -> Option<PathBuf> {
     let from_path = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
-            .map(|p| p.join("redis-server"))
+            .map(|p| p.join(name))
             .find(|p| p.is_file())
     });
     from_path.or_else(|| {
-        let p = PathBuf::from("/usr/bin/redis-server");
+        let p = PathBuf::from(fallback);
         p.is_file().then_some(p)
+    })
+}
+
+/// `redis-server`, or a panic that says how to install it.
+fn redis_server_bin() -> PathBuf {
+    redis_server_path().unwrap_or_else(|| {
+        panic!(
+            "redis-server is not installed; the tests need it. Install it with `{INSTALL_HINT}` \
+             (or run `cargo xtask test`, which installs it when it can)"
+        )
     })
 }
 
@@ -97,6 +115,15 @@ impl RedisServer {
         panic!("redis-server did not start on a free port after 3 tries");
     }
 
+    /// Starts `n` independent servers (e.g. the shards of a deployment
+    /// without Redis Cluster), each as [`start`](Self::start).
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub fn start_many(n: usize) -> Vec<RedisServer> {
+        (0..n).map(|_| RedisServer::start()).collect()
+    }
+
     /// Starts one that accepts TLS only (`--port 0 --tls-port <free>`),
     /// with `ca`'s server certificate and no client certificates, and waits
     /// until it logs that it is ready. Its [`url`](Self::url) is
@@ -121,13 +148,7 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> bool {
-        let bin = redis_server_path().unwrap_or_else(|| {
-            panic!(
-                "redis-server is not installed; the tests need it. Install it with `{INSTALL_HINT}` \
-                 (or run `cargo xtask test`, which installs it when it can)"
-            )
-        });
-        let mut command = Command::new(bin);
+        let mut command = Command::new(redis_server_bin());
         match &self.tls {
             None => command.args(["--port", &self.port.to_string()]),
             Some([cert, key, ca]) => command
@@ -307,6 +328,14 @@ mod tests {
         let port = r.port();
         drop(r);
         assert!(!ping(port));
+    }
+
+    #[test]
+    fn starts_many_independent_servers() {
+        let shards = RedisServer::start_many(2);
+        assert_eq!(shards.len(), 2);
+        assert_ne!(shards[0].port(), shards[1].port());
+        assert!(shards.iter().all(|s| ping(s.port())));
     }
 
     #[test]
