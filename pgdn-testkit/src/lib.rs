@@ -9,7 +9,8 @@
 //! test time, and [`RedisServer::start_tls`] serves Redis over TLS only
 //! (`rediss://`) with it.
 //!
-//! Several independent shards are several [`RedisServer`]s
+//! For a deployment on Redis Cluster, [`RedisCluster`] starts one that can
+//! lose a master (killed or paused) and wait for the failover. Several independent shards are several [`RedisServer`]s
 //! ([`RedisServer::start_many`]).
 //!
 //! # Layout
@@ -18,6 +19,14 @@
 //! - `nginx`: [`Nginx`], a private nginx that runs the repository's deploy
 //!   file in front of a test server (same rules: a missing `nginx` fails,
 //!   naming [`NGINX_INSTALL_HINT`]).
+//! - `cluster`: [`RedisCluster`], masters and replicas made into a Redis
+//!   Cluster by `redis-cli --cluster create`, with a short node timeout.
+//! - `node`: one process of a cluster (its config file
+//!   and log in its own temporary directory), and the polling loop with a
+//!   deadline that every wait uses.
+//! - `resp`: a minimal RESP2 client over a `TcpStream` for the waits, and
+//!   [`redis_cli`], which runs the real `redis-cli` (a missing one fails,
+//!   naming [`INSTALL_HINT`]).
 
 mod nginx;
 
@@ -26,6 +35,16 @@ pub use nginx::{NGINX_INSTALL_HINT, Nginx, nginx_path};
 mod tls;
 
 pub use tls::TestCa;
+
+mod cluster;
+
+pub use cluster::{CLUSTER_SLOT_COUNT, DEFAULT_NODE_TIMEOUT, RedisCluster};
+
+mod node;
+
+mod resp;
+
+pub use resp::{redis_cli, redis_cli_path};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
