@@ -9,8 +9,10 @@
 //! test time, and [`RedisServer::start_tls`] serves Redis over TLS only
 //! (`rediss://`) with it.
 //!
-//! For a deployment on Redis Cluster, [`RedisCluster`] starts one that can
-//! lose a master (killed or paused) and wait for the failover. Several independent shards are several [`RedisServer`]s
+//! For the topologies a deployment may run, [`RedisCluster`] starts a Redis
+//! Cluster and [`RedisSentinel`] a master and replica watched by sentinels,
+//! each able to lose its master (killed or paused) and to wait for the
+//! failover. Several independent shards are several [`RedisServer`]s
 //! ([`RedisServer::start_many`]).
 //!
 //! # Layout
@@ -21,7 +23,9 @@
 //!   naming [`NGINX_INSTALL_HINT`]).
 //! - `cluster`: [`RedisCluster`], masters and replicas made into a Redis
 //!   Cluster by `redis-cli --cluster create`, with a short node timeout.
-//! - `node`: one process of a cluster (its config file
+//! - `sentinel`: [`RedisSentinel`], one master, one replica and three
+//!   sentinels (`redis-server --sentinel`).
+//! - `node`: one process of a cluster or sentinel setup (its config file
 //!   and log in its own temporary directory), and the polling loop with a
 //!   deadline that every wait uses.
 //! - `resp`: a minimal RESP2 client over a `TcpStream` for the waits, and
@@ -39,6 +43,10 @@ pub use tls::TestCa;
 mod cluster;
 
 pub use cluster::{CLUSTER_SLOT_COUNT, DEFAULT_NODE_TIMEOUT, RedisCluster};
+
+mod sentinel;
+
+pub use sentinel::{DEFAULT_MASTER_NAME, DOWN_AFTER, RedisSentinel};
 
 mod node;
 

@@ -1,5 +1,6 @@
-//! One `redis-server` process of a cluster: started from a config file in
-//! its own temporary directory (where it also logs), on a free port, with no
+//! One `redis-server` process of a cluster or sentinel setup: started from
+//! a config file in its own temporary directory (where it also logs, and
+//! where a sentinel rewrites its config), on a free port, with no
 //! persistence; killed when dropped, and the directory removed.
 //!
 //! Two replication settings differ from Redis's defaults, to make a setup

@@ -28,7 +28,7 @@ pub fn redis_cli_path() -> Option<PathBuf> {
 pub(crate) fn redis_cli_bin() -> PathBuf {
     redis_cli_path().unwrap_or_else(|| {
         panic!(
-            "redis-cli is not installed; the cluster tests need it. Install it with \
+            "redis-cli is not installed; the cluster and sentinel tests need it. Install it with \
              `{INSTALL_HINT}` (or run `cargo xtask test`, which installs it when it can)"
         )
     })
@@ -97,6 +97,15 @@ impl Reply {
             Reply::Array(items) => items,
             _ => &[],
         }
+    }
+
+    /// The value of `key` in a flat array of field/value pairs (how RESP2
+    /// sends maps, e.g. `SENTINEL MASTER`).
+    pub(crate) fn field(&self, key: &str) -> Option<&Reply> {
+        self.array()
+            .chunks(2)
+            .find(|pair| pair[0].text() == Some(key))
+            .and_then(|pair| pair.get(1))
     }
 }
 
@@ -187,7 +196,7 @@ mod tests {
         assert_eq!(parse("$-1\r\n"), Ok(Reply::Nil));
         assert_eq!(parse("$4\r\na\r\nb\r\n"), Ok(Reply::Text("a\r\nb".into())));
         let r = parse("*2\r\n$4\r\nname\r\n*1\r\n:7\r\n").unwrap();
-        assert_eq!(r.array()[1].array(), &[Reply::Int(7)]);
+        assert_eq!(r.field("name").unwrap().array(), &[Reply::Int(7)]);
         assert!(parse("$5\r\nab").is_err());
         assert!(parse("").is_err());
     }
