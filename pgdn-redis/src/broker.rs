@@ -9,8 +9,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pgdn_core::{Broker, Envelope, MessageId, PublishRequest, Published, Target, WeakHub};
 
-use redis::aio::ConnectionManager;
-
 use crate::cluster::{ClusterConfig, Shared};
 use crate::error::{Error, Result};
 use crate::scripts;
@@ -50,44 +48,180 @@ pub(crate) fn check_target(config: &ClusterConfig, target: &Target) -> Result<()
     }
 }
 
-/// Runs the publish script for `envelope` with the key prefix and bounds of
-/// `config`; `None` for a repeated id. Shared by the broker and the emitter.
-pub(crate) async fn publish_envelope(
-    conn: &mut ConnectionManager,
-    config: &ClusterConfig,
-    envelope: &Envelope,
-) -> Result<Option<u64>> {
+/// One partition's part of a publish.
+struct Part<'a> {
+    partition: u16,
+    kind: &'static str,
+    target: String,
+    /// The group, or the partition's target users.
+    names: Vec<&'a str>,
+}
+
+/// Publishes `envelope`: one publish script per partition it touches (a
+/// `users` target spanning partitions is split, each part carrying only
+/// its partition's users), sent as one pipeline per shard. `None` when
+/// every part was a repeated id. A frame for users in several partitions
+/// is stored once, beforehand, in the partition of its id. Shared by the
+/// broker and the emitter.
+pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Result<Option<()>> {
+    let config = &shared.config;
+    let keys = &shared.keys;
     check_target(config, &envelope.target)?;
-    let users = envelope.target.user_recipients();
-    let kind = match &envelope.target {
-        Target::User(_) | Target::Users(_) => "u",
-        _ => "a",
+    let id = envelope.id.as_str();
+    let whole = || serde_json::to_string(&envelope.target).expect("targets serialize");
+    let parts: Vec<Part<'_>> = match &envelope.target {
+        Target::Group(g) => vec![Part {
+            partition: keys.partition(g),
+            kind: "g",
+            target: whole(),
+            names: vec![&**g],
+        }],
+        Target::User(u) => vec![Part {
+            partition: keys.partition(u),
+            kind: "u",
+            target: whole(),
+            names: vec![&**u],
+        }],
+        Target::Users(users) => {
+            let mut by: std::collections::BTreeMap<u16, Vec<&str>> = Default::default();
+            for u in users {
+                let list = by.entry(keys.partition(u)).or_default();
+                if !list.contains(&&**u) {
+                    list.push(u);
+                }
+            }
+            let split = by.len() > 1;
+            by.into_iter()
+                .map(|(partition, names)| Part {
+                    partition,
+                    kind: "u",
+                    target: if split {
+                        serde_json::to_string(&Target::users(names.iter().copied()))
+                            .expect("targets serialize")
+                    } else {
+                        whole()
+                    },
+                    names,
+                })
+                .collect()
+        }
+        _ => vec![Part {
+            partition: keys.partition(id),
+            kind: "b",
+            target: whole(),
+            names: Vec::new(),
+        }],
     };
-    let target = serde_json::to_string(&envelope.target).expect("targets serialize");
     let history = config.history;
-    let mut inv = scripts::PUBLISH.prepare_invoke();
-    inv.arg(&config.prefix)
-        .arg(envelope.id.as_str())
-        .arg(if envelope.chosen_id { "1" } else { "0" })
-        .arg(config.dedup_window.as_millis() as u64)
-        .arg(history.max_messages)
-        .arg(history.max_age.as_millis() as u64)
-        .arg(kind)
-        .arg(target)
-        .arg(&*envelope.origin)
-        .arg(envelope.frame.as_ref())
-        .arg(config.settle_gap().as_millis() as u64)
-        .arg(config.settle_time().as_millis() as u64);
-    for u in &users {
-        inv.arg(&**u);
+    let age = history.max_age.as_millis() as u64;
+    let topology = shared.topology()?;
+    // Where the frame of a user message is kept: with the part when there
+    // is one, else once, in the id's partition, before any part runs.
+    let frame_at = if parts.len() > 1 {
+        let q = keys.partition(id);
+        if history.max_messages > 0 {
+            let _: () = redis::cmd("SET")
+                .arg(keys.message(q, id))
+                .arg(envelope.frame.as_ref())
+                .arg("PX")
+                .arg(age.max(1))
+                .query_async(&mut topology.shard(q).conn()?)
+                .await?;
+        }
+        q
+    } else {
+        parts[0].partition
+    };
+    let id_ttl = config.dedup_window.max(history.max_age).as_millis() as u64;
+    let mut by_shard: Vec<Vec<scripts::Call>> = vec![Vec::new(); topology.shards.len()];
+    for part in &parts {
+        let p = part.partition;
+        let store_here = part.kind == "u" && parts.len() == 1;
+        let mut c = scripts::Call::new(&scripts::PUBLISH);
+        c.key(keys.id(p, id))
+            .key(keys.seq(p))
+            .key(keys.clock(p))
+            .key(keys.settling(p))
+            .key(keys.master(p));
+        match part.kind {
+            "g" => {
+                c.key(keys.group(part.names[0]));
+            }
+            "u" => {
+                if store_here {
+                    c.key(keys.message(p, id));
+                }
+                for u in &part.names {
+                    c.key(keys.history(u))
+                        .key(keys.history_evicted(u))
+                        .key(keys.user(u));
+                }
+            }
+            _ => {}
+        }
+        c.arg(keys.part(p))
+            .arg(id)
+            .arg(if envelope.chosen_id { "1" } else { "0" })
+            .arg(id_ttl.max(1))
+            .arg(history.max_messages)
+            .arg(age)
+            .arg(part.kind)
+            .arg(&part.target)
+            .arg(&*envelope.origin)
+            .arg(envelope.frame.as_ref())
+            .arg(config.settle_gap().as_millis() as u64)
+            .arg(config.settle_time().as_millis() as u64)
+            .arg(p)
+            .arg(frame_at)
+            .arg(if store_here { "1" } else { "0" })
+            .arg(topology.shards[topology.owner[p as usize]].run_id());
+        by_shard[topology.owner[p as usize]].push(c);
     }
-    let seq: i64 = inv.invoke_async(conn).await?;
-    if seq == -2 {
+    let mut sent = false;
+    let mut settling = false;
+    let mut counter = None;
+    for (i, calls) in by_shard.iter().enumerate() {
+        if calls.is_empty() {
+            continue;
+        }
+        let mut conn = topology.shards[i].conn()?;
+        let replies = scripts::run_all(&mut conn, calls).await.inspect_err(|e| {
+            if e.redirect_node().is_some() {
+                shared.refresh_now.notify_one();
+            }
+        })?;
+        for r in replies {
+            match r {
+                redis::Value::Int(-2) => settling = true,
+                redis::Value::Int(-1) => {}
+                redis::Value::Int(c) => {
+                    sent = true;
+                    counter = Some(c);
+                }
+                _ => sent = true,
+            }
+        }
+    }
+    // A group message's id is also kept in the partition of the id, where
+    // a resume from it looks (as for a broadcast, which runs there).
+    if let (Target::Group(_), Some(c)) = (&envelope.target, counter) {
+        let q = keys.partition(id);
+        if q != parts[0].partition {
+            let _: () = redis::cmd("SET")
+                .arg(keys.id(q, id))
+                .arg(c)
+                .arg("PX")
+                .arg(id_ttl.max(1))
+                .query_async(&mut topology.shard(q).conn()?)
+                .await?;
+        }
+    }
+    if settling {
         return Err(Error::Unavailable(
             "redis is back from an outage; waiting for every node to register again".into(),
         ));
     }
-    Ok((seq >= 0).then_some(seq as u64))
+    Ok(sent.then_some(()))
 }
 
 #[async_trait]
@@ -97,8 +231,11 @@ impl Broker for RedisBroker {
             tracing::warn!("RedisBroker attached to a second hub; ignoring it");
             return;
         }
-        tokio::spawn(crate::link::subscribe_loop(self.shared.clone()));
-        tokio::spawn(crate::link::heartbeat_loop(self.shared.clone()));
+        if let Ok(topology) = self.shared.topology() {
+            for shard in &topology.shards {
+                self.shared.start_node_tasks(shard);
+            }
+        }
         tokio::spawn(cleanup_loop(self.shared.clone()));
     }
 
@@ -106,8 +243,7 @@ impl Broker for RedisBroker {
         if let Err(why) = self.shared.readiness() {
             return Err(pgdn_core::Error::Broker(format!("{why}; try again")));
         }
-        let shared = &self.shared;
-        match publish_envelope(&mut shared.conn()?, &shared.config, envelope).await? {
+        match publish_envelope(&self.shared, envelope).await? {
             Some(_) => Ok(Published::Sent),
             None => Ok(Published::Duplicate),
         }
@@ -126,7 +262,8 @@ impl Broker for RedisBroker {
     }
 }
 
-/// Parses `seq\norigin\nid\ntarget\nframe` from a channel, and checks
+/// Parses `counter:partition\norigin\nid\ntarget\nframe` from a channel
+/// (the number is [`keys::seq`](crate::keys::seq) of the two), and checks
 /// that it is a message pgdn could have published ([`Envelope::check`]):
 /// anyone who can `PUBLISH` on the channels could have put anything there.
 pub(crate) fn parse_message(payload: &[u8]) -> Result<Envelope> {
@@ -135,7 +272,8 @@ pub(crate) fn parse_message(payload: &[u8]) -> Result<Envelope> {
     let mut next = |what: &str| parts.next().ok_or_else(|| bad(what));
     let seq = std::str::from_utf8(next("seq")?)
         .ok()
-        .and_then(|s| s.parse::<u64>().ok())
+        .and_then(|s| s.split_once(':'))
+        .and_then(|(c, p)| Some(crate::keys::seq(c.parse().ok()?, p.parse().ok()?)))
         .ok_or_else(|| bad("seq"))?;
     let origin = std::str::from_utf8(next("origin")?).map_err(|_| bad("origin"))?;
     let id = std::str::from_utf8(next("id")?).map_err(|_| bad("id"))?;
@@ -153,11 +291,12 @@ pub(crate) fn parse_message(payload: &[u8]) -> Result<Envelope> {
     Ok(envelope)
 }
 
-/// Runs a bounded cleanup pass every cleanup interval (with jitter, so
-/// that nodes do not all scan at once). Ends when the hub is gone.
+/// Runs a bounded cleanup pass on every shard every cleanup interval
+/// (with jitter, so that nodes do not all scan at once). Ends when the hub
+/// is gone.
 async fn cleanup_loop(shared: Arc<Shared>) {
     use rand::Rng;
-    let mut cursor = 0u64;
+    let mut cursors: std::collections::HashMap<String, u64> = Default::default();
     loop {
         let base = shared.config.cleanup_interval;
         let jitter = rand::rng().random_range(Duration::ZERO..=base / 4);
@@ -165,19 +304,10 @@ async fn cleanup_loop(shared: Arc<Shared>) {
         if shared.hub().is_none() {
             return;
         }
-        let Ok(mut conn) = shared.conn() else {
-            continue;
-        };
-        match crate::cleanup::cleanup_pass(
-            &mut conn,
-            &shared.keys.prefix,
-            shared.config.cleanup_batch,
-            cursor,
-        )
-        .await
+        match crate::cleanup::cleanup_shards(&shared, shared.config.cleanup_batch, &mut cursors)
+            .await
         {
             Ok(report) => {
-                cursor = report.cursor;
                 if report.mappings_removed > 0 || report.nodes_removed > 0 {
                     tracing::info!(?report, "cleanup pass");
                 }
@@ -194,15 +324,16 @@ mod tests {
     #[test]
     fn parses_channel_messages() {
         let frame = r#"{"id":"m1","type":"info","payload":{"x":"a\nb"},"timestamp":"t"}"#;
-        let e = parse_message(format!("42\nnode-a\nm1\n{{\"user\":\"u1\"}}\n{frame}").as_bytes())
+        let e = parse_message(format!("42:3\nnode-a\nm1\n{{\"user\":\"u1\"}}\n{frame}").as_bytes())
             .unwrap();
-        assert_eq!(e.seq, Some(42));
+        assert_eq!(e.seq, Some(crate::keys::seq(42, 3)));
         assert_eq!(&*e.origin, "node-a");
         assert_eq!(e.id.as_str(), "m1");
         assert_eq!(e.target, Target::user("u1"));
         assert_eq!(&e.frame[..], frame.as_bytes());
         assert!(parse_message(b"x\ny").is_err());
-        assert!(parse_message(b"1\nn\nm1\n{\"user\":\"u1\"}\nnot a frame").is_err());
-        assert!(parse_message(b"1\nn\nm1\n{\"user\":\"u1\"}\n\xff").is_err());
+        assert!(parse_message(b"1:0\nn\nm1\n{\"user\":\"u1\"}\nnot a frame").is_err());
+        assert!(parse_message(b"1:0\nn\nm1\n{\"user\":\"u1\"}\n\xff").is_err());
+        assert!(parse_message(b"1\nn\nm1\n{\"user\":\"u1\"}\n{}").is_err());
     }
 }

@@ -1,14 +1,16 @@
 //! Removing what dead nodes left behind, with SCAN (never KEYS) and bounded
-//! work per pass. Every node runs a pass periodically; `pgdn-server cleanup
-//! --redis-url ...` runs a full one from the command line (what pgdn-ws
-//! leaves to a hand-written Celery job).
+//! work per pass. Every node runs a pass periodically on every shard;
+//! `pgdn-server cleanup --redis-url ...` runs a full one from the command
+//! line (what pgdn-ws leaves to a hand-written Celery job).
 
-use redis::AsyncCommands;
+use std::collections::{HashMap, HashSet};
+
 use redis::aio::ConnectionLike;
 
+use crate::cluster::Shared;
 use crate::error::Result;
 use crate::keys::Keys;
-use crate::scripts;
+use crate::scripts::{self, Call};
 
 /// What a cleanup pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -16,59 +18,113 @@ use crate::scripts;
 pub struct CleanupReport {
     /// Where the next pass continues the SCAN; 0 once a full cycle ended.
     pub cursor: u64,
-    /// User keys looked at.
+    /// User and group keys looked at.
     pub keys_scanned: usize,
-    /// Stale user -> node mappings removed.
+    /// Stale user (group) -> node mappings removed.
     pub mappings_removed: usize,
     /// Dead nodes whose bookkeeping was removed.
     pub nodes_removed: usize,
 }
 
-/// One bounded pass: forgets dead nodes (no liveness key), then scans at
-/// most about `batch` user keys from `cursor` and removes their mappings
-/// that expired or point to a dead node.
-pub async fn cleanup_pass<C>(
+impl CleanupReport {
+    fn add(&mut self, other: &CleanupReport) {
+        self.keys_scanned += other.keys_scanned;
+        self.mappings_removed += other.mappings_removed;
+        self.nodes_removed += other.nodes_removed;
+    }
+}
+
+/// Forgets the nodes whose liveness expired (on the shard of partition
+/// 0); returns the live ones and how many were forgotten.
+async fn forget_dead<C>(conn: &mut C, keys: &Keys) -> Result<(HashSet<String>, usize)>
+where
+    C: ConnectionLike + Send + Sync,
+{
+    let mut live = Call::new(&scripts::LIVE);
+    live.key(keys.nodes());
+    let mut clean = Call::new(&scripts::CLEAN);
+    clean.key(keys.nodes());
+    let alive: Vec<String> = scripts::run(conn, &live).await?;
+    let removed: i64 = scripts::run(conn, &clean).await?;
+    Ok((alive.into_iter().collect(), removed.max(0) as usize))
+}
+
+/// What a key under the prefix is, from its name.
+enum Kind<'a> {
+    /// A user's or a group's map.
+    Map,
+    /// A node's counts.
+    Counts(&'a str),
+    Other,
+}
+
+fn kind<'a>(prefix: &str, key: &'a str) -> Kind<'a> {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return Kind::Other;
+    };
+    let Some((_, rest)) = rest.split_once("}:") else {
+        return Kind::Other;
+    };
+    if rest.starts_with("user:") || rest.starts_with("group:") {
+        Kind::Map
+    } else if let Some(node) = rest
+        .strip_prefix("conns:")
+        .or_else(|| rest.strip_prefix("groups:"))
+    {
+        Kind::Counts(node)
+    } else {
+        Kind::Other
+    }
+}
+
+/// One bounded pass over the keys of one shard, from `cursor`: removes the
+/// expired entries of user and group maps, and the counts of nodes not in
+/// `live`.
+async fn clean_shard<C>(
     conn: &mut C,
-    prefix: &str,
+    keys: &Keys,
+    live: &HashSet<String>,
     batch: usize,
     cursor: u64,
 ) -> Result<CleanupReport>
 where
     C: ConnectionLike + Send + Sync,
 {
-    let keys = Keys::new(prefix);
     let mut report = CleanupReport::default();
-    let nodes: Vec<String> = conn.smembers(keys.nodes()).await?;
-    for node in nodes {
-        let alive: bool = conn.exists(keys.alive(&node)).await?;
-        if !alive {
-            let _: () = redis::pipe()
-                .del(keys.node_conns(&node))
-                .del(keys.node_groups(&node))
-                .srem(keys.nodes(), &node)
-                .query_async(conn)
-                .await?;
-            report.nodes_removed += 1;
-        }
-    }
     let mut cursor = cursor;
+    let pattern = format!("{}{{*", keys.prefix);
     loop {
         let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(keys.user_pattern())
+            .arg(&pattern)
             .arg("COUNT")
-            .arg(100)
+            .arg(200)
             .query_async(conn)
             .await?;
-        if !found.is_empty() {
-            let mut inv = scripts::CLEAN_USERS.prepare_invoke();
-            for k in &found {
-                inv.key(k);
+        let mut calls = Vec::new();
+        let mut dead = Vec::new();
+        for k in &found {
+            match kind(&keys.prefix, k) {
+                Kind::Map => {
+                    // One key per call: keys of different partitions may
+                    // be in different slots.
+                    let mut c = Call::new(&scripts::CLEAN);
+                    c.key(k.clone());
+                    calls.push(c);
+                }
+                Kind::Counts(node) if !live.contains(node) => dead.push(k.clone()),
+                _ => {}
             }
-            let removed: i64 = inv.arg(prefix).invoke_async(conn).await?;
-            report.mappings_removed += removed.max(0) as usize;
-            report.keys_scanned += found.len();
+        }
+        report.keys_scanned += calls.len();
+        for r in scripts::run_all(conn, &calls).await? {
+            if let redis::Value::Int(n) = r {
+                report.mappings_removed += n.max(0) as usize;
+            }
+        }
+        for k in dead {
+            let _: () = redis::cmd("DEL").arg(k).query_async(conn).await?;
         }
         cursor = next;
         if cursor == 0 || report.keys_scanned >= batch {
@@ -79,8 +135,30 @@ where
     Ok(report)
 }
 
-/// Full cleanup: passes until the SCAN has gone round once. For the
-/// command line.
+/// One bounded pass on a single Redis (every partition on `conn`):
+/// forgets dead nodes (whose liveness expired) and their counts, then
+/// scans from `cursor` at most about `batch` user and group keys and
+/// removes their mappings that expired. For several shards, use
+/// [`Cluster::cleanup`](crate::Cluster::cleanup).
+pub async fn cleanup_pass<C>(
+    conn: &mut C,
+    prefix: &str,
+    batch: usize,
+    cursor: u64,
+) -> Result<CleanupReport>
+where
+    C: ConnectionLike + Send + Sync,
+{
+    let keys = Keys::new(prefix, 1);
+    let (live, forgotten) = forget_dead(conn, &keys).await?;
+    let mut report = clean_shard(conn, &keys, &live, batch, cursor).await?;
+    report.nodes_removed = forgotten;
+    Ok(report)
+}
+
+/// Full cleanup of a single Redis: passes until the SCAN has gone round
+/// once. For the command line; [`Cluster::cleanup`](crate::Cluster::cleanup)
+/// does the same on any deployment.
 pub async fn cleanup_all(url: &str, prefix: &str) -> Result<CleanupReport> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
@@ -88,12 +166,43 @@ pub async fn cleanup_all(url: &str, prefix: &str) -> Result<CleanupReport> {
     let mut cursor = 0;
     loop {
         let r = cleanup_pass(&mut conn, prefix, 1000, cursor).await?;
-        total.keys_scanned += r.keys_scanned;
-        total.mappings_removed += r.mappings_removed;
-        total.nodes_removed += r.nodes_removed;
+        total.add(&r);
         cursor = r.cursor;
         if cursor == 0 {
             return Ok(total);
         }
     }
+}
+
+/// One bounded pass on every shard of the node's deployment, each from
+/// its own cursor in `cursors` (by shard name).
+pub(crate) async fn cleanup_shards(
+    shared: &Shared,
+    batch: usize,
+    cursors: &mut HashMap<String, u64>,
+) -> Result<CleanupReport> {
+    let keys = &shared.keys;
+    let topology = shared.topology()?;
+    let (live, forgotten) = forget_dead(&mut topology.shard(0).conn()?, keys).await?;
+    let mut total = CleanupReport {
+        nodes_removed: forgotten,
+        ..CleanupReport::default()
+    };
+    for shard in &topology.shards {
+        let cursor = cursors.get(&shard.name).copied().unwrap_or(0);
+        let r = clean_shard(&mut shard.conn()?, keys, &live, batch, cursor).await?;
+        cursors.insert(shard.name.clone(), r.cursor);
+        total.add(&r);
+    }
+    total.cursor = cursors.values().copied().max().unwrap_or(0);
+    Ok(total)
+}
+
+/// A full cycle on every shard (every shard's SCAN has gone round once).
+pub(crate) async fn cleanup_everything(shared: &Shared) -> Result<CleanupReport> {
+    let mut cursors = HashMap::new();
+    let mut total = cleanup_shards(shared, usize::MAX, &mut cursors).await?;
+    // A batch of usize::MAX runs each SCAN to its end in one pass.
+    total.cursor = 0;
+    Ok(total)
 }

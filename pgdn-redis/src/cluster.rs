@@ -2,8 +2,8 @@
 //! broker, session tracker and history.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
 use pgdn_core::{HistoryConfig, Hub, HubBuilder, WeakHub};
@@ -15,6 +15,8 @@ use crate::error::{Error, Result};
 use crate::history::RedisHistory;
 use crate::keys::Keys;
 use crate::session::RedisSessionTracker;
+pub use crate::shard::RedisMode;
+use crate::shard::{Locator, Shard, Topology};
 
 /// Settings of a cluster node, each with its default.
 #[derive(Debug, Clone)]
@@ -63,6 +65,17 @@ pub struct ClusterConfig {
     /// server's certificate must chain to, instead of the public webpki
     /// roots (a private PKI). Default `None`. Needs the `tls` feature.
     pub redis_ca_cert: Option<Vec<u8>>,
+    /// How the deployment's Redis is laid out: one Redis, independent
+    /// shards, Redis Cluster or Sentinel. Default [`RedisMode::Single`].
+    pub mode: RedisMode,
+    /// How many partitions users, groups and message ids are hashed to
+    /// (1 to 1024). Fixed for a deployment: every node and emitter must
+    /// use the same number (and, in mode shards, the same list of URLs).
+    /// Default 128.
+    pub partitions: u16,
+    /// Mode sentinel: the name the sentinels monitor the master under.
+    /// Default `mymaster`.
+    pub sentinel_master: String,
 }
 
 impl ClusterConfig {
@@ -78,9 +91,15 @@ impl ClusterConfig {
     /// How long the cluster settles after such an outage (or on a Redis
     /// that starts empty): a PING interval (every node learns of it, and
     /// starts a heartbeat at once) plus a command timeout (the heartbeat
-    /// has written its sessions).
+    /// has written its sessions). Where masters change (Redis Cluster,
+    /// Sentinel), nodes learn of a new master up to a slot check (2 s)
+    /// apart, which is added.
     pub(crate) fn settle_time(&self) -> Duration {
-        self.ping_interval + self.command_timeout
+        let follow = match self.mode {
+            RedisMode::Cluster | RedisMode::Sentinel => Duration::from_secs(2),
+            _ => Duration::ZERO,
+        };
+        self.ping_interval + self.command_timeout + follow
     }
 }
 
@@ -98,6 +117,9 @@ impl Default for ClusterConfig {
             command_timeout: Duration::from_secs(2),
             ping_interval: Duration::from_secs(1),
             redis_ca_cert: None,
+            mode: RedisMode::Single,
+            partitions: 128,
+            sentinel_master: "mymaster".into(),
         }
     }
 }
@@ -110,11 +132,12 @@ pub(crate) struct Local {
     pub(crate) groups: HashMap<String, u64>,
 }
 
-/// How the node stands with Redis. It takes publishes only when all three
-/// hold: otherwise a publish could be answered 200 and reach nobody (a
-/// message published while this node is not subscribed is lost for it; a
-/// message to a user whose mapping Redis lost, after a restart or a stall
-/// longer than the node TTL, is routed nowhere).
+/// How the node stands with one shard. It takes publishes only when all
+/// three hold on every shard: otherwise a publish could be answered 200
+/// and reach nobody (a message published while this node is not
+/// subscribed is lost for it; a message to a user whose mapping Redis
+/// lost, after a restart or a stall longer than the node TTL, is routed
+/// nowhere).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct LinkState {
     /// The command connection answered its last PING.
@@ -122,13 +145,13 @@ pub(crate) struct LinkState {
     /// The pub/sub subscription is live (and answered its last PING).
     pub(crate) subscribed: bool,
     /// A heartbeat completed since the last subscription and since the last
-    /// failure: Redis holds this node's liveness key and every mapping of
-    /// its users and groups.
+    /// failure: the shard holds every mapping of this node's users and
+    /// groups in its partitions.
     pub(crate) registered: bool,
     /// The last attempt to connect failed.
     pub(crate) unreachable: bool,
-    /// Redis was away or restarted, and the cluster waits for every node
-    /// to register again (the publish script's clock).
+    /// Redis was away or restarted, and the shard's partitions wait for
+    /// every node to register again (the publish script's clock).
     pub(crate) settling: bool,
 }
 
@@ -150,44 +173,27 @@ impl LinkState {
 
 /// State shared by the broker, tracker, history and background tasks.
 pub(crate) struct Shared {
-    pub(crate) client: redis::Client,
-    /// The command connection; `None` while Redis is unreachable or after
-    /// it stopped answering (then the link task makes a new one: a
-    /// half-open connection is not waited out).
-    pub(crate) conn: Mutex<Option<ConnectionManager>>,
     pub(crate) node: String,
     pub(crate) config: ClusterConfig,
     pub(crate) keys: Keys,
     pub(crate) local: Mutex<Local>,
     pub(crate) hub: OnceLock<WeakHub>,
-    /// See [`LinkState`].
-    pub(crate) state: watch::Sender<LinkState>,
-    /// Bumped whenever the node's registration in Redis may have been lost
-    /// (a new subscription, a failed command): a heartbeat that started
-    /// before does not count.
-    pub(crate) epoch: AtomicU64,
-    /// Wakes the heartbeat at once (after a reconnect or a failure).
-    pub(crate) heartbeat_now: Notify,
-    /// Wakes the command link's PING (the clock's touch) at once.
-    pub(crate) touch_now: Notify,
+    /// Which shard holds each partition; replaced (never edited) when
+    /// Redis Cluster's slots move. `None` until Redis Cluster's slots are
+    /// first known.
+    pub(crate) topology: RwLock<Option<Arc<Topology>>>,
+    /// Bumped with every change of a shard's state or of the topology.
+    pub(crate) changed: Arc<watch::Sender<u64>>,
+    /// Redis Cluster: the URLs to ask for the slots.
+    pub(crate) seeds: Vec<String>,
+    /// Redis Cluster: wakes the slot check at once (a `MOVED`, a failed
+    /// shard).
+    pub(crate) refresh_now: Notify,
 }
 
 impl Shared {
     pub(crate) fn local(&self) -> MutexGuard<'_, Local> {
         self.local.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The command connection, or an error while there is none.
-    pub(crate) fn conn(&self) -> Result<ConnectionManager> {
-        self.conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| Error::Unavailable("redis unreachable".into()))
-    }
-
-    pub(crate) fn set_conn(&self, conn: Option<ConnectionManager>) {
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
     }
 
     pub(crate) fn ttl_ms(&self) -> u64 {
@@ -198,37 +204,92 @@ impl Shared {
         self.hub.get().and_then(WeakHub::upgrade)
     }
 
-    pub(crate) fn update(&self, f: impl FnOnce(&mut LinkState)) {
-        self.state.send_if_modified(|s| {
-            let before = *s;
-            f(s);
-            before != *s
-        });
+    /// The current topology, or why there is none yet.
+    pub(crate) fn topology(&self) -> Result<Arc<Topology>> {
+        self.topology
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| Error::Unavailable("redis cluster slots not known yet".into()))
     }
 
-    /// Whether the node can take publishes now, or why not.
+    /// The shard of partition `p`.
+    pub(crate) fn shard(&self, p: u16) -> Result<Arc<Shard>> {
+        Ok(self.topology()?.shard(p).clone())
+    }
+
+    /// Whether the node can take publishes now, or why not: every shard
+    /// must be ready.
     pub(crate) fn readiness(&self) -> std::result::Result<(), &'static str> {
-        self.state.borrow().readiness()
+        let Ok(topology) = self.topology() else {
+            return Err("redis cluster slots not known yet");
+        };
+        for shard in &topology.shards {
+            shard.state.borrow().readiness()?;
+        }
+        Ok(())
     }
 
-    /// This node's registration in Redis may be gone (Redis failed a
-    /// command, restarted, or the subscription was renewed): refuse
-    /// publishes until a heartbeat has written it again, and run one now.
-    ///
-    /// Whether the cluster is settling is unknown too until the clock is
-    /// touched again (at once): Redis may have restarted.
-    pub(crate) fn registration_lost(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.update(|s| {
-            s.registered = false;
-            s.settling = true;
-        });
-        self.heartbeat_now.notify_one();
-        self.touch_now.notify_one();
+    /// Whether the last attempt to reach some shard failed.
+    fn unreachable(&self) -> bool {
+        self.topology().map_or(true, |t| {
+            t.shards.iter().any(|s| s.state.borrow().unreachable)
+        })
+    }
+
+    fn all(&self, f: impl Fn(&LinkState) -> bool) -> bool {
+        self.topology()
+            .is_ok_and(|t| t.shards.iter().all(|s| f(&s.state.borrow())))
+    }
+
+    /// Installs a new topology: retires the shards that left it and starts
+    /// the link tasks of the new ones.
+    pub(crate) fn install(self: &Arc<Self>, topology: Topology) {
+        let topology = Arc::new(topology);
+        let old = self
+            .topology
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(topology.clone());
+        let kept = |s: &Arc<Shard>| topology.shards.iter().any(|n| Arc::ptr_eq(n, s));
+        for gone in old
+            .iter()
+            .flat_map(|t| t.shards.iter())
+            .filter(|s| !kept(s))
+        {
+            gone.retired.store(true, Ordering::SeqCst);
+            gone.touch_now.notify_one();
+            gone.heartbeat_now.notify_one();
+        }
+        for shard in &topology.shards {
+            let new = old
+                .as_ref()
+                .is_none_or(|t| !t.shards.iter().any(|o| Arc::ptr_eq(o, shard)));
+            if new {
+                tokio::spawn(crate::link::command_link(
+                    Arc::downgrade(self),
+                    shard.clone(),
+                ));
+                if self.hub.get().is_some() {
+                    self.start_node_tasks(shard);
+                }
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Starts a shard's subscription and heartbeat (once the hub is
+    /// attached: they deliver to it and register its sessions).
+    pub(crate) fn start_node_tasks(self: &Arc<Self>, shard: &Arc<Shard>) {
+        if shard.node_tasks.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tokio::spawn(crate::link::subscribe_loop(self.clone(), shard.clone()));
+        tokio::spawn(crate::link::heartbeat_loop(self.clone(), shard.clone()));
     }
 }
 
-/// One node's connection to the shared Redis. Cheap to clone.
+/// One node's connection to the deployment's Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
     pub(crate) shared: Arc<Shared>,
@@ -238,15 +299,18 @@ impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
             .field("node", &self.shared.node)
+            .field("mode", &self.shared.config.mode)
             .finish_non_exhaustive()
     }
 }
 
 /// A connection manager on `client` that fails fast: commands time out
-/// after `timeout`, and so does connecting.
+/// after `timeout`, and so does connecting. With `must_be_master`, a
+/// server that is not (or no longer) a master is refused.
 pub(crate) async fn manager(
     client: &redis::Client,
     timeout: Duration,
+    must_be_master: bool,
 ) -> Result<ConnectionManager> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
@@ -256,6 +320,14 @@ pub(crate) async fn manager(
     let connect = async {
         let mut conn = client.get_connection_manager_with_config(config).await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        if must_be_master {
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+            if !matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                return Err(Error::Unavailable(
+                    "the sentinels' master is not a master (a failover is under way)".into(),
+                ));
+            }
+        }
         Ok::<_, Error>(conn)
     };
     // The manager's own timeouts do not cover every step of a handshake
@@ -265,67 +337,138 @@ pub(crate) async fn manager(
         .map_err(|_| Error::Unavailable("redis did not answer in time".into()))?
 }
 
-pub(crate) async fn connect_manager(
-    url: &str,
-    timeout: Duration,
-    ca_cert: Option<&[u8]>,
-) -> Result<(redis::Client, ConnectionManager)> {
-    let client = crate::tls::client(url, ca_cert)?;
-    let conn = manager(&client, timeout).await?;
-    Ok((client, conn))
-}
-
 impl Cluster {
-    /// Connects node `node` to the Redis at `url` (e.g.
-    /// `redis://127.0.0.1:6379`). Fails if Redis cannot be reached now;
-    /// later outages are survived. A server that must come up while Redis
-    /// is still down uses [`Cluster::start`].
+    /// Connects node `node` to the deployment's Redis at `url` (e.g.
+    /// `redis://127.0.0.1:6379`; a comma-separated list where
+    /// [`ClusterConfig::mode`] needs several). Fails if Redis cannot be
+    /// reached now; later outages are survived. A server that must come
+    /// up while Redis is still down uses [`Cluster::start`].
     pub async fn connect(url: &str, node: &str, config: ClusterConfig) -> Result<Cluster> {
-        check_node_id(node)?;
-        let (client, conn) =
-            connect_manager(url, config.command_timeout, config.redis_ca_cert.as_deref()).await?;
-        Ok(Cluster::with(client, Some(conn), node, config))
+        let cluster = Cluster::start(url, node, config)?;
+        let timeout = cluster.shared.config.command_timeout * 3;
+        let mut rx = cluster.shared.changed.subscribe();
+        let connected = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|_| cluster.shared.all(|s| s.connected || s.unreachable)),
+        )
+        .await;
+        if !matches!(connected, Ok(Ok(_))) || !cluster.shared.all(|s| s.connected) {
+            let why = cluster
+                .shared
+                .topology()
+                .ok()
+                .and_then(|t| {
+                    t.shards
+                        .iter()
+                        .find(|s| !s.state.borrow().connected)
+                        .map(|s| format!("redis {} unreachable", s.name))
+                })
+                .unwrap_or_else(|| "redis cluster slots unknown".into());
+            return Err(Error::Unavailable(why));
+        }
+        Ok(cluster)
     }
 
-    /// Starts node `node` on the Redis at `url` without waiting for it:
-    /// the node connects in the background, retrying with backoff (and
-    /// logging why) for as long as Redis is away. Until it is connected,
-    /// subscribed and registered, [`Cluster::readiness`] says why not, and
-    /// publishes fail (503) rather than being accepted and lost. Fails only
-    /// on a malformed URL or node id. Call inside a tokio runtime.
+    /// Starts node `node` on the deployment's Redis at `url` (a
+    /// comma-separated list where the mode needs several) without waiting
+    /// for it: the node connects in the background, retrying with backoff
+    /// (and logging why) for as long as Redis is away. Until it is
+    /// connected, subscribed and registered on every shard,
+    /// [`Cluster::readiness`] says why not, and publishes fail (503)
+    /// rather than being accepted and lost. Fails only on a malformed URL,
+    /// node id or configuration. Call inside a tokio runtime.
     pub fn start(url: &str, node: &str, config: ClusterConfig) -> Result<Cluster> {
         check_node_id(node)?;
-        let client = crate::tls::client(url, config.redis_ca_cert.as_deref())?;
-        Ok(Cluster::with(client, None, node, config))
-    }
-
-    fn with(
-        client: redis::Client,
-        conn: Option<ConnectionManager>,
-        node: &str,
-        config: ClusterConfig,
-    ) -> Cluster {
-        let connected = conn.is_some();
+        check_config(&config)?;
+        let urls = crate::shard::split_urls(url);
+        if urls.is_empty() {
+            return Err(Error::Config("no redis URL given".into()));
+        }
+        let ca = config.redis_ca_cert.as_deref();
+        let changed = Arc::new(watch::Sender::new(0u64));
+        let partitions = config.partitions;
+        let mut seeds = Vec::new();
+        let topology = match config.mode {
+            RedisMode::Single => {
+                if urls.len() > 1 {
+                    return Err(Error::Config(format!(
+                        "redis mode single takes one URL, not {}; use mode shards, cluster \
+                         or sentinel for several",
+                        urls.len()
+                    )));
+                }
+                let shard = Shard::new(
+                    crate::redacted(&urls[0]),
+                    Locator::Fixed(crate::tls::client(&urls[0], ca)?),
+                    (0..partitions).collect(),
+                    changed.clone(),
+                );
+                Some(Topology::new(vec![Arc::new(shard)], partitions))
+            }
+            RedisMode::Shards => {
+                if usize::from(partitions) < urls.len() {
+                    return Err(Error::Config(format!(
+                        "{} shards need at least as many partitions (now {partitions})",
+                        urls.len()
+                    )));
+                }
+                let parts = Topology::by_modulo(partitions, urls.len());
+                let mut shards = Vec::new();
+                for (u, ps) in urls.iter().zip(parts) {
+                    shards.push(Arc::new(Shard::new(
+                        crate::redacted(u),
+                        Locator::Fixed(crate::tls::client(u, ca)?),
+                        ps,
+                        changed.clone(),
+                    )));
+                }
+                Some(Topology::new(shards, partitions))
+            }
+            RedisMode::Sentinel => {
+                let secure = urls.iter().any(|u| u.starts_with("rediss://"));
+                let sentinels = urls
+                    .iter()
+                    .map(|u| crate::tls::client(u, ca))
+                    .collect::<Result<Vec<_>>>()?;
+                let shard = Shard::new(
+                    format!("sentinel master {}", config.sentinel_master),
+                    Locator::Sentinel {
+                        sentinels,
+                        master: config.sentinel_master.clone(),
+                        secure,
+                        ca_cert: config.redis_ca_cert.clone(),
+                    },
+                    (0..partitions).collect(),
+                    changed.clone(),
+                );
+                Some(Topology::new(vec![Arc::new(shard)], partitions))
+            }
+            RedisMode::Cluster => {
+                for u in &urls {
+                    crate::tls::client(u, ca)?;
+                    seeds.push(u.clone());
+                }
+                None
+            }
+        };
         let shared = Arc::new(Shared {
-            client,
-            conn: Mutex::new(conn),
             node: node.to_string(),
-            keys: Keys::new(&config.prefix),
+            keys: Keys::new(&config.prefix, partitions),
             config,
             local: Mutex::new(Local::default()),
             hub: OnceLock::new(),
-            state: watch::Sender::new(LinkState {
-                connected,
-                // Unknown until the first touch of the clock.
-                settling: true,
-                ..LinkState::default()
-            }),
-            epoch: AtomicU64::new(0),
-            heartbeat_now: Notify::new(),
-            touch_now: Notify::new(),
+            topology: RwLock::new(None),
+            changed,
+            seeds,
+            refresh_now: Notify::new(),
         });
-        tokio::spawn(crate::link::command_link(Arc::downgrade(&shared)));
-        Cluster { shared }
+        match topology {
+            Some(t) => shared.install(t),
+            None => {
+                tokio::spawn(crate::slots::slot_watch(Arc::downgrade(&shared)));
+            }
+        }
+        Ok(Cluster { shared })
     }
 
     /// This node's id.
@@ -356,7 +499,7 @@ impl Cluster {
 
     /// A hub builder with this node's id, broker, tracker and history set.
     /// Building the hub (inside a tokio runtime) starts the node's
-    /// subscription, heartbeat and periodic cleanup; they stop when the
+    /// subscriptions, heartbeat and periodic cleanup; they stop when the
     /// hub is dropped.
     pub fn hub_builder(&self) -> HubBuilder {
         Hub::builder()
@@ -366,21 +509,42 @@ impl Cluster {
             .history(Arc::new(self.history()))
     }
 
-    /// Whether the node's subscription to Redis is live.
+    /// Whether the node's subscriptions (one per shard) are live.
     pub fn is_subscribed(&self) -> bool {
-        self.shared.state.borrow().subscribed
+        self.shared.all(|s| s.subscribed)
     }
 
-    /// Whether the node can take publishes now: connected to Redis,
+    /// Whether the node can take publishes now: connected to every shard,
     /// subscribed, and its sessions registered there. `Err` says why not.
     pub fn readiness(&self) -> std::result::Result<(), &'static str> {
         self.shared.readiness()
     }
 
-    /// Waits until the subscription is live, at most `timeout`; true if it
-    /// is.
+    /// The shards this node uses now, by name (address), each with the
+    /// number of partitions it holds.
+    pub fn shards(&self) -> Vec<(String, usize)> {
+        self.shared.topology().map_or_else(
+            |_| Vec::new(),
+            |t| {
+                t.shards
+                    .iter()
+                    .map(|s| (s.name.clone(), s.partitions.len()))
+                    .collect()
+            },
+        )
+    }
+
+    /// One full cleanup on every shard: forgets dead nodes and their
+    /// counts, and removes expired user and group mappings (each node also
+    /// runs a bounded pass every cleanup interval).
+    pub async fn cleanup(&self) -> Result<crate::CleanupReport> {
+        crate::cleanup::cleanup_everything(&self.shared).await
+    }
+
+    /// Waits until the subscriptions are live, at most `timeout`; true if
+    /// they are.
     pub async fn wait_subscribed(&self, timeout: Duration) -> bool {
-        self.wait_for(timeout, |s| s.subscribed).await
+        self.wait_for(timeout, |s| s.all(|l| l.subscribed)).await
     }
 
     /// Waits until the node can take publishes ([`Cluster::readiness`]),
@@ -388,24 +552,42 @@ impl Cluster {
     /// attempt to connect to Redis failed (the node keeps trying in the
     /// background).
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        self.wait_for(timeout, |s| s.readiness().is_ok() || s.unreachable)
+        self.wait_for(timeout, |s| s.readiness().is_ok() || s.unreachable())
             .await
             && self.readiness().is_ok()
     }
 
-    async fn wait_for(&self, timeout: Duration, f: impl Fn(&LinkState) -> bool) -> bool {
-        let mut rx = self.shared.state.subscribe();
+    async fn wait_for(&self, timeout: Duration, f: impl Fn(&Shared) -> bool) -> bool {
+        let mut rx = self.shared.changed.subscribe();
+        let shared = &self.shared;
         matches!(
-            tokio::time::timeout(timeout, rx.wait_for(|s| f(s))).await,
+            tokio::time::timeout(timeout, rx.wait_for(|_| f(shared))).await,
             Ok(Ok(_))
         )
     }
 }
 
 fn check_node_id(node: &str) -> Result<()> {
-    if node.is_empty() || node.contains(['\n', ':', '*', ' ']) {
-        return Err(Error::Corrupt(format!(
-            "node id {node:?} must be non-empty without newlines, colons, spaces or `*`"
+    if node.is_empty() || node.contains(['\n', ':', '*', ' ', '{', '}']) {
+        return Err(Error::Config(format!(
+            "node id {node:?} must be non-empty without newlines, colons, spaces, braces or `*`"
+        )));
+    }
+    Ok(())
+}
+
+fn check_config(config: &ClusterConfig) -> Result<()> {
+    if config.prefix.contains(['{', '}']) {
+        return Err(Error::Config(format!(
+            "key prefix {:?} must not contain braces: pgdn puts the partition in a hash tag",
+            config.prefix
+        )));
+    }
+    if config.partitions == 0 || config.partitions > crate::keys::MAX_PARTITIONS {
+        return Err(Error::Config(format!(
+            "partitions must be 1 to {}, not {}",
+            crate::keys::MAX_PARTITIONS,
+            config.partitions
         )));
     }
     Ok(())

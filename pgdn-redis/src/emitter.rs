@@ -7,18 +7,16 @@
 use std::sync::Arc;
 
 use pgdn_core::{Envelope, PublishReceipt, PublishRequest, Target};
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 
 use crate::broker::publish_envelope;
-use crate::cluster::{ClusterConfig, connect_manager};
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::error::Result;
 
 /// Publishes into the cluster's Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct Emitter {
-    conn: ConnectionManager,
-    config: Arc<ClusterConfig>,
+    cluster: Cluster,
 }
 
 impl std::fmt::Debug for Emitter {
@@ -28,14 +26,12 @@ impl std::fmt::Debug for Emitter {
 }
 
 impl Emitter {
-    /// Connects to the cluster's Redis at `url`. Use the same
-    /// [`ClusterConfig`] (prefix, history and dedup bounds) as the nodes.
+    /// Connects to the deployment's Redis at `url` (a comma-separated
+    /// list where the mode needs several). Use the same [`ClusterConfig`]
+    /// (mode, partitions, prefix, history and dedup bounds) as the nodes.
     pub async fn connect(url: &str, config: ClusterConfig) -> Result<Emitter> {
-        let (_client, conn) =
-            connect_manager(url, config.command_timeout, config.redis_ca_cert.as_deref()).await?;
         Ok(Emitter {
-            conn,
-            config: Arc::new(config),
+            cluster: Cluster::connect(url, "emitter", config).await?,
         })
     }
 
@@ -44,7 +40,7 @@ impl Emitter {
     pub async fn publish(&self, req: PublishRequest) -> Result<PublishReceipt> {
         req.target.validate()?;
         let envelope = Envelope::from_request(req, Arc::from("emitter"));
-        publish_envelope(&mut self.conn.clone(), &self.config, &envelope).await?;
+        publish_envelope(&self.cluster.shared, &envelope).await?;
         Ok(PublishReceipt {
             id: envelope.id,
             delivered: None,

@@ -22,6 +22,11 @@ pub enum Error {
     /// configuration.
     #[error("redis tls: {0}")]
     Tls(String),
+    /// The cluster configuration is unusable (a malformed node id, key
+    /// prefix, number of partitions or list of URLs); the message says
+    /// which.
+    #[error("redis configuration: {0}")]
+    Config(String),
     /// A publish was malformed.
     #[error(transparent)]
     Core(#[from] pgdn_core::Error),
@@ -35,7 +40,7 @@ impl From<Error> for pgdn_core::Error {
         match e {
             Error::Core(e) => e,
             Error::Redis(e) => pgdn_core::Error::Broker(e.to_string()),
-            Error::Corrupt(m) | Error::Unavailable(m) | Error::Tls(m) => {
+            Error::Corrupt(m) | Error::Unavailable(m) | Error::Tls(m) | Error::Config(m) => {
                 pgdn_core::Error::Broker(m)
             }
         }

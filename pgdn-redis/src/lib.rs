@@ -56,6 +56,9 @@ mod keys;
 mod link;
 mod scripts;
 pub mod session;
+mod shard;
+mod slots;
+mod subscriber;
 mod tls;
 
 pub use broker::RedisBroker;
@@ -65,3 +68,18 @@ pub use emitter::Emitter;
 pub use error::{Error, Result};
 pub use history::RedisHistory;
 pub use session::RedisSessionTracker;
+pub use shard::RedisMode;
+
+/// `url` with any password replaced by `***`, for logs and messages.
+pub(crate) fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => format!("{}***{}", &url[..s + 3], &url[at..]),
+            }
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,255 +1,401 @@
-//! The Lua scripts. Each runs atomically in Redis and takes the time from
-//! Redis (`TIME`), so that expiry decisions do not depend on the clocks of
-//! the nodes. Most keys are built inside the scripts from the prefix (pgdn
-//! targets one Redis, not Redis Cluster); where a script's keys are known
-//! before it runs, they are built in Rust ([`Keys`](crate::keys::Keys))
-//! and passed as `KEYS`.
+//! The Lua scripts. Each runs atomically in Redis, on the shard of one
+//! partition: every key it touches is declared in `KEYS` and carries that
+//! partition's hash tag ([`Keys`](crate::keys::Keys)), so the same scripts
+//! run on one Redis, on independent shards and on Redis Cluster. They take
+//! the time from Redis (`TIME`), so that expiry decisions do not depend on
+//! the clocks of the nodes.
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::aio::ConnectionLike;
+use redis::{FromRedisValue, RedisResult, Script, ToRedisArgs};
 
-/// The cluster clock, run first by [`PUBLISH`] and [`TOUCH`] with `p` (the
-/// prefix), `now` (ms, Redis clock), `gap` and `settle` (ms) defined.
-/// `clock` holds when a node last reached Redis. If it is missing (Redis
-/// restarted empty) or older than `gap` (Redis stalled, or was away, long
-/// enough for nodes' mappings to expire), the cluster is *settling* for
-/// `settle` ms: long enough for every live node to notice and register its
-/// sessions again. Publishes are refused meanwhile: one could be routed by
-/// mappings not yet rewritten, answered 200 and reach nobody. Leaves
-/// `settling` = the ms left.
+/// One call of a script, built like a [`redis::ScriptInvocation`] but
+/// sendable in a pipeline (redis-rs pipelines take no scripts): the node
+/// sends one pipeline per shard for what spans partitions (a heartbeat,
+/// the clocks' touch, a publish to users in several partitions).
+#[derive(Clone)]
+pub(crate) struct Call {
+    script: &'static Script,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call {
+    pub(crate) fn new(script: &'static LazyLock<Script>) -> Call {
+        Call {
+            script: LazyLock::force(script),
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    pub(crate) fn key(&mut self, key: String) -> &mut Self {
+        self.keys.push(key);
+        self
+    }
+
+    pub(crate) fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    fn cmd(&self) -> redis::Cmd {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(self.script.get_hash()).arg(self.keys.len());
+        for k in &self.keys {
+            c.arg(k);
+        }
+        for a in &self.args {
+            c.arg(a.as_slice());
+        }
+        c
+    }
+}
+
+fn noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// Loads every script (a new connection, a Redis that restarted or a
+/// replica that took over knows none).
+pub(crate) async fn load_all(conn: &mut (impl ConnectionLike + Send)) -> RedisResult<()> {
+    for s in [
+        &PUBLISH, &TOUCH, &MEMBER, &HEARTBEAT, &ALIVE, &REPLAY, &CLEAN, &LIVE,
+    ] {
+        s.prepare_invoke().load_async(conn).await?;
+    }
+    Ok(())
+}
+
+/// Runs one call (loading the scripts if Redis does not know them).
+pub(crate) async fn run<T: FromRedisValue>(
+    conn: &mut (impl ConnectionLike + Send),
+    call: &Call,
+) -> RedisResult<T> {
+    match call.cmd().query_async(conn).await {
+        Err(e) if noscript(&e) => {
+            load_all(conn).await?;
+            call.cmd().query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+/// Runs calls in one pipeline, in order (loading the scripts if Redis does
+/// not know them, then running them all again: every script is safe to
+/// repeat). Fails on the first call that fails.
+pub(crate) async fn run_all(
+    conn: &mut (impl ConnectionLike + Send),
+    calls: &[Call],
+) -> RedisResult<Vec<redis::Value>> {
+    if calls.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pipe = || {
+        let mut p = redis::pipe();
+        for c in calls {
+            p.add_command(c.cmd());
+        }
+        p
+    };
+    match pipe().query_async(conn).await {
+        Err(e) if noscript(&e) => {
+            load_all(conn).await?;
+            pipe().query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+/// The partition's clock, run first by [`PUBLISH`] and [`TOUCH`] with the
+/// clock, the settling mark and the master mark (`ck`, `sk`, `mk`), `now`
+/// (ms, Redis clock), `gap` and `settle` (ms) and `rid` (the run id of the
+/// master the caller is connected to) defined. The clock holds when a node
+/// last reached this partition's Redis, the master mark which master it
+/// was. If the clock is missing (Redis restarted empty), older than `gap`
+/// (Redis stalled, or was away, long enough for nodes' mappings to expire)
+/// or set on another master (a replica took over after a failover, with
+/// the writes replication had not yet carried lost, or Redis Cluster moved
+/// the slot), the partition is *settling* for `settle` ms: long enough for
+/// every live node to notice and register its sessions again.
+/// Publishes are refused meanwhile: one could be routed by mappings not
+/// yet rewritten, answered 200 and reach nobody. Leaves `settling` = the
+/// ms left.
 const CLOCK: &str = r#"
-local last = tonumber(redis.call('GET', p .. 'clock'))
-if (not last) or now - last > gap then
-  redis.call('SET', p .. 'settling', '1', 'PX', settle)
+local last = tonumber(redis.call('GET', ck))
+if (not last) or now - last > gap or redis.call('GET', mk) ~= rid then
+  redis.call('SET', sk, '1', 'PX', settle)
 end
-redis.call('SET', p .. 'clock', now)
-local settling = redis.call('PTTL', p .. 'settling')
+redis.call('SET', ck, now)
+redis.call('SET', mk, rid)
+local settling = redis.call('PTTL', sk)
 "#;
 
-/// Publish one message. ARGV: prefix, id, chosen (1/0), dedup_ms, hist_max,
-/// hist_age_ms, kind (`a` all nodes / `u` user targets), target JSON,
-/// origin, frame, gap_ms, settle_ms, then the target users. Returns the
-/// cluster-wide sequence number, -1 for a repeated publisher id, or -2
-/// while the cluster is settling after a Redis outage ([`CLOCK`]; nothing
-/// is written then, not even the id's claim, so a retry is published).
+/// Reads Redis's clock: `now` in ms and `now_us` in µs.
+const NOW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"#;
+
+/// Publishes one message in one partition.
 ///
-/// A user message's frame is stored once, in `msg:{seq}` for the age bound
-/// ([`Keys::message`](crate::keys::Keys::message) names it the same way);
-/// each user's window `hist:{user}` holds `seq:ms` references to it. The
+/// KEYS: the id's key, the partition's counter, clock, settling mark,
+/// master mark; then for a group message the group's map; for a user message the frame
+/// key when the frame is stored here (ARGV[15] = 1), then for each target
+/// user of the partition its window, eviction mark and map.
+///
+/// ARGV: the partition's key prefix (`pgdn:{p}:`), id, chosen (1/0,
+/// informational: every id is claimed once),
+/// id_ttl_ms, hist_max, hist_age_ms, kind (`b` broadcast / `g` group / `u`
+/// users), target JSON, origin, frame, gap_ms, settle_ms, partition,
+/// partition holding the frame, store-frame-here (1/0), the master's run
+/// id.
+///
+/// Returns the message's counter in the partition (which follows Redis's
+/// clock in µs and always grows), -1 for a repeated publisher id, or -2
+/// while the partition is settling after a Redis outage ([`CLOCK`];
+/// nothing is written then, not even the id's claim, so a retry is
+/// published).
+///
+/// A user message's window entries are `counter:ms:q:id` references to
+/// the frame in `pgdn:{q}:msg:{id}`, stored once for all its users; the
 /// work is linear in the users, which
 /// [`ClusterConfig::max_users_per_publish`](crate::ClusterConfig::max_users_per_publish)
 /// bounds.
 pub(crate) static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
-local p = ARGV[1]
-local id = ARGV[2]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local part, id = ARGV[1], ARGV[2]
+{NOW}
+local ck, sk, mk, rid = KEYS[3], KEYS[4], KEYS[5], ARGV[16]
 local gap, settle = tonumber(ARGV[11]), tonumber(ARGV[12])
 {CLOCK}
 if settling > 0 then
   return -2
 end
-if ARGV[3] == '1' then
-  if not redis.call('SET', p .. 'dedup:' .. id, '1', 'NX', 'PX', ARGV[4]) then
-    return -1
-  end
+local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
+local c = now_us
+if c <= prev then c = prev + 1 end
+local cs = string.format('%.0f', c)
+-- Generated ids are unique, so a taken one is this very publish, run
+-- again (a retried pipeline): a duplicate too.
+if not redis.call('SET', KEYS[1], cs, 'NX', 'PX', ARGV[4]) then
+  return -1
 end
-local age = tonumber(ARGV[6])
-local seq = redis.call('INCR', p .. 'seq')
-local bucket = p .. 'ids:' .. math.floor(now / 60000)
-redis.call('HSET', bucket, id, seq)
-redis.call('PEXPIRE', bucket, age + 120000)
-local msg = seq .. '\n' .. ARGV[9] .. '\n' .. id .. '\n' .. ARGV[8] .. '\n' .. ARGV[10]
-if ARGV[7] == 'a' then
-  redis.call('PUBLISH', p .. 'all', msg)
-  return seq
+redis.call('SET', KEYS[2], cs)
+local msg = cs .. ':' .. ARGV[13] .. '\n' .. ARGV[9] .. '\n' .. id .. '\n' .. ARGV[8] .. '\n' .. ARGV[10]
+local kind = ARGV[7]
+if kind == 'b' then
+  redis.call('SPUBLISH', part .. 'all', msg)
+  return c
 end
-local max = tonumber(ARGV[5])
 local nodes = {{}}
-if max > 0 then
-  redis.call('SET', p .. 'msg:' .. seq, ARGV[10], 'PX', age)
-end
-local ref = seq .. ':' .. now
-for i = 13, #ARGV do
-  local u = ARGV[i]
-  if max > 0 then
-    local hk = p .. 'hist:' .. u
-    redis.call('ZADD', hk, seq, ref)
-    local n = redis.call('ZCARD', hk)
-    if n > max then
-      local gone = redis.call('ZRANGE', hk, n - max - 1, n - max - 1, 'WITHSCORES')
-      redis.call('SET', p .. 'hist_evicted:' .. u, gone[2], 'PX', age)
-      redis.call('ZREMRANGEBYRANK', hk, 0, n - max - 1)
-    end
-    redis.call('PEXPIRE', hk, age)
-  end
-  local m = redis.call('HGETALL', p .. 'user:' .. u)
+if kind == 'g' then
+  local m = redis.call('HGETALL', KEYS[6])
   for j = 1, #m, 2 do
     if tonumber(m[j + 1]) > now then nodes[m[j]] = true end
   end
+else
+  local max, age = tonumber(ARGV[5]), tonumber(ARGV[6])
+  local first = 6
+  if ARGV[15] == '1' then
+    if max > 0 then redis.call('SET', KEYS[6], ARGV[10], 'PX', age) end
+    first = 7
+  end
+  local ref = cs .. ':' .. now .. ':' .. ARGV[14] .. ':' .. id
+  for i = first, #KEYS, 3 do
+    if max > 0 then
+      local hk = KEYS[i]
+      redis.call('ZADD', hk, c, ref)
+      local n = redis.call('ZCARD', hk)
+      if n > max then
+        local gone = redis.call('ZRANGE', hk, n - max - 1, n - max - 1, 'WITHSCORES')
+        redis.call('SET', KEYS[i + 1], gone[2], 'PX', age)
+        redis.call('ZREMRANGEBYRANK', hk, 0, n - max - 1)
+      end
+      redis.call('PEXPIRE', hk, age)
+    end
+    local m = redis.call('HGETALL', KEYS[i + 2])
+    for j = 1, #m, 2 do
+      if tonumber(m[j + 1]) > now then nodes[m[j]] = true end
+    end
+  end
 end
 for node, _ in pairs(nodes) do
-  redis.call('PUBLISH', p .. 'node:' .. node, msg)
+  redis.call('SPUBLISH', part .. 'node:' .. node, msg)
 end
-return seq
+return c
 "#,
     ))
 });
 
-/// Touches the cluster clock ([`CLOCK`]) for a node's PING. ARGV: prefix,
-/// gap_ms, settle_ms. Returns the ms the cluster still settles, or a
-/// value <= 0 when it does not.
+/// Touches a partition's clock ([`CLOCK`]) for a node's PING. KEYS: the
+/// clock, the settling mark, the master mark. ARGV: gap_ms, settle_ms,
+/// the master's run id. Returns the ms the
+/// partition still settles, or a value <= 0 when it does not.
 pub(crate) static TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
-local p = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local gap, settle = tonumber(ARGV[2]), tonumber(ARGV[3])
+{NOW}
+local ck, sk, mk, rid = KEYS[1], KEYS[2], KEYS[3], ARGV[3]
+local gap, settle = tonumber(ARGV[1]), tonumber(ARGV[2])
 {CLOCK}
 return settling
 "#
     ))
 });
 
-/// A connection opened (delta 1) or closed (delta -1). ARGV: prefix, node,
-/// user, delta, ttl_ms, then the connection's groups. Returns the node's
-/// connections of that user.
-pub(crate) static REGISTER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+/// A connection of a user (or a member of a group) opened (delta 1) or
+/// closed (delta -1). KEYS: the node's counts in the name's partition
+/// (`conns:` or `groups:`), the name's map. ARGV: node, name, delta,
+/// ttl_ms. Returns the node's connections of that name.
+pub(crate) static MEMBER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
         r#"
-local p, node, user = ARGV[1], ARGV[2], ARGV[3]
-local delta, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local c = redis.call('HINCRBY', p .. 'conns:' .. node, user, delta)
+local node, name = ARGV[1], ARGV[2]
+local delta, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+{NOW}
+local c = redis.call('HINCRBY', KEYS[1], name, delta)
 if c <= 0 then
-  redis.call('HDEL', p .. 'conns:' .. node, user)
-  redis.call('HDEL', p .. 'user:' .. user, node)
+  redis.call('HDEL', KEYS[1], name)
+  redis.call('HDEL', KEYS[2], node)
 else
-  redis.call('HSET', p .. 'user:' .. user, node, now + ttl)
-  redis.call('PEXPIRE', p .. 'user:' .. user, ttl * 4)
+  redis.call('HSET', KEYS[2], node, now + ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl * 4)
 end
-for i = 6, #ARGV do
-  local g = redis.call('HINCRBY', p .. 'groups:' .. node, ARGV[i], delta)
-  if g <= 0 then redis.call('HDEL', p .. 'groups:' .. node, ARGV[i]) end
-end
-redis.call('SADD', p .. 'nodes', node)
-redis.call('SET', p .. 'alive:' .. node, '1', 'PX', ttl)
 return c
-"#,
-    )
+"#
+    ))
 });
 
-/// Heartbeat. ARGV: prefix, node, ttl_ms, number of users, then user and
-/// count pairs, then group and count pairs. Refreshes liveness and the
-/// mappings of the listed users; rewrites the listed counts (what the node
-/// really holds), which also restores a Redis that restarted empty.
+/// Heartbeat of one node in one partition. KEYS: the node's user counts,
+/// its group counts, then the maps of the listed users, then of the listed
+/// groups. ARGV: node, ttl_ms, reset (1 on the first call of a heartbeat:
+/// the counts are rewritten from scratch), number of users, then user
+/// counts, then group counts. Refreshes the listed mappings and rewrites
+/// the counts (what the node really holds), which also restores a Redis
+/// that restarted empty and forgets counts of connections whose close was
+/// lost while Redis was away.
 pub(crate) static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
         r#"
-local p, node, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', p .. 'alive:' .. node, '1', 'PX', ttl)
-redis.call('SADD', p .. 'nodes', node)
+local node, ttl = ARGV[1], tonumber(ARGV[2])
+{NOW}
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
 local nu = tonumber(ARGV[4])
-for i = 0, nu - 1 do
-  local u, c = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
-  redis.call('HSET', p .. 'conns:' .. node, u, c)
-  redis.call('HSET', p .. 'user:' .. u, node, now + ttl)
-  redis.call('PEXPIRE', p .. 'user:' .. u, ttl * 4)
+local ng = #KEYS - 2 - nu
+for i = 1, nu do
+  redis.call('HSET', KEYS[1], ARGV[3 + 2 * i - 1 + 1], ARGV[3 + 2 * i + 1])
+  redis.call('HSET', KEYS[2 + i], node, now + ttl)
+  redis.call('PEXPIRE', KEYS[2 + i], ttl * 4)
 end
-for j = 5 + 2 * nu, #ARGV, 2 do
-  redis.call('HSET', p .. 'groups:' .. node, ARGV[j], ARGV[j + 1])
+for i = 1, ng do
+  local a = 4 + 2 * nu + 2 * i - 1
+  redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 1])
+  redis.call('HSET', KEYS[2 + nu + i], node, now + ttl)
+  redis.call('PEXPIRE', KEYS[2 + nu + i], ttl * 4)
 end
-return nu
-"#,
-    )
+return nu + ng
+"#
+    ))
+});
+
+/// A node's liveness: KEYS: the node set (partition 0). ARGV: node,
+/// ttl_ms (0 to remove the node).
+pub(crate) static ALIVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+{NOW}
+if tonumber(ARGV[2]) == 0 then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+"#
+    ))
 });
 
 /// What a resuming client missed. KEYS: the user's window, its eviction
-/// mark. ARGV: prefix (of the id index), since id, age_ms. Returns `{gap,
-/// entry...}` with the window's entries in order: `seq:ms` references
-/// (whose frames are in `msg:{seq}`), or `seq:ms:frame` as written before
-/// frames were stored once.
+/// mark, the key of the `since` id in the user's partition. ARGV: the
+/// since counter (empty: read it from KEYS[3]; `none`: unknown
+/// everywhere), age_ms. Returns `{status, entry...}`: status 0 (the window
+/// reaches back), 1 (a gap), or 2 with no entries when the id is not in
+/// this partition (the caller looks in the others and asks again). The
+/// entries are the window's `counter:ms:q:id` references after it, in
+/// order, within the age bound.
 pub(crate) static REPLAY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
         r#"
-local p, since, age = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local since_seq = nil
-local m = math.floor(now / 60000)
-for b = m, m - math.floor(age / 60000) - 1, -1 do
-  local v = redis.call('HGET', p .. 'ids:' .. b, since)
-  if v then
-    since_seq = tonumber(v)
-    break
-  end
+local since, age = ARGV[1], tonumber(ARGV[2])
+{NOW}
+local since_c = nil
+if since == '' then
+  local v = redis.call('GET', KEYS[3])
+  if not v then return {{2}} end
+  since_c = tonumber(v)
+elseif since ~= 'none' then
+  since_c = tonumber(since)
 end
 local hk = KEYS[1]
 local entries
 local gap = 0
-if since_seq then
-  entries = redis.call('ZRANGEBYSCORE', hk, '(' .. since_seq, '+inf')
+if since_c then
+  entries = redis.call('ZRANGEBYSCORE', hk, '(' .. string.format('%.0f', since_c), '+inf')
   local ev = redis.call('GET', KEYS[2])
-  if ev and tonumber(ev) > since_seq then gap = 1 end
+  if ev and tonumber(ev) > since_c then gap = 1 end
 else
   entries = redis.call('ZRANGE', hk, 0, -1)
   gap = 1
 end
-local out = {gap}
+local out = {{gap}}
 for _, e in ipairs(entries) do
   local a = string.find(e, ':', 1, true)
-  local b = string.find(e, ':', a + 1, true) or (#e + 1)
+  local b = string.find(e, ':', a + 1, true)
   if tonumber(string.sub(e, a + 1, b - 1)) >= now - age then
     table.insert(out, e)
   end
 end
 return out
-"#,
-    )
+"#
+    ))
 });
 
-/// Removes, from the given user keys, the mappings that expired or point to
-/// nodes without a liveness key. ARGV: prefix. Returns mappings removed.
-pub(crate) static CLEAN_USERS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+/// Removes the expired entries of the given user or group maps, and of
+/// the node set. Returns the entries removed.
+pub(crate) static CLEAN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
         r#"
-local p = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+{NOW}
 local removed = 0
 for _, key in ipairs(KEYS) do
   local m = redis.call('HGETALL', key)
   for j = 1, #m, 2 do
-    if tonumber(m[j + 1]) <= now or redis.call('EXISTS', p .. 'alive:' .. m[j]) == 0 then
+    if tonumber(m[j + 1]) <= now then
       redis.call('HDEL', key, m[j])
       removed = removed + 1
     end
   end
 end
 return removed
-"#,
-    )
+"#
+    ))
 });
 
-/// The user's live nodes. ARGV: prefix, user.
-pub(crate) static NODES_OF: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+/// The live entries of a map (a user's or a group's nodes, or the live
+/// nodes). KEYS: the map.
+pub(crate) static LIVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
         r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local m = redis.call('HGETALL', ARGV[1] .. 'user:' .. ARGV[2])
-local out = {}
+{NOW}
+local m = redis.call('HGETALL', KEYS[1])
+local out = {{}}
 for j = 1, #m, 2 do
   if tonumber(m[j + 1]) > now then table.insert(out, m[j]) end
 end
 return out
-"#,
-    )
+"#
+    ))
 });

@@ -2,25 +2,25 @@
 //! heartbeat, and cluster-wide stats (pgdn-ws's RedisSessionTracker, made
 //! correct for users with several connections on several nodes).
 //!
-//! Layout in Redis (prefix `pgdn:`):
-//! - `alive:{node}`: liveness key, expires after `node_ttl` unless the
-//!   heartbeat refreshes it.
-//! - `nodes`: set of node ids seen.
-//! - `user:{user}`: hash node -> expiry (ms, Redis clock); a node's entry
-//!   is refreshed by its heartbeat and expires with it.
-//! - `conns:{node}` / `groups:{node}`: hash user (group) -> open
-//!   connections on that node, for stats and for reconciling.
+//! Layout in Redis (prefix `pgdn:`, `{p}` the partition of the user or
+//! group, see [`keys`](crate::keys)):
+//! - `{0}:nodes`: hash node -> liveness expiry (ms, Redis clock), written
+//!   by each node's heartbeat.
+//! - `{p}:user:{user}` / `{p}:group:{group}`: hash node -> expiry (ms,
+//!   Redis clock); a node's entry is refreshed by its heartbeat and
+//!   expires with it. Publishes are routed by these.
+//! - `{p}:conns:{node}` / `{p}:groups:{node}`: hash user (group) -> open
+//!   connections on that node, for stats; each heartbeat rewrites them.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use pgdn_core::{ClusterStats, Identity, SessionTracker};
-use redis::AsyncCommands;
-
 use crate::cluster::Shared;
 use crate::error::Result;
-use crate::scripts;
+use crate::scripts::{self, Call};
+use crate::shard::Shard;
+use async_trait::async_trait;
+use pgdn_core::{ClusterStats, Identity, SessionTracker};
 
 /// Session tracking in Redis. Created by
 /// [`Cluster::session_tracker`](crate::Cluster::session_tracker).
@@ -37,68 +37,117 @@ impl std::fmt::Debug for RedisSessionTracker {
     }
 }
 
+/// Records a connection of `identity` opening (1) or closing (-1): one
+/// call per name (the user and each group), on the shard of its partition.
 async fn register_delta(shared: &Shared, identity: &Identity, delta: i64) -> Result<()> {
-    let mut inv = scripts::REGISTER.prepare_invoke();
-    inv.arg(&shared.keys.prefix)
-        .arg(&shared.node)
-        .arg(&*identity.user_id)
-        .arg(delta)
-        .arg(shared.ttl_ms());
+    let keys = &shared.keys;
+    let topology = shared.topology()?;
+    let mut by_shard: Vec<(usize, Call)> = Vec::new();
+    let mut add = |p: u16, counts: String, map: String, name: &str| {
+        let mut c = Call::new(&scripts::MEMBER);
+        c.key(counts)
+            .key(map)
+            .arg(&shared.node)
+            .arg(name)
+            .arg(delta)
+            .arg(shared.ttl_ms());
+        by_shard.push((topology.owner[p as usize], c));
+    };
+    let user = &*identity.user_id;
+    let p = keys.partition(user);
+    add(p, keys.node_conns(p, &shared.node), keys.user(user), user);
     for g in &identity.groups {
-        inv.arg(&**g);
+        let p = keys.partition(g);
+        add(p, keys.node_groups(p, &shared.node), keys.group(g), g);
     }
-    let _: i64 = inv.invoke_async(&mut shared.conn()?).await?;
+    for (i, shard) in topology.shards.iter().enumerate() {
+        let calls: Vec<Call> = by_shard
+            .iter_mut()
+            .filter(|(s, _)| *s == i)
+            .map(|(_, c)| std::mem::replace(c, Call::new(&scripts::MEMBER)))
+            .collect();
+        if !calls.is_empty() {
+            scripts::run_all(&mut shard.conn()?, &calls).await?;
+        }
+    }
     Ok(())
 }
 
 /// (name, open connections) pairs, for users or groups.
 type Counts = Vec<(String, u64)>;
 
-/// Users (and groups) per heartbeat script call.
+/// Names per heartbeat script call.
 const CHUNK: usize = 500;
 
-/// Refreshes this node's liveness key and every mapping of its users;
-/// rewrites its counts; removes counts Redis has for users the node no
-/// longer holds (an unregister lost while Redis was away).
-pub(crate) async fn heartbeat(shared: &Shared) -> Result<()> {
-    let mut conn = shared.conn()?;
-    let in_redis: Vec<String> = conn.hkeys(shared.keys.node_conns(&shared.node)).await?;
-    let (users, groups): (Counts, Counts) = {
+/// Refreshes, on one shard, this node's liveness (if the shard holds
+/// partition 0) and every mapping of its users and groups in the shard's
+/// partitions, and rewrites its counts there (which forgets counts of
+/// connections whose close was lost while Redis was away).
+pub(crate) async fn heartbeat(shared: &Shared, shard: &Shard) -> Result<()> {
+    let keys = &shared.keys;
+    let mut mine = vec![false; keys.partitions as usize];
+    for &p in &shard.partitions {
+        mine[p as usize] = true;
+    }
+    let mut users: Vec<Counts> = vec![Vec::new(); keys.partitions as usize];
+    let mut groups: Vec<Counts> = vec![Vec::new(); keys.partitions as usize];
+    {
         let local = shared.local();
-        (
-            local.users.iter().map(|(u, c)| (u.clone(), *c)).collect(),
-            local.groups.iter().map(|(g, c)| (g.clone(), *c)).collect(),
-        )
-    };
-    let held: std::collections::HashSet<&str> = users.iter().map(|(u, _)| u.as_str()).collect();
-    for stale in in_redis.iter().filter(|u| !held.contains(u.as_str())) {
-        let _: () = redis::pipe()
-            .hdel(shared.keys.node_conns(&shared.node), stale)
-            .hdel(shared.keys.user(stale), &shared.node)
-            .query_async(&mut conn)
-            .await?;
-    }
-    let mut user_chunks = users.chunks(CHUNK).peekable();
-    let mut group_chunks = groups.chunks(CHUNK);
-    loop {
-        let us = user_chunks.next().unwrap_or(&[]);
-        let gs = group_chunks.next().unwrap_or(&[]);
-        let mut inv = scripts::HEARTBEAT.prepare_invoke();
-        inv.arg(&shared.keys.prefix)
-            .arg(&shared.node)
-            .arg(shared.ttl_ms())
-            .arg(us.len());
-        for (u, c) in us {
-            inv.arg(u).arg(*c);
+        for (u, c) in &local.users {
+            let p = keys.partition(u) as usize;
+            if mine[p] {
+                users[p].push((u.clone(), *c));
+            }
         }
-        for (g, c) in gs {
-            inv.arg(g).arg(*c);
-        }
-        let _: i64 = inv.invoke_async(&mut conn).await?;
-        if user_chunks.peek().is_none() && gs.len() < CHUNK {
-            return Ok(());
+        for (g, c) in &local.groups {
+            let p = keys.partition(g) as usize;
+            if mine[p] {
+                groups[p].push((g.clone(), *c));
+            }
         }
     }
+    let mut calls = Vec::new();
+    if mine[0] {
+        let mut c = Call::new(&scripts::ALIVE);
+        c.key(keys.nodes()).arg(&shared.node).arg(shared.ttl_ms());
+        calls.push(c);
+    }
+    for &p in &shard.partitions {
+        let (us, gs) = (&users[p as usize], &groups[p as usize]);
+        let mut first = true;
+        let (mut ui, mut gi) = (0, 0);
+        while first || ui < us.len() || gi < gs.len() {
+            let u_chunk = &us[ui..(ui + CHUNK).min(us.len())];
+            let g_chunk = &gs[gi..(gi + CHUNK).min(gs.len())];
+            ui += u_chunk.len();
+            gi += g_chunk.len();
+            let mut c = Call::new(&scripts::HEARTBEAT);
+            c.key(keys.node_conns(p, &shared.node))
+                .key(keys.node_groups(p, &shared.node));
+            for (u, _) in u_chunk {
+                c.key(keys.user(u));
+            }
+            for (g, _) in g_chunk {
+                c.key(keys.group(g));
+            }
+            c.arg(&shared.node)
+                .arg(shared.ttl_ms())
+                .arg(if first { "1" } else { "0" })
+                .arg(u_chunk.len());
+            for (u, n) in u_chunk.iter().chain(g_chunk) {
+                c.arg(u).arg(*n);
+            }
+            calls.push(c);
+            first = false;
+        }
+    }
+    // Bounded pipelines: a node with many users does not send one huge
+    // request.
+    let mut conn = shard.conn()?;
+    for batch in calls.chunks(64) {
+        scripts::run_all(&mut conn, batch).await?;
+    }
+    Ok(())
 }
 
 impl RedisSessionTracker {
@@ -124,10 +173,14 @@ impl RedisSessionTracker {
             .next())
     }
 
-    /// pgdn-ws's `heartbeat`: refreshes this node's liveness key and its
-    /// users' mappings now (it also runs every heartbeat interval).
+    /// pgdn-ws's `heartbeat`: refreshes this node's liveness and its
+    /// users' mappings now, on every shard (it also runs every heartbeat
+    /// interval).
     pub async fn heartbeat(&self) -> Result<()> {
-        heartbeat(&self.shared).await
+        for shard in &self.shared.topology()?.shards {
+            heartbeat(&self.shared, shard).await?;
+        }
+        Ok(())
     }
 }
 
@@ -161,7 +214,11 @@ impl SessionTracker for RedisSessionTracker {
         if let Err(e) = register_delta(&self.shared, identity, 1).await {
             // Other nodes cannot route this user here until a heartbeat
             // writes the mapping: take no publishes until then.
-            self.shared.registration_lost();
+            if let Ok(t) = self.shared.topology() {
+                for shard in &t.shards {
+                    shard.registration_lost();
+                }
+            }
             return Err(e.into());
         }
         Ok(())
@@ -178,13 +235,7 @@ impl SessionTracker for RedisSessionTracker {
     }
 
     async fn nodes_of(&self, user_id: &str) -> pgdn_core::Result<Vec<String>> {
-        let mut nodes: Vec<String> = scripts::NODES_OF
-            .prepare_invoke()
-            .arg(&self.shared.keys.prefix)
-            .arg(user_id)
-            .invoke_async(&mut self.shared.conn()?)
-            .await
-            .map_err(crate::Error::from)?;
+        let mut nodes = live(&self.shared, &self.shared.keys.user(user_id), user_id).await?;
         nodes.sort();
         Ok(nodes)
     }
@@ -194,41 +245,51 @@ impl SessionTracker for RedisSessionTracker {
     }
 }
 
+/// The live entries of a map in the partition of `name`.
+pub(crate) async fn live(shared: &Shared, key: &str, name: &str) -> Result<Vec<String>> {
+    let shard = shared.shard(shared.keys.partition(name))?;
+    let mut c = Call::new(&scripts::LIVE);
+    c.key(key.to_string());
+    Ok(scripts::run(&mut shard.conn()?, &c).await?)
+}
+
+/// The nodes alive now.
+pub(crate) async fn live_nodes(shared: &Shared) -> Result<Vec<String>> {
+    let shard = shared.shard(0)?;
+    let mut c = Call::new(&scripts::LIVE);
+    c.key(shared.keys.nodes());
+    Ok(scripts::run(&mut shard.conn()?, &c).await?)
+}
+
 async fn cluster_stats(shared: &Shared) -> Result<ClusterStats> {
     let keys = &shared.keys;
-    let mut conn = shared.conn()?;
-    let known: Vec<String> = conn.smembers(keys.nodes()).await?;
-    let mut alive_pipe = redis::pipe();
-    for n in &known {
-        alive_pipe.exists(keys.alive(n));
-    }
-    let alive: Vec<bool> = alive_pipe.query_async(&mut conn).await?;
-    let nodes: Vec<String> = known
-        .into_iter()
-        .zip(alive)
-        .filter_map(|(n, a)| a.then_some(n))
-        .collect();
-    let mut pipe = redis::pipe();
-    for n in &nodes {
-        pipe.hgetall(keys.node_conns(n)).hkeys(keys.node_groups(n));
-    }
-    let replies: Vec<(Counts, Vec<String>)> = if nodes.is_empty() {
-        Vec::new()
-    } else {
-        pipe.query_async(&mut conn).await?
-    };
+    let mut nodes = live_nodes(shared).await?;
+    nodes.sort();
     let mut users = BTreeSet::new();
     let mut groups = BTreeSet::new();
     let mut total_connections = 0usize;
-    for (conns, gs) in replies {
-        for (u, c) in conns {
-            total_connections += c as usize;
-            users.insert(u);
+    if !nodes.is_empty() {
+        for shard in &shared.topology()?.shards {
+            let mut conn = shard.conn()?;
+            for ps in shard.partitions.chunks(16) {
+                let mut pipe = redis::pipe();
+                for &p in ps {
+                    for n in &nodes {
+                        pipe.hgetall(keys.node_conns(p, n))
+                            .hkeys(keys.node_groups(p, n));
+                    }
+                }
+                let replies: Vec<(Counts, Vec<String>)> = pipe.query_async(&mut conn).await?;
+                for (conns, gs) in replies {
+                    for (u, c) in conns {
+                        total_connections += c as usize;
+                        users.insert(u);
+                    }
+                    groups.extend(gs);
+                }
+            }
         }
-        groups.extend(gs);
     }
-    let mut nodes = nodes;
-    nodes.sort();
     Ok(ClusterStats::new(
         nodes,
         total_connections,

@@ -49,7 +49,39 @@ enum Task {
         /// Key prefix the nodes use.
         #[arg(long, env = "PGDN_REDIS_PREFIX", default_value = "pgdn:")]
         prefix: String,
+        #[command(flatten)]
+        layout: RedisLayout,
     },
+}
+
+/// How the deployment's Redis is laid out; the same on every node, in
+/// every emitter and for `cleanup`.
+#[derive(Debug, Clone, clap::Args)]
+struct RedisLayout {
+    /// How Redis is deployed: `single` (one Redis; the default), `shards`
+    /// (independent Redis instances, --redis-url lists them all, in the
+    /// same order on every node), `cluster` (Redis Cluster 7+, sharded
+    /// pub/sub; --redis-url lists one or more of its nodes) or `sentinel`
+    /// (--redis-url lists the sentinels).
+    #[arg(long, env = "PGDN_REDIS_MODE", default_value = "single", value_parser = parse_mode)]
+    redis_mode: String,
+    /// How many partitions users, groups and message ids are hashed to
+    /// (1 to 1024); fixed for a deployment.
+    #[arg(long, env = "PGDN_REDIS_PARTITIONS", default_value_t = 128,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    redis_partitions: u16,
+    /// Mode sentinel: the name the sentinels monitor the master under.
+    #[arg(long, env = "PGDN_REDIS_SENTINEL_MASTER", default_value = "mymaster")]
+    redis_sentinel_master: String,
+}
+
+fn parse_mode(s: &str) -> Result<String, String> {
+    match s.to_ascii_lowercase().as_str() {
+        m @ ("single" | "shards" | "cluster" | "sentinel") => Ok(m.to_string()),
+        other => Err(format!(
+            "unknown redis mode {other:?}: use single, shards, cluster or sentinel"
+        )),
+    }
 }
 
 /// Settings of a serving node.
@@ -232,7 +264,8 @@ struct Args {
     #[arg(long, env = "PGDN_DEMO_PAGE", default_value_t = true, action = clap::ArgAction::Set)]
     demo_page: bool,
     /// Redis URL: runs this node in cluster mode with the other nodes on the
-    /// same Redis (e.g. redis://127.0.0.1:6379). Without it the node keeps
+    /// same Redis (e.g. redis://127.0.0.1:6379; a comma-separated list
+    /// where --redis-mode needs several). Without it the node keeps
     /// everything in memory.
     #[arg(
         long,
@@ -254,6 +287,8 @@ struct Args {
     /// Key prefix in Redis, for several deployments on one Redis.
     #[arg(long, env = "PGDN_REDIS_PREFIX", default_value = "pgdn:")]
     redis_prefix: String,
+    #[command(flatten)]
+    layout: RedisLayout,
     /// How long a silent node's users stay routed to it (its liveness TTL;
     /// the heartbeat runs at a third of it).
     #[arg(long, env = "PGDN_NODE_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
@@ -309,6 +344,7 @@ async fn cluster_hub(
     cluster_config.heartbeat_interval = args.node_ttl / 3;
     cluster_config.history = config.history;
     cluster_config.max_users_per_publish = args.max_users_per_publish;
+    args.layout.apply(&mut cluster_config);
     if let Some(path) = &args.redis_ca_cert {
         cluster_config.redis_ca_cert = Some(std::fs::read(path).map_err(|e| {
             pgdn_server::Error::Config(format!(
@@ -326,6 +362,12 @@ async fn cluster_hub(
     })?;
     // One parseable line on stdout, before the listening line.
     println!("pgdn-server cluster node {node} on {}", redacted(url));
+    tracing::info!(
+        node = %node,
+        mode = %args.layout.redis_mode,
+        partitions = args.layout.redis_partitions,
+        "redis layout"
+    );
     let hub = cluster.hub_builder().queue_limits(config.queue).build();
     // Give a Redis that is up the time to take this node in, so that a
     // node started beside a running cluster is ready when it says it
@@ -351,21 +393,38 @@ async fn cluster_hub(
     ))
 }
 
-/// `pgdn-server cleanup`: one full pass.
 #[cfg(feature = "redis")]
-async fn cleanup(url: &str, prefix: &str) -> Result<(), pgdn_server::Error> {
-    let report = pgdn_redis::cleanup_all(url, prefix).await.map_err(|e| {
+impl RedisLayout {
+    /// Sets the layout in a cluster configuration.
+    fn apply(&self, config: &mut pgdn_redis::ClusterConfig) {
+        config.mode = self.redis_mode.parse().expect("checked by clap");
+        config.partitions = self.redis_partitions;
+        config.sentinel_master = self.redis_sentinel_master.clone();
+    }
+}
+
+/// `pgdn-server cleanup`: one full pass on every shard.
+#[cfg(feature = "redis")]
+async fn cleanup(url: &str, prefix: &str, layout: &RedisLayout) -> Result<(), pgdn_server::Error> {
+    let mut config = pgdn_redis::ClusterConfig::default();
+    config.prefix = prefix.to_string();
+    layout.apply(&mut config);
+    let failed = |e: pgdn_redis::Error| {
         pgdn_server::Error::Config(format!("cleanup failed on {}: {e}", redacted(url)))
-    })?;
+    };
+    let cluster = pgdn_redis::Cluster::connect(url, "cleanup", config)
+        .await
+        .map_err(failed)?;
+    let report = cluster.cleanup().await.map_err(failed)?;
     println!(
-        "cleanup: {} user keys scanned, {} stale mappings removed, {} dead nodes removed",
+        "cleanup: {} user and group keys scanned, {} stale mappings removed, {} dead nodes removed",
         report.keys_scanned, report.mappings_removed, report.nodes_removed
     );
     Ok(())
 }
 
 #[cfg(not(feature = "redis"))]
-async fn cleanup(_: &str, _: &str) -> Result<(), pgdn_server::Error> {
+async fn cleanup(_: &str, _: &str, _: &RedisLayout) -> Result<(), pgdn_server::Error> {
     Err(pgdn_server::Error::Config(
         "this pgdn-server was built without the `redis` feature".into(),
     ))
@@ -373,11 +432,14 @@ async fn cleanup(_: &str, _: &str) -> Result<(), pgdn_server::Error> {
 
 /// The URL without its password, for logs.
 #[cfg(feature = "redis")]
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
-    }
+fn redacted(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+            _ => url.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn random_key(bytes: usize) -> String {
@@ -589,8 +651,9 @@ async fn main() {
             redis_url,
             redis_url_file,
             prefix,
+            layout,
         }) => match secret_or_file(redis_url, redis_url_file.as_deref(), "--redis-url-file") {
-            Ok(Some(url)) => cleanup(&url, &prefix).await,
+            Ok(Some(url)) => cleanup(&url, &prefix, &layout).await,
             Ok(None) => Err(pgdn_server::Error::Config(
                 "--redis-url (PGDN_REDIS_URL) is required".into(),
             )),

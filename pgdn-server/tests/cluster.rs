@@ -369,13 +369,14 @@ async fn a_subscriber_that_loses_its_node_resumes_on_another_without_loss() {
     assert_eq!(next_n(&mut c).await, 8, "then live, nothing twice");
 }
 
-/// Sends `PUBLISH channel payload` to the Redis on `port` over a plain TCP
-/// connection (any bytes, not only UTF-8); returns the receivers count.
+/// Sends `SPUBLISH channel payload` (nodes subscribe with sharded pub/sub)
+/// to the Redis on `port` over a plain TCP connection (any bytes, not only
+/// UTF-8); returns the receivers count.
 fn redis_publish(port: u16, channel: &str, payload: &[u8]) -> i64 {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut cmd = Vec::new();
-    cmd.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n");
+    cmd.extend_from_slice(b"*3\r\n$8\r\nSPUBLISH\r\n");
     for arg in [channel.as_bytes(), payload] {
         cmd.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
         cmd.extend_from_slice(arg);
@@ -389,7 +390,7 @@ fn redis_publish(port: u16, channel: &str, payload: &[u8]) -> i64 {
         .trim_start_matches(':')
         .trim_end()
         .parse()
-        .unwrap_or_else(|_| panic!("PUBLISH answered {reply:?}"))
+        .unwrap_or_else(|_| panic!("SPUBLISH answered {reply:?}"))
 }
 
 #[tokio::test]
@@ -406,21 +407,23 @@ async fn bad_bytes_on_the_cluster_channels_are_dropped_and_counted() {
         // Not UTF-8 at all.
         b"\xff\xfe\x00\x01garbage",
         // A well-formed header, a frame that is not UTF-8.
-        b"1\nx\nbad-1\n{\"broadcast\":{}}\n{\"id\":\"bad-1\",\"type\":\"info\",\"x\":\"\xff\xfe\"}",
+        b"1:0\nx\nbad-1\n{\"broadcast\":{}}\n{\"id\":\"bad-1\",\"type\":\"info\",\"x\":\"\xff\xfe\"}",
         // UTF-8, but not a message.
         b"hello",
         // A header, then a frame that is not JSON.
-        b"2\nx\nbad-2\n{\"broadcast\":{}}\nnot json",
+        b"2:0\nx\nbad-2\n{\"broadcast\":{}}\nnot json",
         // A protocol frame smuggled as a notification.
-        b"3\nx\nbad-3\n{\"user\":\"alice\"}\n{\"type\":\"connection\",\"id\":\"bad-3\"}",
+        b"3:0\nx\nbad-3\n{\"user\":\"alice\"}\n{\"type\":\"connection\",\"id\":\"bad-3\"}",
         // A notification whose id is not the header's.
-        format!("4\nx\nbad-4\n{{\"group\":\"staff\"}}\n{{\"id\":\"other\",\"type\":\"info\",\"payload\":{{}},\"timestamp\":\"{ts}\"}}").leak().as_bytes(),
+        format!("4:0\nx\nbad-4\n{{\"group\":\"staff\"}}\n{{\"id\":\"other\",\"type\":\"info\",\"payload\":{{}},\"timestamp\":\"{ts}\"}}").leak().as_bytes(),
         // A bad target.
-        format!("5\nx\nbad-5\n{{\"users\":[]}}\n{{\"id\":\"bad-5\",\"type\":\"info\",\"payload\":{{}},\"timestamp\":\"{ts}\"}}").leak().as_bytes(),
+        format!("5:0\nx\nbad-5\n{{\"users\":[]}}\n{{\"id\":\"bad-5\",\"type\":\"info\",\"payload\":{{}},\"timestamp\":\"{ts}\"}}").leak().as_bytes(),
     ];
     for payload in garbage {
-        assert_eq!(redis_publish(redis.port(), "pgdn:all", payload), 2);
-        assert_eq!(redis_publish(redis.port(), "pgdn:node:g1", payload), 1);
+        // Every node listens to every partition's broadcast channel, and
+        // to its own channel in every partition.
+        assert_eq!(redis_publish(redis.port(), "pgdn:{0}:all", payload), 2);
+        assert_eq!(redis_publish(redis.port(), "pgdn:{5}:node:g1", payload), 1);
     }
     // Everyone is still connected, and the next thing each gets is the
     // next real message.

@@ -18,6 +18,8 @@
 //! # Layout
 //! - this file: [`RedisServer`].
 //! - `tls`: [`TestCa`].
+//! - `deployment`: [`RedisDeployment`], any of pgdn's Redis layouts
+//!   (single, shards, cluster, sentinel) started the same way.
 //! - `nginx`: [`Nginx`], a private nginx that runs the repository's deploy
 //!   file in front of a test server (same rules: a missing `nginx` fails,
 //!   naming [`NGINX_INSTALL_HINT`]).
@@ -35,6 +37,10 @@
 mod nginx;
 
 pub use nginx::{NGINX_INSTALL_HINT, Nginx, nginx_path};
+
+mod deployment;
+
+pub use deployment::{REDIS_MODES, RedisDeployment};
 
 mod tls;
 
