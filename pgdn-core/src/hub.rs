@@ -152,6 +152,20 @@ struct Counters {
     frames_received: AtomicU64,
     dropped_invalid: AtomicU64,
     disconnects: [AtomicU64; REASONS.len()],
+    /// Messages a broker handed in ([`Hub::deliver_local`]), by target
+    /// kind ([`TARGET_KINDS`]).
+    received: [AtomicU64; 3],
+}
+
+/// The target kinds messages are counted by.
+const TARGET_KINDS: [&str; 3] = ["user", "group", "broadcast"];
+
+fn target_kind(t: &Target) -> usize {
+    match t {
+        Target::User(_) | Target::Users(_) => 0,
+        Target::Group(_) => 1,
+        Target::Broadcast(_) => 2,
+    }
 }
 
 const REASONS: [DisconnectReason; 11] = [
@@ -252,6 +266,11 @@ pub struct Stats {
     pub messages_dropped_invalid: u64,
     /// Connections closed since start, by reason (`slow_consumer`, ...).
     pub disconnects: BTreeMap<&'static str, u64>,
+    /// Messages the broker brought to this node since start (from other
+    /// nodes, or from the cluster for its own publishes), by target kind
+    /// (`user`, `group`, `broadcast`): with a Redis broker, a node receives
+    /// only the messages for the users and groups it holds.
+    pub messages_received: BTreeMap<&'static str, u64>,
     /// Seconds since the hub was built.
     pub uptime_seconds: u64,
 }
@@ -496,6 +515,8 @@ impl Hub {
     /// other nodes. A connection whose queue is full is disconnected (1013)
     /// and not counted.
     pub fn deliver_local(&self, envelope: &Envelope) -> usize {
+        self.inner.counters.received[target_kind(&envelope.target)]
+            .fetch_add(1, Ordering::Relaxed);
         self.deliver_local_since(envelope, Instant::now())
     }
 
@@ -810,6 +831,11 @@ impl Hub {
                         c.disconnects[reason_index(*r)].load(Ordering::Relaxed),
                     )
                 })
+                .collect(),
+            messages_received: TARGET_KINDS
+                .iter()
+                .zip(&c.received)
+                .map(|(k, n)| (*k, n.load(Ordering::Relaxed)))
                 .collect(),
             uptime_seconds: self.inner.started.elapsed().as_secs(),
         }

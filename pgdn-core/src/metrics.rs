@@ -219,6 +219,17 @@ impl Collector for HubCollector {
             s.messages_dropped_invalid,
         )?;
         let mut fam = enc.encode_descriptor(
+            "pgdn_broker_messages_received",
+            "Messages the broker brought to this node, by target kind (user, group, broadcast): \
+             with Redis, only those for the users and groups this node holds",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, n) in &s.messages_received {
+            let labels = [("target", *kind)];
+            ConstCounter::new(*n).encode(fam.encode_family(&labels)?)?;
+        }
+        let mut fam = enc.encode_descriptor(
             "pgdn_disconnects",
             "Connections closed, by reason",
             None,
