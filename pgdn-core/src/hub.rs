@@ -515,8 +515,7 @@ impl Hub {
     /// other nodes. A connection whose queue is full is disconnected (1013)
     /// and not counted.
     pub fn deliver_local(&self, envelope: &Envelope) -> usize {
-        self.inner.counters.received[target_kind(&envelope.target)]
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.received[target_kind(&envelope.target)].fetch_add(1, Ordering::Relaxed);
         self.deliver_local_since(envelope, Instant::now())
     }
 
