@@ -6,6 +6,9 @@
 //! pgdn-server --redis-url redis://127.0.0.1:6379     # one or more nodes
 //! PGDN_REDIS_URL=redis://127.0.0.1:6379 cargo run -p pgdn-examples --example emitter -- demo-user
 //! ```
+//!
+//! On another layout, give the nodes' `PGDN_REDIS_MODE` too (and the same
+//! comma-separated `PGDN_REDIS_URL`).
 
 use pgdn_redis::{ClusterConfig, Emitter};
 use serde_json::json;
@@ -37,7 +40,13 @@ async fn main() {
         .nth(1)
         .unwrap_or_else(|| "demo-user".into());
     let result = async {
-        let emitter = Emitter::connect(&url, ClusterConfig::default()).await?;
+        let mut config = ClusterConfig::default();
+        if let Ok(mode) = std::env::var("PGDN_REDIS_MODE") {
+            config.mode = mode
+                .parse()
+                .map_err(|e: String| pgdn_redis::Error::Config(format!("PGDN_REDIS_MODE: {e}")))?;
+        }
+        let emitter = Emitter::connect(&url, config).await?;
         report(&emitter, &user, "import-1").await
     }
     .await;

@@ -40,15 +40,13 @@ pub struct ClusterConfig {
     /// Redis with its `maxmemory`). Each frame is stored once, for the age
     /// bound, and each user's window holds references to it.
     pub history: HistoryConfig,
-    /// Most users one `users` target may list. A publish runs as one Lua
-    /// script, which blocks Redis while it writes each user's history and
-    /// looks up each user's nodes; a longer list is refused (400 at the
-    /// API, [`pgdn_core::Error::InvalidPublish`] to a caller) rather than
-    /// split, because a split publish could no longer be numbered and
-    /// stored atomically with its delivery. Default 1,000: a few
-    /// milliseconds of Redis time (about 4 commands per user; 80,000 users
-    /// once blocked Redis for 645 ms). Send longer lists as several
-    /// publishes (a batch takes up to 1,000), or use a group.
+    /// Most users one `users` target may list. A publish is split by
+    /// partition, one Lua script each, which blocks its Redis while it
+    /// writes each user's history and looks up each user's nodes; a longer
+    /// list is refused (400 at the API, [`pgdn_core::Error::InvalidPublish`]
+    /// to a caller). Default 1,000: a few milliseconds of Redis time. Send
+    /// longer lists as several publishes (a batch takes up to 1,000), or
+    /// use a group.
     pub max_users_per_publish: usize,
     /// De-duplication window of publisher-chosen ids. Default 5 minutes.
     pub dedup_window: Duration,

@@ -1,5 +1,6 @@
 //! Redis implementations of pgdn-core's cluster traits, so that many pgdn
-//! nodes behind a load balancer share one Redis (docs/protocol.md section 6).
+//! nodes behind a load balancer share Redis: one server, independent
+//! shards, Redis Cluster or Sentinel (docs/protocol.md section 6).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), pgdn_redis::Error> {
@@ -17,15 +18,20 @@
 //!
 //! # What goes where
 //!
-//! Every publish runs one Lua script: it drops a repeated publisher id,
-//! numbers the message cluster-wide (`INCR`), keeps it in the history of
-//! each target user, and `PUBLISH`es it: group and broadcast messages on
-//! one channel every node listens to, user messages only on the channels of
-//! the nodes that hold a connection of those users. Every node, the
-//! publishing one included, delivers what arrives on its subscription, so
-//! all nodes deliver in the script's order. Each node keeps a liveness key
-//! with a TTL and refreshes its users' mappings on a heartbeat; a cleanup
-//! pass (SCAN, bounded) removes what dead nodes left.
+//! Users, groups and message ids hash to partitions (128 by default); every
+//! key carries its partition as a hash tag (`pgdn:{17}:user:alice`), so the
+//! same scripts run on one Redis, on independent shards ([`RedisMode`]),
+//! on Redis Cluster and behind Sentinel. A publish runs one Lua script per
+//! partition it touches: it drops a repeated id, numbers the message with
+//! the partition's counter (which follows Redis's clock), keeps it in the
+//! history of each target user, and `SPUBLISH`es it only to the nodes that
+//! need it: a user message to the nodes holding that user, a group message
+//! to those holding a member, a broadcast once to every node. Every node,
+//! the publishing one included, delivers what arrives on its sharded
+//! subscriptions (one per shard), so a user's connections see one order.
+//! Each node refreshes its liveness and its users' and groups' mappings on
+//! a heartbeat; a cleanup pass (SCAN, bounded) removes what dead nodes
+//! left.
 //!
 //! # Layout
 //!
@@ -40,7 +46,10 @@
 //!   job.
 //! - `link`: the background tasks that keep the node's link to Redis
 //!   (reconnect, PING, resubscribe, heartbeat) and decide when it is ready.
-//! - `keys`, `scripts`: key names and the Lua scripts.
+//! - `keys`, `scripts`: partitions, key names and the Lua scripts.
+//! - `shard`, `slots`: the shards a deployment spreads its partitions over
+//!   ([`RedisMode`]), and following Redis Cluster's slots.
+//! - `subscriber`: the sharded pub/sub connection to one master.
 //! - `tls`: the Redis client for `redis://` and `rediss://` URLs (feature
 //!   `tls`, on by default), with a private CA from
 //!   [`ClusterConfig::redis_ca_cert`].

@@ -3,7 +3,7 @@
 //! correct for users with several connections on several nodes).
 //!
 //! Layout in Redis (prefix `pgdn:`, `{p}` the partition of the user or
-//! group, see [`keys`](crate::keys)):
+//! group):
 //! - `{0}:nodes`: hash node -> liveness expiry (ms, Redis clock), written
 //!   by each node's heartbeat.
 //! - `{p}:user:{user}` / `{p}:group:{group}`: hash node -> expiry (ms,
