@@ -136,13 +136,14 @@ pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Re
     let mut by_shard: Vec<Vec<scripts::Call>> = vec![Vec::new(); topology.shards.len()];
     for part in &parts {
         let p = part.partition;
+        let clock = shared.clock_partition(&topology, p);
         let store_here = part.kind == "u" && parts.len() == 1;
         let mut c = scripts::Call::new(&scripts::PUBLISH);
         c.key(keys.id(p, id))
             .key(keys.seq(p))
-            .key(keys.clock(p))
-            .key(keys.settling(p))
-            .key(keys.master(p));
+            .key(keys.clock(clock))
+            .key(keys.settling(clock))
+            .key(keys.master(clock));
         match part.kind {
             "g" => {
                 c.key(keys.group(part.names[0]));

@@ -216,6 +216,25 @@ impl Shared {
         Ok(self.topology()?.shard(p).clone())
     }
 
+    /// Whose clock partition `p` follows (the scripts'
+    /// CLOCK): its own on Redis Cluster (a script may only touch keys of
+    /// its slot), else its shard's first partition's, so that a node's
+    /// PING touches one clock per shard, not one per partition.
+    pub(crate) fn clock_partition(&self, topology: &Topology, p: u16) -> u16 {
+        match self.config.mode {
+            RedisMode::Cluster => p,
+            _ => topology.shard(p).partitions[0],
+        }
+    }
+
+    /// The clocks a node's PING touches on `shard`.
+    pub(crate) fn clock_partitions<'a>(&self, shard: &'a Shard) -> &'a [u16] {
+        match self.config.mode {
+            RedisMode::Cluster => &shard.partitions,
+            _ => &shard.partitions[..1],
+        }
+    }
+
     /// Whether the node can take publishes now, or why not: every shard
     /// must be ready.
     pub(crate) fn readiness(&self) -> std::result::Result<(), &'static str> {

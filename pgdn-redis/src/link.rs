@@ -148,8 +148,8 @@ pub(crate) async fn command_link(weak: Weak<Shared>, shard: Arc<Shard>) {
                 // The PING is the touch of the partitions' clocks (see the
                 // publish script): it also says whether one is settling.
                 let config = &shared.config;
-                let calls: Vec<Call> = shard
-                    .partitions
+                let calls: Vec<Call> = shared
+                    .clock_partitions(&shard)
                     .iter()
                     .map(|&p| {
                         let mut c = Call::new(&scripts::TOUCH);
