@@ -34,19 +34,29 @@ impl CleanupReport {
     }
 }
 
+/// The nodes alive now and the nodes just found dead (forgotten from the
+/// node set), on the shard of partition 0.
+struct Nodes {
+    live: HashSet<String>,
+    dead: Vec<String>,
+}
+
 /// Forgets the nodes whose liveness expired (on the shard of partition
-/// 0); returns the live ones and how many were forgotten.
-async fn forget_dead<C>(conn: &mut C, keys: &Keys) -> Result<(HashSet<String>, usize)>
+/// 0).
+async fn forget_dead<C>(conn: &mut C, keys: &Keys) -> Result<Nodes>
 where
     C: ConnectionLike + Send + Sync,
 {
+    let mut forget = Call::new(&scripts::FORGET);
+    forget.key(keys.nodes());
+    let dead: Vec<String> = scripts::run(conn, &forget).await?;
     let mut live = Call::new(&scripts::LIVE);
     live.key(keys.nodes());
-    let mut clean = Call::new(&scripts::CLEAN);
-    clean.key(keys.nodes());
-    let alive: Vec<String> = scripts::run(conn, &live).await?;
-    let removed: i64 = scripts::run(conn, &clean).await?;
-    Ok((alive.into_iter().collect(), removed.max(0) as usize))
+    let live: Vec<String> = scripts::run(conn, &live).await?;
+    Ok(Nodes {
+        live: live.into_iter().collect(),
+        dead,
+    })
 }
 
 /// What a key under the prefix is, from its name.
@@ -78,12 +88,12 @@ fn kind<'a>(prefix: &str, key: &'a str) -> Kind<'a> {
 }
 
 /// One bounded pass over the keys of one shard, from `cursor`: removes the
-/// expired entries of user and group maps, and the counts of nodes not in
-/// `live`.
+/// entries of user and group maps that expired or point to a node just
+/// found dead, and the counts of nodes not alive.
 async fn clean_shard<C>(
     conn: &mut C,
     keys: &Keys,
-    live: &HashSet<String>,
+    nodes: &Nodes,
     batch: usize,
     cursor: u64,
 ) -> Result<CleanupReport>
@@ -111,9 +121,12 @@ where
                     // be in different slots.
                     let mut c = Call::new(&scripts::CLEAN);
                     c.key(k.clone());
+                    for n in &nodes.dead {
+                        c.arg(n);
+                    }
                     calls.push(c);
                 }
-                Kind::Counts(node) if !live.contains(node) => dead.push(k.clone()),
+                Kind::Counts(node) if !nodes.live.contains(node) => dead.push(k.clone()),
                 _ => {}
             }
         }
@@ -150,9 +163,9 @@ where
     C: ConnectionLike + Send + Sync,
 {
     let keys = Keys::new(prefix, 1);
-    let (live, forgotten) = forget_dead(conn, &keys).await?;
-    let mut report = clean_shard(conn, &keys, &live, batch, cursor).await?;
-    report.nodes_removed = forgotten;
+    let nodes = forget_dead(conn, &keys).await?;
+    let mut report = clean_shard(conn, &keys, &nodes, batch, cursor).await?;
+    report.nodes_removed = nodes.dead.len();
     Ok(report)
 }
 
@@ -183,14 +196,14 @@ pub(crate) async fn cleanup_shards(
 ) -> Result<CleanupReport> {
     let keys = &shared.keys;
     let topology = shared.topology()?;
-    let (live, forgotten) = forget_dead(&mut topology.shard(0).conn()?, keys).await?;
+    let nodes = forget_dead(&mut topology.shard(0).conn()?, keys).await?;
     let mut total = CleanupReport {
-        nodes_removed: forgotten,
+        nodes_removed: nodes.dead.len(),
         ..CleanupReport::default()
     };
     for shard in &topology.shards {
         let cursor = cursors.get(&shard.name).copied().unwrap_or(0);
-        let r = clean_shard(&mut shard.conn()?, keys, &live, batch, cursor).await?;
+        let r = clean_shard(&mut shard.conn()?, keys, &nodes, batch, cursor).await?;
         cursors.insert(shard.name.clone(), r.cursor);
         total.add(&r);
     }

@@ -61,7 +61,7 @@ fn noscript(e: &redis::RedisError) -> bool {
 /// replica that took over knows none).
 pub(crate) async fn load_all(conn: &mut (impl ConnectionLike + Send)) -> RedisResult<()> {
     for s in [
-        &PUBLISH, &TOUCH, &MEMBER, &HEARTBEAT, &ALIVE, &REPLAY, &CLEAN, &LIVE,
+        &PUBLISH, &TOUCH, &MEMBER, &HEARTBEAT, &ALIVE, &REPLAY, &CLEAN, &FORGET, &LIVE,
     ] {
         s.prepare_invoke().load_async(conn).await?;
     }
@@ -363,23 +363,45 @@ return out
     ))
 });
 
-/// Removes the expired entries of the given user or group maps, and of
-/// the node set. Returns the entries removed.
+/// Removes the expired entries of the given user or group maps, and those
+/// of the nodes in ARGV (nodes just found dead), or of the node set.
+/// Returns the entries removed.
 pub(crate) static CLEAN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
 {NOW}
+local dead = {{}}
+for _, n in ipairs(ARGV) do dead[n] = true end
 local removed = 0
 for _, key in ipairs(KEYS) do
   local m = redis.call('HGETALL', key)
   for j = 1, #m, 2 do
-    if tonumber(m[j + 1]) <= now then
+    if tonumber(m[j + 1]) <= now or dead[m[j]] then
       redis.call('HDEL', key, m[j])
       removed = removed + 1
     end
   end
 end
 return removed
+"#
+    ))
+});
+
+/// Removes the nodes whose liveness expired from the node set (KEYS[1])
+/// and returns them.
+pub(crate) static FORGET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+{NOW}
+local m = redis.call('HGETALL', KEYS[1])
+local out = {{}}
+for j = 1, #m, 2 do
+  if tonumber(m[j + 1]) <= now then
+    redis.call('HDEL', KEYS[1], m[j])
+    table.insert(out, m[j])
+  end
+end
+return out
 "#
     ))
 });
