@@ -249,6 +249,53 @@ async fn a_redis_cluster_master_failover_loses_nothing_accepted() {
     drop(cluster);
 }
 
+/// Redis Cluster moves the slot of alice's partition (with its keys) to
+/// another master while a steady publisher sends to her: nodes follow the
+/// slot (`MOVED`, the server's `sunsubscribe`, the slot check), subscribe
+/// and register on the new master, and every publish answered 200 is
+/// delivered on both nodes.
+#[tokio::test]
+async fn a_redis_cluster_slot_move_is_followed_and_loses_nothing_accepted() {
+    let cluster = RedisCluster::start(3, 0);
+    let slot: u16 = pgdn_testkit::redis_cli(
+        cluster.master_ports()[0],
+        &["CLUSTER", "KEYSLOT", &format!("{{{}}}", partition("alice"))],
+    )
+    .parse()
+    .unwrap();
+    let from = cluster.master_of_slot(slot);
+    let to = cluster
+        .master_ports()
+        .into_iter()
+        .find(|p| *p != from)
+        .unwrap();
+    let url = cluster.urls().join(",");
+    let args = ["--redis-mode", "cluster", "--node-ttl", "3s"];
+    let a = Node::launch(&url, "ma", &args);
+    let b = Node::launch(&url, "mb", &args);
+    a.ready().await;
+    b.ready().await;
+    let mut on_a = a.connect("alice", &[], None).await;
+    let mut on_b = b.connect("alice", &[], None).await;
+    a.wait_stats("alice registered twice", |s| s["total_connections"] == 2)
+        .await;
+    let before = a.get("/metrics").await.1;
+    let cluster = failover_loses_nothing(&a, &b, &mut on_a, &mut on_b, move || {
+        cluster.migrate_slot(slot, to);
+        cluster
+    })
+    .await;
+    // Her history moved with the slot: a resume still finds it.
+    let last = a.publish(user("alice", 42)).await;
+    assert_eq!(next_n(&mut on_a).await, 42);
+    assert_eq!(next_n(&mut on_b).await, 42);
+    a.publish(user("alice", 43)).await;
+    let mut again = b.connect("alice", &[], Some(&last)).await;
+    assert_eq!(next_n(&mut again).await, 43);
+    assert!(before.contains("pgdn_ready 1"));
+    drop(cluster);
+}
+
 /// The same through a Sentinel failover.
 #[tokio::test]
 async fn a_sentinel_failover_loses_nothing_accepted() {

@@ -423,6 +423,65 @@ impl RedisCluster {
             .unwrap_or_else(|| panic!("slot {slot} has no master: {}", describe(&view)))
     }
 
+    /// Moves `slot` and its keys to the master on `to` (a resharding, as
+    /// `redis-cli --cluster reshard` does it, for one slot): marks it
+    /// importing on `to` and migrating on its master, `MIGRATE`s its keys,
+    /// hands it over on every master, and waits until every live node
+    /// agrees. Clients meanwhile get `ASK`/`TRYAGAIN`, then `MOVED`.
+    ///
+    /// # Panics
+    /// When `to` is not a master, already holds the slot, or a step fails.
+    pub fn migrate_slot(&self, slot: u16, to: u16) {
+        let from = self.master_of_slot(slot);
+        assert_ne!(from, to, "127.0.0.1:{to} already holds slot {slot}");
+        assert!(
+            self.master_ports().contains(&to),
+            "127.0.0.1:{to} is not a master; the masters are {:?}",
+            self.master_ports()
+        );
+        let id = |port: u16| crate::redis_cli(port, &["CLUSTER", "MYID"]);
+        let (from_id, to_id) = (id(from), id(to));
+        let slot_s = slot.to_string();
+        let ok = |port: u16, args: &[&str]| {
+            let out = crate::redis_cli(port, args);
+            assert!(
+                !out.starts_with("ERR") && !out.contains("ERR "),
+                "127.0.0.1:{port} `{}`: {out}",
+                args.join(" ")
+            );
+            out
+        };
+        ok(to, &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id]);
+        ok(from, &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id]);
+        loop {
+            let keys = ok(from, &["CLUSTER", "GETKEYSINSLOT", &slot_s, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let to_s = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_s, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().copied());
+            ok(from, &args);
+        }
+        for master in self.master_ports() {
+            ok(master, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
+        }
+        poll(Duration::from_secs(20), || {
+            for n in self.live() {
+                let at = slots_view(n.port()).ok().and_then(|v| master_at(&v, slot));
+                if at != Some(to) {
+                    return Err(format!(
+                        "127.0.0.1:{} still sees slot {slot} on {at:?}, not {to}",
+                        n.port()
+                    ));
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("slot {slot} never moved: {e}"));
+    }
+
     /// The slot ranges (first and last slot) the master on `master_port`
     /// serves, as the first running and unpaused node that answers sees
     /// them now, sorted; none for a replica or a replaced master.

@@ -104,3 +104,26 @@ fn fails_over_a_paused_master_which_rejoins_as_a_replica() {
 fn refuses_fewer_than_3_masters() {
     RedisCluster::start(2, 1);
 }
+
+#[test]
+fn migrates_a_slot_with_its_keys() {
+    let cluster = RedisCluster::start(3, 0);
+    let seed = cluster.master_ports()[0];
+    assert_eq!(redis_cli(seed, &["-c", "SET", "{7}:k", "v"]), "OK");
+    let slot: u16 = redis_cli(seed, &["CLUSTER", "KEYSLOT", "{7}:k"])
+        .parse()
+        .unwrap();
+    let from = cluster.master_of_slot(slot);
+    let to = cluster
+        .master_ports()
+        .into_iter()
+        .find(|p| *p != from)
+        .unwrap();
+    cluster.migrate_slot(slot, to);
+    assert_eq!(cluster.master_of_slot(slot), to);
+    assert_eq!(redis_cli(to, &["GET", "{7}:k"]), "v", "the key moved along");
+    assert!(
+        redis_cli(from, &["GET", "{7}:k"]).starts_with("MOVED"),
+        "the old master redirects"
+    );
+}
