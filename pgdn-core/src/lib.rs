@@ -51,6 +51,8 @@
 //!   publish-to-write latency it reports; `process`: the process's
 //!   memory, CPU and file descriptors it reports.
 //! - `assets`: the browser client `/pgdn.js` and the demo page.
+//! - [`lifecycle`]: user online/offline and undelivered-notification
+//!   events, and the [`LifecycleSink`] the server's webhooks implement.
 //! - [`error`]: the crate's [`Error`] enum.
 
 pub mod api;
@@ -69,6 +71,7 @@ pub mod identity;
 #[cfg(feature = "jwt")]
 pub mod jwt;
 mod latency;
+pub mod lifecycle;
 pub mod limits;
 pub mod message;
 mod metrics;
@@ -95,6 +98,7 @@ pub use hub::{Hub, HubBuilder, HubConfig, Stats, WeakHub};
 pub use identity::Identity;
 #[cfg(feature = "jwt")]
 pub use jwt::JwtAuthenticator;
+pub use lifecycle::{EventKind, LifecycleEvent, LifecycleSink, NoLifecycleSink};
 pub use limits::IpNetwork;
 pub use message::{MessageId, MessageType, Notification};
 pub use protocol::{ConnectInfo, Session};
