@@ -105,7 +105,11 @@ async fn sse(State(service): State<Service>, request: Request) -> Response {
 }
 
 async fn http(State(service): State<Service>, request: Request) -> Response {
-    let Some(route) = service.route(request.method(), request.uri().path()) else {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| request.uri().path(), |p| p.as_str());
+    let Some(route) = service.route(request.method(), path) else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let (parts, body) = request.into_parts();

@@ -23,8 +23,80 @@ use crate::protocol::bearer;
 use crate::service::{HttpResponse, Remote, Service, json_error};
 use crate::target::PublishRequest;
 
+/// Most users `POST /api/v1/presence` may ask about at once.
+pub const MAX_PRESENCE_USERS: usize = 1_000;
+
+/// Most members one page of `GET /api/v1/groups/{group}/presence` holds.
+pub const MAX_PRESENCE_PAGE: usize = 1_000;
+
+/// A presence lookup failed: the cluster's store is away (503).
+fn presence_error(e: Error) -> HttpResponse {
+    tracing::debug!(error = %e, "presence unavailable");
+    json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("presence unavailable: {e}"),
+    )
+}
+
+/// The presence routes, with their path and query parameters; `None` for
+/// any other path. An empty or undecodable user or group is
+/// [`Route::ApiNotFound`], a bad `limit` [`Route::ApiBadQuery`].
+fn presence_route(method: &Method, path: &str, query: &str) -> Option<Route> {
+    let get = method == Method::GET || method == Method::HEAD;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()
+            .map(|c| c.into_owned())
+            .filter(|c| !c.is_empty())
+    };
+    if path == "/api/v1/presence" {
+        return Some(if method == Method::POST {
+            Route::PresenceMany
+        } else {
+            Route::ApiMethodNotAllowed
+        });
+    }
+    if let Some(user) = path.strip_prefix("/api/v1/presence/") {
+        // One path segment (a `/` in a user id comes as `%2F`).
+        let user = decode(user).filter(|_| !user.contains('/'));
+        return Some(match (get, user) {
+            (false, _) => Route::ApiMethodNotAllowed,
+            (true, Some(user)) => Route::PresenceOf(user),
+            _ => Route::ApiNotFound,
+        });
+    }
+    let group = path
+        .strip_prefix("/api/v1/groups/")?
+        .strip_suffix("/presence")?;
+    if !get {
+        return Some(Route::ApiMethodNotAllowed);
+    }
+    let Some(group) = decode(group).filter(|_| !group.contains('/')) else {
+        return Some(Route::ApiNotFound);
+    };
+    let mut after = None;
+    let mut limit = 100;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "after" => after = decode(v),
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_PRESENCE_PAGE).contains(&n) => limit = n,
+                _ => return Some(Route::ApiBadQuery),
+            },
+            _ => {}
+        }
+    }
+    Some(Route::GroupPresence {
+        group,
+        after,
+        limit,
+    })
+}
+
 /// A request path the service answers (see [`Service::route`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Route {
     /// `POST /api/v1/publish`.
@@ -33,8 +105,24 @@ pub enum Route {
     PublishBatch,
     /// `GET /api/v1/stats`.
     Stats,
+    /// `GET /api/v1/presence/{user}`.
+    PresenceOf(String),
+    /// `POST /api/v1/presence` with `{"users":[...]}`.
+    PresenceMany,
+    /// `GET /api/v1/groups/{group}/presence[?after=<user>&limit=<n>]`.
+    GroupPresence {
+        /// The group.
+        group: String,
+        /// The page starts after this user id.
+        after: Option<String>,
+        /// At most this many members (1 to 1,000; default 100).
+        limit: usize,
+    },
     /// A path under `/api` with the wrong method (405, behind the key).
     ApiMethodNotAllowed,
+    /// A presence route with an unusable query (a `limit` not in 1 to
+    /// 1,000): 400, behind the key.
+    ApiBadQuery,
     /// Any other path under `/api` (404, behind the key).
     ApiNotFound,
     /// `GET /healthz`: liveness.
@@ -71,8 +159,15 @@ impl Service {
     /// routes, a 404). The WebSocket and SSE paths are not among these:
     /// the adapter routes [`Config::ws_path`](crate::Config::ws_path) and
     /// [`Config::sse_path`](crate::Config::sse_path) itself.
+    ///
+    /// `path` may carry its query (`/api/v1/groups/g/presence?limit=10`);
+    /// the presence routes read theirs.
     pub fn route(&self, method: &Method, path: &str) -> Option<Route> {
         let get = method == Method::GET || method == Method::HEAD;
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        if let Some(route) = presence_route(method, path, query) {
+            return Some(route);
+        }
         let route = match path {
             "/api/v1/publish" if method == Method::POST => Route::Publish,
             "/api/v1/publish/batch" if method == Method::POST => Route::PublishBatch,
@@ -142,13 +237,24 @@ impl Service {
                 let started = Instant::now();
                 let res = match self.check_key(headers, remote) {
                     Err(res) => res,
-                    Ok(()) => match api {
+                    Ok(()) => match &api {
                         Route::Publish => self.publish(headers, body, remote).await,
                         Route::PublishBatch => self.publish_batch(headers, body, remote).await,
                         Route::Stats => self.stats().await,
+                        Route::PresenceOf(user) => self.presence_of(user).await,
+                        Route::PresenceMany => self.presence_many(headers, body, remote).await,
+                        Route::GroupPresence {
+                            group,
+                            after,
+                            limit,
+                        } => self.group_presence(group, after.as_deref(), *limit).await,
                         Route::ApiMethodNotAllowed => {
                             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
                         }
+                        Route::ApiBadQuery => json_error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("limit must be a number from 1 to {MAX_PRESENCE_PAGE}"),
+                        ),
                         _ => json_error(StatusCode::NOT_FOUND, "not found"),
                     },
                 };
@@ -392,6 +498,61 @@ impl Service {
     /// `GET /api/v1/stats`: this node's numbers; in cluster mode the totals,
     /// `users` and `groups` are the cluster's, `nodes` lists the live nodes
     /// and `node` keeps this node's own numbers.
+    /// `GET /api/v1/presence/{user}`.
+    async fn presence_of(&self, user: &str) -> HttpResponse {
+        match self.inner.hub.presence(user).await {
+            Ok(p) => json_ok(&p),
+            Err(e) => presence_error(e),
+        }
+    }
+
+    /// `POST /api/v1/presence` with `{"users":[...]}` (at most
+    /// [`MAX_PRESENCE_USERS`]): `{"users":[<presence>...]}`, in order.
+    async fn presence_many<S, E>(
+        &self,
+        headers: &HeaderMap,
+        body: S,
+        remote: impl Fn() -> Remote,
+    ) -> HttpResponse
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send,
+    {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            users: Vec<String>,
+        }
+        let req: Body = match self.read_json(headers, body, remote).await {
+            Ok(req) => req,
+            Err(res) => return res,
+        };
+        if req.users.len() > MAX_PRESENCE_USERS {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "users lists {} users, more than {MAX_PRESENCE_USERS}",
+                    req.users.len()
+                ),
+            );
+        }
+        if req.users.iter().any(String::is_empty) {
+            return json_error(StatusCode::BAD_REQUEST, "users: an empty user id");
+        }
+        let users: Vec<&str> = req.users.iter().map(String::as_str).collect();
+        match self.inner.hub.presence_of(&users).await {
+            Ok(p) => json_ok(&serde_json::json!({ "users": p })),
+            Err(e) => presence_error(e),
+        }
+    }
+
+    /// `GET /api/v1/groups/{group}/presence`.
+    async fn group_presence(&self, group: &str, after: Option<&str>, limit: usize) -> HttpResponse {
+        match self.inner.hub.group_presence(group, after, limit).await {
+            Ok(p) => json_ok(&p),
+            Err(e) => presence_error(e),
+        }
+    }
+
     async fn stats(&self) -> HttpResponse {
         let hub = &self.inner.hub;
         let local = hub.stats();

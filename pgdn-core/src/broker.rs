@@ -132,6 +132,9 @@ impl<'de> Deserialize<'de> for AnyObject {
 pub enum Published {
     /// It is on its way to the other nodes.
     Sent,
+    /// Taken, but no node holds a connection it targets (the broker knows
+    /// where users and groups are): it reaches nobody.
+    Unrouted,
     /// Another node already took a publish with this id within the
     /// de-duplication window: it is not delivered again.
     Duplicate,

@@ -161,6 +161,8 @@ struct Shared {
     /// The user; fixed for the connection's life (a refresh must name the
     /// same user).
     user_id: Arc<str>,
+    /// When the connection was registered (presence's `since`).
+    connected_at: std::time::SystemTime,
     /// Groups and expiry change on an in-band refresh; the registry swaps
     /// them under its own write lock.
     identity: Mutex<Identity>,
@@ -203,6 +205,7 @@ pub fn channel(
         id,
         wire_id,
         user_id: identity.user_id.clone(),
+        connected_at: std::time::SystemTime::now(),
         identity: Mutex::new(identity),
         limits,
         queue: Mutex::new(Queue::default()),
@@ -221,6 +224,11 @@ impl Connection {
     /// The node-local numeric id.
     pub fn id(&self) -> u64 {
         self.shared.id
+    }
+
+    /// When the connection was registered.
+    pub fn connected_at(&self) -> std::time::SystemTime {
+        self.shared.connected_at
     }
 
     /// The opaque id sent to the client in the connection frame.

@@ -19,8 +19,11 @@ use crate::frame::{ClientFrame, ErrorCode, ErrorFrame, pong_json};
 use crate::handler::MessageHandler;
 use crate::history::{History, HistoryConfig, HistoryRecord, MemoryHistory, Replay};
 use crate::identity::Identity;
+use crate::lifecycle::{EventKind, LifecycleEvent, LifecycleSink, NoLifecycleSink};
 use crate::message::{MessageType, RESERVED_TYPES};
-use crate::session::{ClusterStats, MemorySessionTracker, SessionTracker};
+use crate::session::{
+    ClusterStats, GroupPresence, MemorySessionTracker, SessionTracker, UserPresence,
+};
 use crate::target::{PublishReceipt, PublishRequest, Target};
 
 /// Settings of a [`Hub`].
@@ -58,6 +61,8 @@ pub struct HubBuilder {
     sessions: Arc<dyn SessionTracker>,
     history: Option<Arc<dyn History>>,
     history_config: HistoryConfig,
+    lifecycle: Arc<dyn LifecycleSink>,
+    offline_debounce: Duration,
 }
 
 impl Default for HubBuilder {
@@ -68,6 +73,8 @@ impl Default for HubBuilder {
             sessions: Arc::new(MemorySessionTracker::new()),
             history: None,
             history_config: HistoryConfig::default(),
+            lifecycle: Arc::new(NoLifecycleSink),
+            offline_debounce: Duration::from_secs(5),
         }
     }
 }
@@ -117,8 +124,23 @@ impl HubBuilder {
         self
     }
 
+    /// Sets where lifecycle events go (`user.online`, `user.offline`,
+    /// `notification.undelivered`; the server's webhooks). Default: nowhere.
+    pub fn lifecycle_sink(mut self, sink: Arc<dyn LifecycleSink>) -> Self {
+        self.lifecycle = sink;
+        self
+    }
+    /// How long a user whose last connection closed must stay away before
+    /// `user.offline` (so a page reload or a reconnect is not an
+    /// offline/online pair). Default 5 s.
+    pub fn offline_debounce(mut self, debounce: Duration) -> Self {
+        self.offline_debounce = debounce;
+        self
+    }
     /// Builds the hub and attaches the broker to it.
     pub fn build(self) -> Hub {
+        self.sessions
+            .attach_lifecycle(self.lifecycle.clone(), self.offline_debounce);
         let (connections, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             dedup: Dedup::new(self.config.dedup_window, self.config.dedup_capacity),
@@ -136,6 +158,7 @@ impl HubBuilder {
             connections,
             started: Instant::now(),
             clock: Default::default(),
+            lifecycle: self.lifecycle,
         });
         let hub = Hub { inner };
         hub.inner.broker.attach(hub.downgrade());
@@ -209,6 +232,8 @@ struct Inner {
     started: Instant,
     /// When each message was taken, for the publish-to-write latency.
     clock: crate::latency::DeliveryClock,
+    /// Where lifecycle events go.
+    lifecycle: Arc<dyn LifecycleSink>,
 }
 
 /// A claimed publisher-chosen id: released when dropped unless the publish
@@ -429,6 +454,62 @@ impl Hub {
         self.inner.registry.connections_of(user_id)
     }
 
+    // ----- presence -----
+
+    /// Whether `user_id` is online anywhere in the cluster, with how many
+    /// connections and since when.
+    pub async fn presence(&self, user_id: &str) -> Result<UserPresence> {
+        Ok(self
+            .presence_of(&[user_id])
+            .await?
+            .pop()
+            .expect("one answer per user"))
+    }
+
+    /// [`Hub::presence`] for several users at once, in order.
+    pub async fn presence_of(&self, users: &[&str]) -> Result<Vec<UserPresence>> {
+        if let Some(found) = self.inner.sessions.presence(users).await? {
+            return Ok(found);
+        }
+        Ok(users
+            .iter()
+            .map(|u| {
+                let conns = self.inner.registry.connections_of(u);
+                let since = conns.iter().map(Connection::connected_at).min();
+                UserPresence::new(u, conns.len(), since)
+            })
+            .collect())
+    }
+
+    /// The online members of `group`, in user id order, after `after`, at
+    /// most `limit` (at least 1).
+    pub async fn group_presence(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<GroupPresence> {
+        let limit = limit.max(1);
+        if let Some(page) = self
+            .inner
+            .sessions
+            .group_presence(group, after, limit)
+            .await?
+        {
+            return Ok(page);
+        }
+        let mut members: std::collections::BTreeMap<Arc<str>, usize> = Default::default();
+        self.inner.registry.for_group(group, |c| {
+            *members.entry(c.identity().user_id.clone()).or_default() += 1;
+        });
+        Ok(GroupPresence::page(
+            group,
+            members.into_iter().map(|(u, n)| (u.to_string(), n)),
+            after,
+            limit,
+        ))
+    }
+
     // ----- publishing -----
 
     /// Publishes a notification: validates it, drops a repeated
@@ -468,10 +549,12 @@ impl Hub {
             }
             claim.id = Some(id.clone());
         }
+        let notify_undelivered = req.notify_undelivered.then(|| req.kind.clone());
         let envelope = Envelope::from_request(req, self.inner.config.node_id.clone());
         let id = envelope.id.clone();
         // An error drops `claim`, which releases the id: a retry may publish.
-        if let Published::Duplicate = self.inner.broker.publish(&envelope).await? {
+        let published = self.inner.broker.publish(&envelope).await?;
+        if let Published::Duplicate = published {
             self.inner
                 .counters
                 .duplicates
@@ -491,7 +574,34 @@ impl Hub {
             Some(self.deliver_local_since(&envelope, accepted))
         };
         claim.complete(delivered);
+        if let Some(kind) = notify_undelivered {
+            // Reached nobody: no node holds a target (the broker knows), or
+            // this node, the only one, queued it to no connection.
+            if published == Published::Unrouted || delivered == Some(0) {
+                self.emit_undelivered(&envelope, kind.as_str());
+            }
+        }
         Ok(PublishReceipt { id, delivered })
+    }
+
+    fn emit_undelivered(&self, envelope: &Envelope, kind: &str) {
+        let user = match &envelope.target {
+            Target::User(u) => Some(&**u),
+            _ => None,
+        };
+        let target = serde_json::to_value(&envelope.target).expect("targets serialize");
+        self.emit_event(
+            LifecycleEvent::new(EventKind::NotificationUndelivered, user)
+                .with("message_id", envelope.id.as_str())
+                .with("message_type", kind)
+                .with("target", target),
+        );
+    }
+
+    /// Sends a lifecycle event to the hub's sink ([`HubBuilder::lifecycle_sink`]).
+    pub fn emit_event(&self, event: LifecycleEvent) {
+        tracing::debug!(kind = event.kind.as_str(), id = %event.id, "lifecycle event");
+        self.inner.lifecycle.emit(event);
     }
 
     /// Publishes several requests, after validating all of them: if any is

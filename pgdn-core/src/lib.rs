@@ -103,7 +103,9 @@ pub use limits::IpNetwork;
 pub use message::{MessageId, MessageType, Notification};
 pub use protocol::{ConnectInfo, Session};
 pub use service::{Admission, HttpResponse, Service, ServiceBuilder, json_error};
-pub use session::{ClusterStats, MemorySessionTracker, SessionTracker};
+pub use session::{
+    ClusterStats, GroupMember, GroupPresence, MemorySessionTracker, SessionTracker, UserPresence,
+};
 pub use sse::{SseStream, SseTransport};
 pub use target::{PublishReceipt, PublishRequest, Target};
 pub use transport::{Frame, Inbound, Transport, TransportError, TransportKind};

@@ -1,13 +1,105 @@
 //! Which node holds which user's connections.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::identity::Identity;
+use crate::lifecycle::{EventKind, LifecycleEvent, LifecycleSink};
+
+/// Whether a user is online, cluster-wide (`GET /api/v1/presence/{user}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct UserPresence {
+    /// The user.
+    pub user: String,
+    /// Whether the user has at least one open connection anywhere.
+    pub online: bool,
+    /// Open connections over every live node.
+    pub connections: usize,
+    /// When the first of the current connections opened (RFC 3339 UTC);
+    /// `None` while offline.
+    pub since: Option<String>,
+}
+
+impl UserPresence {
+    /// The presence of `user` from its connection count and the time its
+    /// first current connection opened.
+    pub fn new(user: &str, connections: usize, since: Option<SystemTime>) -> Self {
+        UserPresence {
+            user: user.to_string(),
+            online: connections > 0,
+            connections,
+            since: since
+                .filter(|_| connections > 0)
+                .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        }
+    }
+}
+
+/// One online member of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GroupMember {
+    /// The user.
+    pub user: String,
+    /// Connections of that user that list the group, over every node.
+    pub connections: usize,
+}
+
+impl GroupMember {
+    /// A member with its connection count.
+    pub fn new(user: impl Into<String>, connections: usize) -> Self {
+        GroupMember {
+            user: user.into(),
+            connections,
+        }
+    }
+}
+
+/// A page of a group's online members, ordered by user id
+/// (`GET /api/v1/groups/{group}/presence`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GroupPresence {
+    /// The group.
+    pub group: String,
+    /// Online members after the cursor, in user id order.
+    pub members: Vec<GroupMember>,
+    /// Pass as `after` for the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+impl GroupPresence {
+    /// The page of `members` (user and connections, sorted by user) after
+    /// `after`, at most `limit` (at least 1).
+    pub fn page(
+        group: &str,
+        members: impl Iterator<Item = (String, usize)>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> GroupPresence {
+        let limit = limit.max(1);
+        let mut page: Vec<GroupMember> = members
+            .filter(|(u, _)| after.is_none_or(|a| u.as_str() > a))
+            .take(limit + 1)
+            .map(|(u, n)| GroupMember::new(u, n))
+            .collect();
+        let next = (page.len() > limit).then(|| {
+            page.truncate(limit);
+            page[limit - 1].user.clone()
+        });
+        GroupPresence {
+            group: group.to_string(),
+            members: page,
+            next,
+        }
+    }
+}
 
 /// Numbers over every live node of a cluster (`GET /api/v1/stats` in
 /// cluster mode).
@@ -73,13 +165,60 @@ pub trait SessionTracker: Send + Sync + 'static {
     async fn cluster_stats(&self) -> Result<Option<ClusterStats>, Error> {
         Ok(None)
     }
+    /// Gives the tracker the sink of lifecycle events: a tracker that knows
+    /// when a user's first connection anywhere opens and the last one
+    /// closes emits `user.online` and, after `debounce` with none back,
+    /// `user.offline`, once for the cluster. Called once, when the hub is
+    /// built. Default: no events.
+    fn attach_lifecycle(&self, sink: Arc<dyn LifecycleSink>, debounce: Duration) {
+        let _ = (sink, debounce);
+    }
+    /// The cluster-wide presence of `users`, in order; `None` when this
+    /// tracker sees only this node (the hub then answers from its own
+    /// connections). Default `None`.
+    async fn presence(&self, users: &[&str]) -> Result<Option<Vec<UserPresence>>, Error> {
+        let _ = users;
+        Ok(None)
+    }
+    /// The online members of `group` after user id `after`, at most
+    /// `limit`, cluster-wide; `None` as for [`SessionTracker::presence`].
+    async fn group_presence(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<GroupPresence>, Error> {
+        let _ = (group, after, limit);
+        Ok(None)
+    }
 }
 
-/// The single-process tracker: a map in memory.
+/// The single-process tracker: a map in memory. It emits lifecycle
+/// events: `user.online` on a user's first connection, `user.offline`
+/// when the last one closed and none came back within the debounce.
 #[derive(Debug, Default)]
 pub struct MemorySessionTracker {
     // user -> (connection id -> node)
     users: Mutex<HashMap<String, HashMap<String, String>>>,
+    lifecycle: OnceLock<Lifecycle>,
+}
+
+/// The lifecycle state of the memory tracker.
+struct Lifecycle {
+    sink: Arc<dyn LifecycleSink>,
+    debounce: Duration,
+    /// Users whose last connection closed, not yet announced offline: the
+    /// generation of that close (a newer close replaces it).
+    pending: Arc<Mutex<HashMap<String, u64>>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Lifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("debounce", &self.debounce)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemorySessionTracker {
@@ -103,12 +242,25 @@ impl SessionTracker for MemorySessionTracker {
         connection_id: &str,
     ) -> Result<(), Error> {
         let user_id = &*identity.user_id;
-        self.users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(user_id.to_string())
-            .or_default()
-            .insert(connection_id.to_string(), node.to_string());
+        let first = {
+            let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            let conns = users.entry(user_id.to_string()).or_default();
+            conns.insert(connection_id.to_string(), node.to_string());
+            conns.len() == 1
+        };
+        if let (true, Some(l)) = (first, self.lifecycle.get()) {
+            // Back within the debounce: no offline, no online.
+            let was_pending = l
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(user_id)
+                .is_some();
+            if !was_pending {
+                l.sink
+                    .emit(LifecycleEvent::new(EventKind::UserOnline, Some(user_id)));
+            }
+        }
         Ok(())
     }
 
@@ -119,14 +271,47 @@ impl SessionTracker for MemorySessionTracker {
         connection_id: &str,
     ) -> Result<(), Error> {
         let user_id = &*identity.user_id;
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(conns) = users.get_mut(user_id) {
-            conns.remove(connection_id);
-            if conns.is_empty() {
+        let last = {
+            let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            let emptied = users
+                .get_mut(user_id)
+                .is_some_and(|conns| conns.remove(connection_id).is_some() && conns.is_empty());
+            if emptied {
                 users.remove(user_id);
             }
+            emptied
+        };
+        if let (true, Some(l)) = (last, self.lifecycle.get()) {
+            let generation = l
+                .generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            l.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(user_id.to_string(), generation);
+            let (pending, sink, user) = (l.pending.clone(), l.sink.clone(), user_id.to_string());
+            let debounce = l.debounce;
+            tokio::spawn(async move {
+                tokio::time::sleep(debounce).await;
+                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+                // Still the same close: nobody came back.
+                if pending.get(&user) == Some(&generation) {
+                    pending.remove(&user);
+                    drop(pending);
+                    sink.emit(LifecycleEvent::new(EventKind::UserOffline, Some(&user)));
+                }
+            });
         }
         Ok(())
+    }
+
+    fn attach_lifecycle(&self, sink: Arc<dyn LifecycleSink>, debounce: Duration) {
+        let _ = self.lifecycle.set(Lifecycle {
+            sink,
+            debounce,
+            pending: Arc::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        });
     }
 
     async fn nodes_of(&self, user_id: &str) -> Result<Vec<String>, Error> {

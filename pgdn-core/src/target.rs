@@ -100,6 +100,10 @@ pub struct PublishRequest {
     /// Any JSON object; `{}` when left out.
     #[serde(default)]
     pub payload: serde_json::Map<String, serde_json::Value>,
+    /// When it reaches no connection, emit a `notification.undelivered`
+    /// lifecycle event (the app's cue to send a push or an e-mail).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub notify_undelivered: bool,
 }
 
 impl PublishRequest {
@@ -110,7 +114,15 @@ impl PublishRequest {
             target,
             kind,
             payload: serde_json::Map::new(),
+            notify_undelivered: false,
         }
+    }
+
+    /// Asks for a `notification.undelivered` lifecycle event when the
+    /// message reaches no connection.
+    pub fn notify_undelivered(mut self) -> Self {
+        self.notify_undelivered = true;
+        self
     }
 
     /// A request from a type name and any serializable payload (an object,

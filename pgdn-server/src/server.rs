@@ -244,9 +244,16 @@ impl Pgdn {
         &self,
     ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + use<> {
         let service = self.service.clone();
-        let routed = warp::method().and(warp::path::tail()).and_then(
-            move |method: Method, tail: warp::path::Tail| {
-                let route = service.route(&method, &format!("/{}", tail.as_str()));
+        // The presence routes read their query (`?after=...&limit=...`).
+        let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+        let routed = warp::method().and(warp::path::tail()).and(query).and_then(
+            move |method: Method, tail: warp::path::Tail, query: String| {
+                let path = if query.is_empty() {
+                    format!("/{}", tail.as_str())
+                } else {
+                    format!("/{}?{query}", tail.as_str())
+                };
+                let route = service.route(&method, &path);
                 async move { route.ok_or_else(warp::reject::not_found) }
             },
         );

@@ -27,6 +27,7 @@ mod warp {
     mod lifecycle;
     mod lifetime;
     mod metrics;
+    mod presence;
     mod resume;
     mod security;
     mod sse;
@@ -48,6 +49,7 @@ mod axum {
     mod lifecycle;
     mod lifetime;
     mod metrics;
+    mod presence;
     mod resume;
     mod security;
     mod sse;
