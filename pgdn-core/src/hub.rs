@@ -61,7 +61,7 @@ pub struct HubBuilder {
     sessions: Arc<dyn SessionTracker>,
     history: Option<Arc<dyn History>>,
     history_config: HistoryConfig,
-    lifecycle: Arc<dyn LifecycleSink>,
+    lifecycle: Option<Arc<dyn LifecycleSink>>,
     offline_debounce: Duration,
 }
 
@@ -73,7 +73,7 @@ impl Default for HubBuilder {
             sessions: Arc::new(MemorySessionTracker::new()),
             history: None,
             history_config: HistoryConfig::default(),
-            lifecycle: Arc::new(NoLifecycleSink),
+            lifecycle: None,
             offline_debounce: Duration::from_secs(5),
         }
     }
@@ -127,7 +127,7 @@ impl HubBuilder {
     /// Sets where lifecycle events go (`user.online`, `user.offline`,
     /// `notification.undelivered`; the server's webhooks). Default: nowhere.
     pub fn lifecycle_sink(mut self, sink: Arc<dyn LifecycleSink>) -> Self {
-        self.lifecycle = sink;
+        self.lifecycle = Some(sink);
         self
     }
     /// How long a user whose last connection closed must stay away before
@@ -139,8 +139,11 @@ impl HubBuilder {
     }
     /// Builds the hub and attaches the broker to it.
     pub fn build(self) -> Hub {
-        self.sessions
-            .attach_lifecycle(self.lifecycle.clone(), self.offline_debounce);
+        // Only with a sink: a cluster's tracker then does the bookkeeping.
+        if let Some(sink) = &self.lifecycle {
+            self.sessions
+                .attach_lifecycle(sink.clone(), self.offline_debounce);
+        }
         let (connections, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             dedup: Dedup::new(self.config.dedup_window, self.config.dedup_capacity),
@@ -158,7 +161,7 @@ impl HubBuilder {
             connections,
             started: Instant::now(),
             clock: Default::default(),
-            lifecycle: self.lifecycle,
+            lifecycle: self.lifecycle.unwrap_or_else(|| Arc::new(NoLifecycleSink)),
         });
         let hub = Hub { inner };
         hub.inner.broker.attach(hub.downgrade());

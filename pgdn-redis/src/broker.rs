@@ -60,10 +60,10 @@ struct Part<'a> {
 /// Publishes `envelope`: one publish script per partition it touches (a
 /// `users` target spanning partitions is split, each part carrying only
 /// its partition's users), sent as one pipeline per shard. `None` when
-/// every part was a repeated id. A frame for users in several partitions
+/// every part was a repeated id, else whether any node holds a target. A frame for users in several partitions
 /// is stored once, beforehand, in the partition of its id. Shared by the
 /// broker and the emitter.
-pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Result<Option<()>> {
+pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Result<Option<bool>> {
     let config = &shared.config;
     let keys = &shared.keys;
     check_target(config, &envelope.target)?;
@@ -179,6 +179,7 @@ pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Re
         by_shard[topology.owner[p as usize]].push(c);
     }
     let mut sent = false;
+    let mut routed = false;
     let mut settling = false;
     let mut counter = None;
     for (i, calls) in by_shard.iter().enumerate() {
@@ -195,11 +196,18 @@ pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Re
             match r {
                 redis::Value::Int(-2) => settling = true,
                 redis::Value::Int(-1) => {}
-                redis::Value::Int(c) => {
+                redis::Value::Array(v) => {
                     sent = true;
-                    counter = Some(c);
+                    if let Some(redis::Value::Int(c)) = v.first() {
+                        counter = Some(*c);
+                    }
+                    routed |= !matches!(v.get(1), Some(redis::Value::Int(0)));
                 }
-                _ => sent = true,
+                other => {
+                    return Err(Error::Corrupt(format!(
+                        "the publish script answered {other:?}"
+                    )));
+                }
             }
         }
     }
@@ -222,7 +230,7 @@ pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Re
             "redis is back from an outage; waiting for every node to register again".into(),
         ));
     }
-    Ok(sent.then_some(()))
+    Ok(sent.then_some(routed))
 }
 
 #[async_trait]
@@ -245,7 +253,8 @@ impl Broker for RedisBroker {
             return Err(pgdn_core::Error::Broker(format!("{why}; try again")));
         }
         match publish_envelope(&self.shared, envelope).await? {
-            Some(_) => Ok(Published::Sent),
+            Some(true) => Ok(Published::Sent),
+            Some(false) => Ok(Published::Unrouted),
             None => Ok(Published::Duplicate),
         }
     }

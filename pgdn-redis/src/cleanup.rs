@@ -80,6 +80,12 @@ fn kind<'a>(prefix: &str, key: &'a str) -> Kind<'a> {
     } else if let Some(node) = rest
         .strip_prefix("conns:")
         .or_else(|| rest.strip_prefix("groups:"))
+        .or_else(|| rest.strip_prefix("since:"))
+    {
+        Kind::Counts(node)
+    } else if let Some((_, node)) = rest
+        .strip_prefix("members:")
+        .and_then(|r| r.rsplit_once(':'))
     {
         Kind::Counts(node)
     } else {

@@ -122,12 +122,21 @@ impl Default for ClusterConfig {
     }
 }
 
-/// What this node holds: connections per user and per group, for the
-/// heartbeat.
+/// What this node holds, for the heartbeat: per user its connections and
+/// when the first of them opened (ms since the epoch); per group its
+/// connections by user.
 #[derive(Debug, Default)]
 pub(crate) struct Local {
-    pub(crate) users: HashMap<String, u64>,
-    pub(crate) groups: HashMap<String, u64>,
+    pub(crate) users: HashMap<String, (u64, u64)>,
+    pub(crate) groups: HashMap<String, HashMap<String, u64>>,
+}
+
+/// Lifecycle events, once [`SessionTracker::attach_lifecycle`] gave a sink.
+///
+/// [`SessionTracker::attach_lifecycle`]: pgdn_core::SessionTracker::attach_lifecycle
+pub(crate) struct LifecycleLink {
+    pub(crate) sink: Arc<dyn pgdn_core::LifecycleSink>,
+    pub(crate) debounce: Duration,
 }
 
 /// How the node stands with one shard. It takes publishes only when all
@@ -187,6 +196,13 @@ pub(crate) struct Shared {
     /// Redis Cluster: wakes the slot check at once (a `MOVED`, a failed
     /// shard).
     pub(crate) refresh_now: Notify,
+    /// Where lifecycle events go, if anywhere.
+    pub(crate) lifecycle: OnceLock<LifecycleLink>,
+    /// Orders a heartbeat (which rewrites the node's counts from a
+    /// snapshot, write) against connections opening and closing (read):
+    /// a count changed between the snapshot and the rewrite would be lost
+    /// until the next heartbeat.
+    pub(crate) registering: tokio::sync::RwLock<()>,
 }
 
 impl Shared {
@@ -225,6 +241,12 @@ impl Shared {
             RedisMode::Cluster => p,
             _ => topology.shard(p).partitions[0],
         }
+    }
+
+    /// The partition whose online and offline-due sets hold partition
+    /// `p`'s users: as for [`Shared::clock_partition`].
+    pub(crate) fn lifecycle_partition(&self, topology: &Topology, p: u16) -> u16 {
+        self.clock_partition(topology, p)
     }
 
     /// The clocks a node's PING touches on `shard`.
@@ -478,6 +500,8 @@ impl Cluster {
             changed,
             seeds,
             refresh_now: Notify::new(),
+            lifecycle: OnceLock::new(),
+            registering: tokio::sync::RwLock::new(()),
         });
         match topology {
             Some(t) => shared.install(t),

@@ -108,6 +108,25 @@ impl Keys {
     pub(crate) fn node_groups(&self, p: u16, node: &str) -> String {
         format!("{}groups:{node}", self.part(p))
     }
+    /// Hash user -> when the node's first current connection of the user
+    /// opened (ms), of one node, in one partition.
+    pub(crate) fn node_since(&self, p: u16, node: &str) -> String {
+        format!("{}since:{node}", self.part(p))
+    }
+    /// Hash user -> connections listing the group, of one node.
+    pub(crate) fn group_members(&self, group: &str, node: &str) -> String {
+        format!("{}members:{group}:{node}", self.part(self.partition(group)))
+    }
+    /// Sorted set of the users announced online (score: when their last
+    /// mapping expires), in lifecycle partition `p`.
+    pub(crate) fn online(&self, p: u16) -> String {
+        format!("{}online", self.part(p))
+    }
+    /// Sorted set of the users due offline (score: when), in lifecycle
+    /// partition `p`.
+    pub(crate) fn offline_due(&self, p: u16) -> String {
+        format!("{}offline_due", self.part(p))
+    }
     /// Hash node -> liveness expiry (ms, Redis clock), in partition 0.
     pub(crate) fn nodes(&self) -> String {
         format!("{}nodes", self.part(0))

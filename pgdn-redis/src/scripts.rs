@@ -61,7 +61,19 @@ fn noscript(e: &redis::RedisError) -> bool {
 /// replica that took over knows none).
 pub(crate) async fn load_all(conn: &mut (impl ConnectionLike + Send)) -> RedisResult<()> {
     for s in [
-        &PUBLISH, &TOUCH, &MEMBER, &HEARTBEAT, &ALIVE, &REPLAY, &CLEAN, &FORGET, &LIVE,
+        &PUBLISH,
+        &TOUCH,
+        &USER,
+        &MEMBER,
+        &HEARTBEAT_USERS,
+        &HEARTBEAT_GROUPS,
+        &SWEEP,
+        &GONE,
+        &ALIVE,
+        &REPLAY,
+        &CLEAN,
+        &FORGET,
+        &LIVE,
     ] {
         s.prepare_invoke().load_async(conn).await?;
     }
@@ -153,8 +165,10 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 /// partition holding the frame, store-frame-here (1/0), the master's run
 /// id.
 ///
-/// Returns the message's counter in the partition (which follows Redis's
-/// clock in µs and always grows), -1 for a repeated publisher id, or -2
+/// Returns `{counter, routed}`: the message's counter in the partition
+/// (which follows Redis's clock in µs and always grows) and how many nodes
+/// it was sent to (0: no node holds a target); or -1 for a repeated
+/// publisher id, or -2
 /// while the partition is settling after a Redis outage ([`CLOCK`];
 /// nothing is written then, not even the id's claim, so a retry is
 /// published).
@@ -188,8 +202,7 @@ redis.call('SET', KEYS[2], cs)
 local msg = cs .. ':' .. ARGV[13] .. '\n' .. ARGV[9] .. '\n' .. id .. '\n' .. ARGV[8] .. '\n' .. ARGV[10]
 local kind = ARGV[7]
 if kind == 'b' then
-  redis.call('SPUBLISH', part .. 'all', msg)
-  return c
+  return {{c, redis.call('SPUBLISH', part .. 'all', msg)}}
 end
 local nodes = {{}}
 if kind == 'g' then
@@ -223,10 +236,12 @@ else
     end
   end
 end
+local routed = 0
 for node, _ in pairs(nodes) do
   redis.call('SPUBLISH', part .. 'node:' .. node, msg)
+  routed = routed + 1
 end
-return c
+return {{c, routed}}
 "#,
     ))
 });
@@ -247,59 +262,192 @@ return settling
     ))
 });
 
-/// A connection of a user (or a member of a group) opened (delta 1) or
-/// closed (delta -1). KEYS: the node's counts in the name's partition
-/// (`conns:` or `groups:`), the name's map. ARGV: node, name, delta,
-/// ttl_ms. Returns the node's connections of that name.
+/// A connection of a user opened (delta 1) or closed (delta -1), and the
+/// user's cluster-wide lifecycle. KEYS: the node's user counts and
+/// first-connection times in the user's partition, the user's map, and
+/// (lifecycle) the online and offline-due sets. ARGV: node, user, delta,
+/// ttl_ms, since_ms (when the node's first current connection of the user
+/// opened), lifecycle (1/0), debounce_ms. Returns `{count, online}`: the
+/// node's connections of that user, and 1 when this was the user's first
+/// connection anywhere (not a return within the debounce): `user.online`.
+///
+/// When the user's last connection anywhere closes, the user is due
+/// offline after the debounce; [`SWEEP`] and [`GONE`] announce it then,
+/// unless a connection came back.
+pub(crate) static USER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+local node, user = ARGV[1], ARGV[2]
+local delta, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local lifecycle, debounce = ARGV[6] == '1', tonumber(ARGV[7])
+{NOW}
+local c = redis.call('HINCRBY', KEYS[1], user, delta)
+local online = 0
+if c <= 0 then
+  redis.call('HDEL', KEYS[1], user)
+  redis.call('HDEL', KEYS[2], user)
+  redis.call('HDEL', KEYS[3], node)
+  if lifecycle and redis.call('ZSCORE', KEYS[4], user) then
+    local m = redis.call('HGETALL', KEYS[3])
+    local live = false
+    for j = 1, #m, 2 do
+      if tonumber(m[j + 1]) > now then live = true end
+    end
+    if not live then
+      redis.call('ZADD', KEYS[5], now + debounce, user)
+    end
+  end
+else
+  redis.call('HSET', KEYS[3], node, now + ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl * 4)
+  if c == delta then
+    redis.call('HSET', KEYS[2], user, ARGV[5])
+  end
+  if lifecycle and delta > 0 then
+    if redis.call('ZSCORE', KEYS[5], user) then
+      redis.call('ZREM', KEYS[5], user)
+    elseif not redis.call('ZSCORE', KEYS[4], user) then
+      online = 1
+    end
+    redis.call('ZADD', KEYS[4], 'GT', now + ttl, user)
+  end
+end
+return {{c, online}}
+"#
+    ))
+});
+
+/// A connection listing a group opened (delta 1) or closed (delta -1).
+/// KEYS: the node's group counts in the group's partition, the group's
+/// map, the node's members of the group. ARGV: node, group, user, delta,
+/// ttl_ms. Returns the node's connections in that group.
 pub(crate) static MEMBER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
-local node, name = ARGV[1], ARGV[2]
-local delta, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local node, group, user = ARGV[1], ARGV[2], ARGV[3]
+local delta, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 {NOW}
-local c = redis.call('HINCRBY', KEYS[1], name, delta)
+local c = redis.call('HINCRBY', KEYS[1], group, delta)
 if c <= 0 then
-  redis.call('HDEL', KEYS[1], name)
+  redis.call('HDEL', KEYS[1], group)
   redis.call('HDEL', KEYS[2], node)
 else
   redis.call('HSET', KEYS[2], node, now + ttl)
   redis.call('PEXPIRE', KEYS[2], ttl * 4)
 end
+if redis.call('HINCRBY', KEYS[3], user, delta) <= 0 then
+  redis.call('HDEL', KEYS[3], user)
+end
+redis.call('PEXPIRE', KEYS[3], ttl * 4)
 return c
 "#
     ))
 });
 
-/// Heartbeat of one node in one partition. KEYS: the node's user counts,
-/// its group counts, then the maps of the listed users, then of the listed
-/// groups. ARGV: node, ttl_ms, reset (1 on the first call of a heartbeat:
-/// the counts are rewritten from scratch), number of users, then user
-/// counts, then group counts. Refreshes the listed mappings and rewrites
-/// the counts (what the node really holds), which also restores a Redis
-/// that restarted empty and forgets counts of connections whose close was
-/// lost while Redis was away.
-pub(crate) static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+/// Heartbeat of one node for users of one partition. KEYS: the node's
+/// user counts and first-connection times there, the online set, then the
+/// listed users' maps. ARGV: node, ttl_ms, reset (1 on a partition's first
+/// call of a heartbeat: the counts are rewritten from scratch), lifecycle
+/// (1/0), then per user: name, count, since_ms. Refreshes the mappings
+/// and rewrites the counts (what the node really holds), which also
+/// restores a Redis that restarted empty and forgets counts of connections
+/// whose close was lost while Redis was away. Announces nobody: a Redis
+/// that lost its data takes its users back silently.
+pub(crate) static HEARTBEAT_USERS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+local node, ttl = ARGV[1], tonumber(ARGV[2])
+local lifecycle = ARGV[4] == '1'
+{NOW}
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+local n = #KEYS - 3
+for i = 1, n do
+  local a = 5 + 3 * (i - 1)
+  local user = ARGV[a]
+  redis.call('HSET', KEYS[1], user, ARGV[a + 1])
+  redis.call('HSET', KEYS[2], user, ARGV[a + 2])
+  redis.call('HSET', KEYS[3 + i], node, now + ttl)
+  redis.call('PEXPIRE', KEYS[3 + i], ttl * 4)
+  if lifecycle then
+    redis.call('ZADD', KEYS[3], 'GT', now + ttl, user)
+  end
+end
+return n
+"#
+    ))
+});
+
+/// Heartbeat of one node for groups of one partition. KEYS: the node's
+/// group counts there, then per listed group its map and the node's
+/// members of it. ARGV: node, ttl_ms, reset (as for users), then per
+/// group: name, count, number of members m, then m member/count pairs.
+pub(crate) static HEARTBEAT_GROUPS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
 local node, ttl = ARGV[1], tonumber(ARGV[2])
 {NOW}
 if ARGV[3] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[1])
 end
-local nu = tonumber(ARGV[4])
-local ng = #KEYS - 2 - nu
-for i = 1, nu do
-  redis.call('HSET', KEYS[1], ARGV[3 + 2 * i - 1 + 1], ARGV[3 + 2 * i + 1])
-  redis.call('HSET', KEYS[2 + i], node, now + ttl)
-  redis.call('PEXPIRE', KEYS[2 + i], ttl * 4)
+local a = 4
+for i = 1, (#KEYS - 1) / 2 do
+  local map, members = KEYS[2 * i], KEYS[2 * i + 1]
+  redis.call('HSET', KEYS[1], ARGV[a], ARGV[a + 1])
+  redis.call('HSET', map, node, now + ttl)
+  redis.call('PEXPIRE', map, ttl * 4)
+  local m = tonumber(ARGV[a + 2])
+  redis.call('DEL', members)
+  for j = 0, m - 1 do
+    redis.call('HSET', members, ARGV[a + 3 + 2 * j], ARGV[a + 4 + 2 * j])
+  end
+  if m > 0 then redis.call('PEXPIRE', members, ttl * 4) end
+  a = a + 3 + 2 * m
 end
-for i = 1, ng do
-  local a = 4 + 2 * nu + 2 * i - 1
-  redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 1])
-  redis.call('HSET', KEYS[2 + nu + i], node, now + ttl)
-  redis.call('PEXPIRE', KEYS[2 + nu + i], ttl * 4)
+return (#KEYS - 1) / 2
+"#
+    ))
+});
+
+/// The lifecycle sweep of one partition's sets. KEYS: the online set, the
+/// offline-due set. ARGV: debounce_ms, most users. Users whose every
+/// mapping expired (their nodes died) become due offline after the
+/// debounce; returns the users due now, for [`GONE`].
+pub(crate) static SWEEP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+local debounce, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+{NOW}
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+for _, u in ipairs(stale) do
+  if not redis.call('ZSCORE', KEYS[2], u) then
+    redis.call('ZADD', KEYS[2], now + debounce, u)
+  end
 end
-return nu + ng
+return redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+"#
+    ))
+});
+
+/// A user due offline ([`SWEEP`]): if still due and connected nowhere, the
+/// user is offline now. KEYS: the user's map, the online set, the
+/// offline-due set. ARGV: user. Returns 1 when `user.offline` is to be
+/// announced (once: the user leaves both sets).
+pub(crate) static GONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+local user = ARGV[1]
+{NOW}
+local due = redis.call('ZSCORE', KEYS[3], user)
+if (not due) or tonumber(due) > now then return 0 end
+redis.call('ZREM', KEYS[3], user)
+local m = redis.call('HGETALL', KEYS[1])
+for j = 1, #m, 2 do
+  if tonumber(m[j + 1]) > now then return 0 end
+end
+redis.call('ZREM', KEYS[2], user)
+return 1
 "#
     ))
 });

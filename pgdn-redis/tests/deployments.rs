@@ -38,6 +38,7 @@ on_every_layout!(
     a_users_tabs_on_different_nodes_see_one_order,
     resume_works_on_another_node_from_any_id,
     ids_are_deduplicated_across_nodes_partitions_and_the_emitter,
+    presence_and_lifecycle_events_are_cluster_wide,
 );
 
 async fn user_group_and_broadcast_messages_reach_every_node_exactly_once(dep: RedisDeployment) {
@@ -211,4 +212,92 @@ async fn ids_are_deduplicated_across_nodes_partitions_and_the_emitter(dep: Redis
     let n = recv(&tab).await;
     assert_eq!(n["type"], "task_progress");
     assert_eq!(n["group_ids"], json!(["staff"]));
+}
+
+async fn presence_and_lifecycle_events_are_cluster_wide(dep: RedisDeployment) {
+    use pgdn_core::DisconnectReason::ClientClosed;
+    use std::sync::Arc;
+    let events = Arc::new(Events::default());
+    let debounce = std::time::Duration::from_millis(800);
+    let (_ca, a) = node_with_events(&dep, "a", &events, debounce).await;
+    let (_cb, b) = node_with_events(&dep, "b", &events, debounce).await;
+    let (cc, c) = node_with_events(&dep, "c", &events, debounce).await;
+
+    // alice comes online on a: one event for the cluster; a second tab on
+    // b is none.
+    let (a1, _o1) = a.connect(id("alice")).await.unwrap();
+    events.wait(1).await;
+    let (b1, _o2) = b.connect(id("alice")).await.unwrap();
+    let p = c.presence("alice").await.unwrap();
+    assert_eq!((p.online, p.connections), (true, 2), "{p:?}");
+    assert!(p.since.as_deref().unwrap().ends_with('Z'));
+    let nobody = c.presence("nobody").await.unwrap();
+    assert_eq!((nobody.online, nobody.connections), (false, 0));
+    let (_c1, _o3) = c.connect(id("carol")).await.unwrap();
+    events.wait(2).await;
+    let page = a.group_presence("staff", None, 10).await.unwrap();
+    let members: Vec<(String, usize)> = page
+        .members
+        .iter()
+        .map(|m| (m.user.clone(), m.connections))
+        .collect();
+    assert_eq!(members, vec![("alice".into(), 2), ("carol".into(), 1)]);
+    let page = a.group_presence("staff", None, 1).await.unwrap();
+    assert_eq!(page.next.as_deref(), Some("alice"));
+    let page = a.group_presence("staff", Some("alice"), 1).await.unwrap();
+    assert_eq!(page.members[0].user, "carol");
+
+    // A reload across nodes: both tabs close, one opens on c within the
+    // debounce. No event.
+    a.disconnect(&a1, ClientClosed).await;
+    b.disconnect(&b1, ClientClosed).await;
+    let (c2, _o4) = c.connect(id("alice")).await.unwrap();
+    // bob's online comes after anything the reload could have caused.
+    let (_b2, _o5) = b.connect(id("bob")).await.unwrap();
+    events.wait(3).await;
+    // Gone for good: offline once, after the debounce.
+    c.disconnect(&c2, ClientClosed).await;
+    events.wait(4).await;
+    assert_eq!(
+        events.kinds(),
+        [
+            ("user.online", "alice"),
+            ("user.online", "carol"),
+            ("user.online", "bob"),
+            ("user.offline", "alice"),
+        ]
+        .map(|(k, u)| (k.to_string(), u.to_string()))
+    );
+    assert_eq!(c.presence("alice").await.unwrap().connections, 0);
+
+    // Node c dies (its heartbeat stops): carol, online nowhere else, goes
+    // offline once, after her mappings expired and the debounce.
+    drop((c, cc, _c1, _o3));
+    events.wait(5).await;
+    // A marker: dave's online event follows, and nothing came between.
+    let (_d, _o6) = a.connect(id("dave")).await.unwrap();
+    events.wait(6).await;
+    let kinds = events.kinds();
+    assert_eq!(kinds[4], ("user.offline".to_string(), "carol".to_string()));
+    assert_eq!(kinds[5], ("user.online".to_string(), "dave".to_string()));
+    assert_eq!(kinds.len(), 6, "{kinds:?}");
+    assert_eq!(a.presence("carol").await.unwrap().connections, 0);
+
+    // notify_undelivered: to dave (online) nothing; to nobody, one event.
+    for user in ["dave", "nobody"] {
+        b.publish(
+            PublishRequest::new(Target::user(user), MessageType::info()).notify_undelivered(),
+        )
+        .await
+        .unwrap();
+    }
+    let seen = events.wait(7).await;
+    assert_eq!(seen[6].kind.as_str(), "notification.undelivered");
+    assert_eq!(seen[6].user.as_deref(), Some("nobody"));
+    let (_e, _o7) = a.connect(id("erin")).await.unwrap();
+    assert_eq!(
+        events.wait(8).await[7].user.as_deref(),
+        Some("erin"),
+        "nothing between"
+    );
 }

@@ -97,3 +97,72 @@ pub async fn node_on(dep: &pgdn_testkit::RedisDeployment, id: &str) -> (Cluster,
     );
     (cluster, hub)
 }
+
+/// Collects lifecycle events (of every node it is given to), and wakes
+/// whoever waits for one.
+#[derive(Default)]
+pub struct Events {
+    seen: std::sync::Mutex<Vec<pgdn_core::LifecycleEvent>>,
+    changed: tokio::sync::Notify,
+}
+
+impl pgdn_core::LifecycleSink for Events {
+    fn emit(&self, event: pgdn_core::LifecycleEvent) {
+        self.seen.lock().unwrap().push(event);
+        self.changed.notify_waiters();
+    }
+}
+
+impl Events {
+    /// Waits until `n` events arrived (at most 20 s); returns them all.
+    pub async fn wait(&self, n: usize) -> Vec<pgdn_core::LifecycleEvent> {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let notified = self.changed.notified();
+                {
+                    let seen = self.seen.lock().unwrap();
+                    if seen.len() >= n {
+                        return seen.clone();
+                    }
+                }
+                notified.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("never {n} events: {:?}", self.seen.lock().unwrap()))
+    }
+
+    /// (type, user) of every event so far.
+    pub fn kinds(&self) -> Vec<(String, String)> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e.kind.as_str().to_string(),
+                    e.user.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// A node on any deployment that sends lifecycle events to `events`.
+pub async fn node_with_events(
+    dep: &pgdn_testkit::RedisDeployment,
+    id: &str,
+    events: &std::sync::Arc<Events>,
+    debounce: Duration,
+) -> (Cluster, Hub) {
+    let cluster = Cluster::connect(&dep.url(), id, config_for(dep))
+        .await
+        .unwrap();
+    let hub = cluster
+        .hub_builder()
+        .lifecycle_sink(events.clone())
+        .offline_debounce(debounce)
+        .build();
+    assert!(cluster.wait_ready(WAIT).await, "node {id} ready");
+    (cluster, hub)
+}
