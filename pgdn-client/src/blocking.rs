@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 
-use pgdn_core::{PublishReceipt, PublishRequest, Target};
+use pgdn_core::{GroupPresence, PublishReceipt, PublishRequest, Target, UserPresence};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -143,5 +143,30 @@ impl Publisher {
     /// The server's numbers.
     pub fn stats(&self) -> Result<ServerStats> {
         self.call(|p| async move { p.stats().await })
+    }
+
+    /// Whether `user` is online anywhere in the cluster
+    /// ([`Publisher::presence`](crate::Publisher::presence)).
+    pub fn presence(&self, user: &str) -> Result<UserPresence> {
+        let user = user.to_string();
+        self.call(move |p| async move { p.presence(&user).await })
+    }
+
+    /// The presence of up to 1,000 users, in order.
+    pub fn presence_of<S: AsRef<str>>(&self, users: &[S]) -> Result<Vec<UserPresence>> {
+        let users: Vec<String> = users.iter().map(|u| u.as_ref().to_string()).collect();
+        self.call(move |p| async move { p.presence_of(&users).await })
+    }
+
+    /// A page of the online members of `group`
+    /// ([`Publisher::group_presence`](crate::Publisher::group_presence)).
+    pub fn group_presence(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<GroupPresence> {
+        let (group, after) = (group.to_string(), after.map(str::to_string));
+        self.call(move |p| async move { p.group_presence(&group, after.as_deref(), limit).await })
     }
 }

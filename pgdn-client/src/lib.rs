@@ -69,7 +69,10 @@ pub mod subscriber;
 mod tls;
 
 pub use error::{Error, Result};
-pub use pgdn_core::{MessageId, MessageType, Notification, PublishReceipt, PublishRequest, Target};
+pub use pgdn_core::{
+    GroupMember, GroupPresence, MessageId, MessageType, Notification, PublishReceipt,
+    PublishRequest, Target, UserPresence,
+};
 #[cfg(feature = "publisher")]
 pub use publisher::{Publisher, PublisherBuilder, ServerStats};
 #[cfg(feature = "subscriber")]

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgdn_core::{MessageId, PublishReceipt, PublishRequest, Target};
+use pgdn_core::{GroupPresence, MessageId, PublishReceipt, PublishRequest, Target, UserPresence};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -235,6 +235,42 @@ impl Publisher {
         self.send("/api/v1/stats", None).await
     }
 
+    /// Whether `user` is online anywhere in the cluster, with how many
+    /// connections and since when (`GET /api/v1/presence/{user}`).
+    pub async fn presence(&self, user: &str) -> Result<UserPresence> {
+        let path = format!("/api/v1/presence/{}", encode(user));
+        self.send(&path, None).await
+    }
+
+    /// [`Publisher::presence`] for up to 1,000 users at once, in order.
+    pub async fn presence_of<S: AsRef<str>>(&self, users: &[S]) -> Result<Vec<UserPresence>> {
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            users: Vec<UserPresence>,
+        }
+        let users: Vec<&str> = users.iter().map(AsRef::as_ref).collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "users": users }))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let reply: Reply = self.send("/api/v1/presence", Some(body)).await?;
+        Ok(reply.users)
+    }
+
+    /// A page of the online members of `group`, in user id order, after
+    /// `after`, at most `limit` (1 to 1,000); follow
+    /// [`GroupPresence::next`] for the next page.
+    pub async fn group_presence(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<GroupPresence> {
+        let mut path = format!("/api/v1/groups/{}/presence?limit={limit}", encode(group));
+        if let Some(a) = after {
+            path.push_str(&format!("&after={}", encode(a)));
+        }
+        self.send(&path, None).await
+    }
+
     /// POSTs `body` (GETs without one), retrying what can be retried until
     /// the deadline.
     async fn send<T: DeserializeOwned>(&self, path: &str, body: Option<Vec<u8>>) -> Result<T> {
@@ -323,4 +359,9 @@ mod tests {
             assert!(!format!("{blocking:?}").contains("s3cret-key"));
         }
     }
+}
+
+/// `s` as one URL path segment or query value.
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

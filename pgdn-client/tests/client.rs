@@ -157,6 +157,15 @@ async fn async_publisher_reaches_users_groups_and_everyone() {
     let stats = p.stats().await.unwrap();
     assert_eq!((stats.total_users, stats.total_connections), (1, 1));
     assert_eq!(stats.users, vec!["u1"]);
+    let me = p.presence("u1").await.unwrap();
+    assert_eq!((me.online, me.connections), (true, 1));
+    assert!(me.since.is_some());
+    let many = p.presence_of(&["nobody", "u1"]).await.unwrap();
+    let counts: Vec<usize> = many.iter().map(|u| u.connections).collect();
+    assert_eq!(counts, vec![0, 1]);
+    let page = p.group_presence("g", None, 10).await.unwrap();
+    assert_eq!(page.members.len(), 1);
+    assert_eq!((page.members[0].user.as_str(), page.next), ("u1", None));
     s.stop().await;
 }
 
@@ -248,6 +257,17 @@ async fn blocking_publisher_works_from_plain_threads_and_spawn_blocking() {
     .unwrap();
     assert_eq!(r.delivered, Some(1));
     assert_eq!(next_n(&mut sub).await, 999);
+    let url3 = url.clone();
+    let online = tokio::task::spawn_blocking(move || {
+        let p = pgdn_client::blocking::Publisher::new(url3, KEY).unwrap();
+        (
+            p.presence("job-owner").unwrap().online,
+            p.presence_of(&["job-owner"]).unwrap()[0].connections,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(online, (true, 1));
     s.stop().await;
 }
 
