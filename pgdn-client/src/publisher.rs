@@ -342,6 +342,11 @@ impl Publisher {
     }
 }
 
+/// `s` as one URL path segment or query value.
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,9 +364,4 @@ mod tests {
             assert!(!format!("{blocking:?}").contains("s3cret-key"));
         }
     }
-}
-
-/// `s` as one URL path segment or query value.
-fn encode(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
