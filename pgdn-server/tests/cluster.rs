@@ -467,3 +467,50 @@ async fn a_node_started_before_redis_waits_for_it() {
     assert_eq!(next_n(&mut alice).await, 1);
     assert!(node.child.try_wait().unwrap().is_none(), "the node exited");
 }
+
+/// Presence over HTTP is cluster-wide: a user with tabs on two nodes counts
+/// once with both connections, seen from a third node; after a `kill -9`
+/// of one of them its connection drops out within the node TTL.
+#[tokio::test]
+async fn presence_is_cluster_wide_and_forgets_a_killed_node() {
+    let redis = RedisServer::start();
+    let mut nodes = vec![
+        Node::start(&redis, "p1"),
+        Node::start(&redis, "p2"),
+        Node::start(&redis, "p3"),
+    ];
+    let _a1 = nodes[0].connect("alice", &["ops"], None).await;
+    let _a2 = nodes[1].connect("alice", &["ops"], None).await;
+    let _b = nodes[1].connect("bob", &["ops"], None).await;
+    nodes[2]
+        .wait_stats("3 connections", |s| s["total_connections"] == 3)
+        .await;
+    let (status, body) = nodes[2].get_with_key("/api/v1/presence/alice").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["online"].clone(), body["connections"].clone()),
+        (json!(true), json!(2))
+    );
+    let (_, page) = nodes[2].get_with_key("/api/v1/groups/ops/presence").await;
+    assert_eq!(
+        page["members"],
+        json!([{"user":"alice","connections":2},{"user":"bob","connections":1}])
+    );
+    nodes[0].kill();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = nodes[2].get_with_key("/api/v1/presence/alice").await;
+        if body["connections"] == 1 {
+            assert_eq!(body["online"], true);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dropped: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, page) = nodes[2].get_with_key("/api/v1/groups/ops/presence").await;
+    assert_eq!(page["members"][0], json!({"user":"alice","connections":1}));
+    nodes.remove(0);
+}

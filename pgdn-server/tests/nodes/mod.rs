@@ -44,6 +44,20 @@ impl Node {
         node
     }
 
+    /// `GET path` with the publish key: the status and the JSON body.
+    pub async fn get_with_key(&self, path: &str) -> (u16, Value) {
+        let res = reqwest::Client::new()
+            .get(format!("http://{}{path}", self.addr))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        (
+            res.status().as_u16(),
+            res.json().await.unwrap_or(Value::Null),
+        )
+    }
+
     /// `GET /metrics`: the value of the sample `name` (with its labels,
     /// e.g. `pgdn_broker_messages_received_total{target="user"}`).
     pub async fn metric(&self, name: &str) -> u64 {
