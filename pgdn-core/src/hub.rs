@@ -19,6 +19,7 @@ use crate::frame::{ClientFrame, ErrorCode, ErrorFrame, pong_json};
 use crate::handler::MessageHandler;
 use crate::history::{History, HistoryConfig, HistoryRecord, MemoryHistory, Replay};
 use crate::identity::Identity;
+use crate::lifecycle::{LifecycleSink, NoLifecycleSink};
 use crate::message::{MessageType, RESERVED_TYPES};
 use crate::session::{ClusterStats, MemorySessionTracker, SessionTracker};
 use crate::target::{PublishReceipt, PublishRequest, Target};
@@ -58,6 +59,7 @@ pub struct HubBuilder {
     sessions: Arc<dyn SessionTracker>,
     history: Option<Arc<dyn History>>,
     history_config: HistoryConfig,
+    lifecycle: Arc<dyn LifecycleSink>,
 }
 
 impl Default for HubBuilder {
@@ -68,6 +70,7 @@ impl Default for HubBuilder {
             sessions: Arc::new(MemorySessionTracker::new()),
             history: None,
             history_config: HistoryConfig::default(),
+            lifecycle: Arc::new(NoLifecycleSink),
         }
     }
 }
@@ -117,6 +120,14 @@ impl HubBuilder {
         self
     }
 
+    /// Sets where lifecycle events (user online/offline, undelivered
+    /// notifications) go (default: [`NoLifecycleSink`], nowhere), e.g. the
+    /// server's webhooks.
+    pub fn lifecycle_sink(mut self, sink: Arc<dyn LifecycleSink>) -> Self {
+        self.lifecycle = sink;
+        self
+    }
+
     /// Builds the hub and attaches the broker to it.
     pub fn build(self) -> Hub {
         let (connections, _) = watch::channel(0);
@@ -130,6 +141,7 @@ impl HubBuilder {
             history: self
                 .history
                 .unwrap_or_else(|| Arc::new(MemoryHistory::new(self.history_config))),
+            lifecycle: self.lifecycle,
             delivery_seq: Mutex::new(0),
             next_connection: AtomicU64::new(1),
             counters: Counters::default(),
@@ -197,6 +209,8 @@ struct Inner {
     broker: Arc<dyn Broker>,
     sessions: Arc<dyn SessionTracker>,
     history: Arc<dyn History>,
+    /// Where lifecycle events go ([`HubBuilder::lifecycle_sink`]).
+    lifecycle: Arc<dyn LifecycleSink>,
     /// The last delivery sequence number. Held while a message is recorded
     /// and queued, so that every queue sees messages in sequence order (the
     /// order resume relies on). Never held across an `.await`.
@@ -326,6 +340,12 @@ impl Hub {
     /// A handle that does not keep the hub alive.
     pub fn downgrade(&self) -> WeakHub {
         WeakHub(Arc::downgrade(&self.inner))
+    }
+
+    /// Where this hub sends lifecycle events
+    /// ([`HubBuilder::lifecycle_sink`]); `emit` on it never blocks.
+    pub fn lifecycle(&self) -> &Arc<dyn LifecycleSink> {
+        &self.inner.lifecycle
     }
 
     /// The hub's settings.
@@ -1112,5 +1132,26 @@ mod tests {
         assert_eq!(fast_got, 10);
         assert!(slow.is_closed());
         assert_eq!(slow_out.closed().await, DisconnectReason::SlowConsumer);
+    }
+
+    #[test]
+    fn the_lifecycle_sink_is_the_builders() {
+        use crate::lifecycle::{EventKind, LifecycleEvent};
+        #[derive(Default)]
+        struct Recorder(Mutex<Vec<LifecycleEvent>>);
+        impl LifecycleSink for Recorder {
+            fn emit(&self, event: LifecycleEvent) {
+                self.0.lock().unwrap().push(event);
+            }
+        }
+        let sink = Arc::new(Recorder::default());
+        let hub = Hub::builder().lifecycle_sink(sink.clone()).build();
+        let event = LifecycleEvent::new(EventKind::UserOnline, Some("u1"));
+        hub.lifecycle().emit(event.clone());
+        assert_eq!(*sink.0.lock().unwrap(), [event]);
+        // Without one, events go nowhere (and nothing fails).
+        Hub::new()
+            .lifecycle()
+            .emit(LifecycleEvent::new(EventKind::UserOffline, None));
     }
 }
