@@ -1,10 +1,13 @@
 //! Lifecycle webhooks over real sockets: a local receiver records what
 //! [`WebhookSink`] POSTs (batches, signatures, retries, a full queue, a
-//! receiver down or hanging).
+//! receiver down or hanging), and the `pgdn-server` binary refuses a
+//! webhook URL without a good secret.
 //!
 //! The tests run on tokio's single-threaded test runtime: events emitted
 //! in a row (`emit` is synchronous) are all queued before the delivery
 //! task first runs, which makes the batches exact.
+
+mod spawn;
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -18,6 +21,7 @@ use pgdn_server::core::{EventKind, LifecycleEvent, LifecycleSink};
 use pgdn_server::webhooks::{RetryPolicy, WebhookConfig, WebhookSink};
 use serde_json::Value;
 use sha2::Sha256;
+use spawn::{Running, TempDir, clean_command};
 use tokio::sync::{Notify, mpsc};
 use warp::Filter;
 use warp::http::HeaderMap;
@@ -526,5 +530,119 @@ async fn invalid_configurations_are_refused_without_echoing_the_secret() {
         let err = WebhookSink::start(config).unwrap_err().to_string();
         assert!(err.contains(named), "{err}");
         assert!(!err.contains(weak) && !err.contains(SECRET), "{err}");
+    }
+}
+
+/// Runs the binary to its exit (a refused configuration exits at once):
+/// its exit code and stderr.
+fn exit_of(mut cmd: std::process::Command) -> (Option<i32>, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn the_binary_refuses_a_webhook_url_without_a_good_secret() {
+    let dir = TempDir::new("webhook-secret");
+    let weak_file = dir.file("secret", "weak-webhook-secret\n");
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["--webhook-url", "http://127.0.0.1:9/hooks"],
+            vec![],
+            "--webhook-secret",
+        ),
+        (
+            vec![],
+            vec![(
+                "PGDN_WEBHOOK_URL",
+                "http://127.0.0.1:9/a,http://127.0.0.1:9/b",
+            )],
+            "--webhook-secret",
+        ),
+        (
+            vec!["--webhook-url", "http://127.0.0.1:9/hooks"],
+            vec![("PGDN_WEBHOOK_SECRET", "weak-webhook-secret")],
+            "--webhook-secret (PGDN_WEBHOOK_SECRET)",
+        ),
+        (
+            vec![
+                "--webhook-url",
+                "http://127.0.0.1:9/hooks",
+                "--webhook-secret-file",
+                &weak_file,
+            ],
+            vec![],
+            "--webhook-secret-file (PGDN_WEBHOOK_SECRET_FILE)",
+        ),
+        (vec!["--webhook-secret", SECRET], vec![], "--webhook-url"),
+        (
+            vec![
+                "--webhook-url",
+                "ftp://127.0.0.1/hooks",
+                "--webhook-secret",
+                SECRET,
+            ],
+            vec![],
+            "--webhook-url",
+        ),
+    ];
+    for (args, env, named) in cases {
+        let mut cmd = clean_command();
+        cmd.args(["--addr", "127.0.0.1:0"])
+            .args(&args)
+            .envs(env.clone());
+        let (code, err) = exit_of(cmd);
+        assert_eq!(code, Some(1), "{args:?} {env:?}: {err}");
+        assert!(err.contains(named), "{args:?} {env:?}: {err}");
+        assert!(
+            !err.contains("weak-webhook-secret") && !err.contains(SECRET),
+            "never echoed: {err}"
+        );
+    }
+}
+
+#[test]
+fn print_config_masks_the_webhook_secret() {
+    let mut cmd = clean_command();
+    cmd.args([
+        "--print-config",
+        "--webhook-url",
+        "https://hooks.example.com/in",
+    ])
+    .env("PGDN_WEBHOOK_SECRET", SECRET);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(!printed.contains(SECRET), "{printed}");
+    assert!(printed.contains("webhook-secret = \"***\""), "{printed}");
+    assert!(
+        printed.contains("webhook-url = [\"https://hooks.example.com/in\"]"),
+        "{printed}"
+    );
+    assert!(printed.contains("webhook-queue-limit = 10000"), "{printed}");
+}
+
+#[tokio::test]
+async fn the_binary_serves_the_webhook_metrics() {
+    let rx = Receiver::start().await;
+    let mut cmd = clean_command();
+    cmd.args(["--addr", "127.0.0.1:0", "--webhook-url", &rx.url()])
+        .env("PGDN_WEBHOOK_SECRET", SECRET);
+    let server = Running::start(cmd);
+    let text = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "pgdn_webhook_queue_depth{receiver=\"0\"} 0",
+        "pgdn_webhook_events_total{receiver=\"0\",outcome=\"delivered\"} 0",
+        "pgdn_webhook_attempts_failed_total{receiver=\"0\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line} in {text}");
     }
 }
