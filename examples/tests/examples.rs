@@ -577,3 +577,21 @@ async fn webhook_receiver_verifies_signatures_and_prints_each_event_once() {
     assert_eq!(rx.post(&body4, now, signed(&body4, now)).await, 200);
     assert_eq!(rx.next_event().await, event4);
 }
+
+/// The README's Rust verification is the example's own code (so it
+/// compiles, and the test above runs it).
+#[test]
+fn the_readme_rust_webhook_check_is_the_examples() {
+    const MARKER: &str = "<!-- readme-test: rust-webhook-verify -->";
+    let readme = include_str!("../../README.md");
+    let after = &readme[readme.find(MARKER).expect("the marker is in README.md")..];
+    let start = after.find("```rust\n").expect("a rust block") + 8;
+    let len = after[start..].find("\n```").expect("the block ends");
+    let block = &after[start..start + len];
+    assert!(block.contains("pub fn verify("), "{block}");
+    let example = include_str!("../examples/webhook_receiver.rs");
+    assert!(
+        example.contains(block),
+        "README.md's Rust check differs from examples/webhook_receiver.rs:\n{block}"
+    );
+}

@@ -646,3 +646,115 @@ async fn the_binary_serves_the_webhook_metrics() {
         assert!(text.lines().any(|l| l == line), "no {line} in {text}");
     }
 }
+
+/// The README's Python block after `<!-- readme-test: python-webhook-verify -->`.
+fn python_verify_snippet() -> String {
+    const MARKER: &str = "<!-- readme-test: python-webhook-verify -->";
+    let readme = include_str!("../../README.md");
+    let after = &readme[readme.find(MARKER).expect("the marker is in README.md")..];
+    let start = after.find("```python\n").expect("a python block") + 10;
+    let len = after[start..].find("\n```").expect("the block ends");
+    after[start..start + len].to_string()
+}
+
+/// Runs the README's Python verification with `secret` in its
+/// environment, on `input` (`{"mode", "headers", "body", "now"}`): its
+/// stdout.
+async fn run_python_verify(secret: &str, input: Value) -> String {
+    const DRIVER: &str = r#"
+import sys
+req = json.load(sys.stdin)
+headers, body = req["headers"], req["body"].encode()
+if req["mode"] == "verify":
+    try:
+        print(json.dumps([e["id"] for e in verify(headers, body, now=req.get("now"))]))
+    except ValueError as e:
+        print("refused:", e)
+else:
+    handle(headers, body)
+    handle(headers, body)
+"#;
+    let mut child = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!("{}\n{DRIVER}", python_verify_snippet()))
+        .env("PGDN_WEBHOOK_SECRET", secret)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (it is required by the README tests)");
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, input.to_string().as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn the_readme_python_verifies_what_the_server_sends() {
+    let mut rx = Receiver::start().await;
+    let sink = WebhookSink::start(WebhookConfig::new([rx.url()], SECRET)).unwrap();
+    let events = [event("u0"), event("u1")];
+    for e in &events {
+        sink.emit(e.clone());
+    }
+    let genuine = rx.events(2).await;
+    assert_eq!(genuine.len(), 1, "one batch");
+    sink.emit(event("u2"));
+    let other = rx.next().await;
+    let r = &genuine[0];
+    let body = std::str::from_utf8(&r.body).unwrap();
+    let headers = |ts: &str, sig: &str| serde_json::json!({"Pgdn-Timestamp": ts, "Pgdn-Signature": sig, "Content-Type": "application/json"});
+    let input = |headers: Value, body: &str, now: Option<u64>| serde_json::json!({"mode": "verify", "headers": headers, "body": body, "now": now});
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+
+    let out = run_python_verify(
+        SECRET,
+        input(headers(&r.timestamp, &r.signature), body, None),
+    )
+    .await;
+    let printed: Vec<String> = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(printed, ids);
+    // Another request's body under these headers.
+    let tampered = std::str::from_utf8(&other.body).unwrap();
+    let out = run_python_verify(
+        SECRET,
+        input(headers(&r.timestamp, &r.signature), tampered, None),
+    )
+    .await;
+    assert_eq!(out.trim(), "refused: bad signature");
+    // Another secret.
+    let out = run_python_verify(
+        "another-secret-of-32-bytes-or-more",
+        input(headers(&r.timestamp, &r.signature), body, None),
+    )
+    .await;
+    assert_eq!(out.trim(), "refused: bad signature");
+    // Replayed more than 5 minutes later.
+    let later = r.timestamp.parse::<u64>().unwrap() + 301;
+    let out = run_python_verify(
+        SECRET,
+        input(headers(&r.timestamp, &r.signature), body, Some(later)),
+    )
+    .await;
+    assert_eq!(out.trim(), "refused: stale timestamp");
+    let out = run_python_verify(SECRET, input(headers("", &r.signature), body, None)).await;
+    assert_eq!(out.trim(), "refused: no timestamp");
+    // `handle` takes a retried delivery's events once.
+    let twice = serde_json::json!({
+        "mode": "handle", "headers": headers(&r.timestamp, &r.signature), "body": body,
+    });
+    let out = run_python_verify(SECRET, twice).await;
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["user.online u0", "user.online u1"]
+    );
+    sink.shutdown(Duration::from_secs(10)).await;
+}
