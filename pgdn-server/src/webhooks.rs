@@ -47,7 +47,8 @@
 //! `pgdn_webhook_attempts_failed_total{receiver}` and
 //! `pgdn_webhook_queue_depth{receiver}`, where `receiver` is the URL's
 //! place in [`WebhookConfig::urls`] (0, 1, ...). A failing receiver is
-//! logged at its first failure, then every 30 s while it lasts, then once
+//! logged at its first failure, then at most every 30 s while it lasts
+//! (each failure in between at `debug`), then once
 //! when it recovers, with its URL (without credentials or query) and the
 //! status or error: never the secret or a body. On shutdown,
 //! [`WebhookSink::shutdown`] retries at once and waits a bounded time for
