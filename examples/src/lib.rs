@@ -46,9 +46,18 @@
 //!   cargo run -p pgdn-examples --example axum
 //!   ```
 //!
+//! - `webhook_receiver` (`examples/webhook_receiver.rs`): a receiver of
+//!   the server's lifecycle webhooks (`--webhook-url`) that checks their
+//!   signatures, refuses stale ones, and prints each event once.
+//!
+//!   ```text
+//!   PGDN_WEBHOOK_SECRET=<32+ bytes> cargo run -p pgdn-examples --example webhook_receiver
+//!   ```
+//!
 //! Each prints, at startup, its address, ready tokens and curl commands.
-//! `tests/examples.rs` runs the apps on a free port (the axum one as its
-//! own process) and checks them end to end with a WebSocket client.
+//! `tests/examples.rs` runs the apps on a free port (the axum one and the
+//! webhook receiver as their own processes) and checks them end to end
+//! with a WebSocket client, or with signed requests for the receiver.
 
 /// Used when `PGDN_PUBLISH_KEY` is not set. Never in production.
 pub const DEV_PUBLISH_KEY: &str = "dev-only-publish-key-change-me";

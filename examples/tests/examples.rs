@@ -264,22 +264,31 @@ async fn emitter_progress_reaches_a_cluster_node() {
     );
 }
 
-/// The axum example's binary, built (or found fresh) once, with the
+/// The binary of the example `name`, built (or found fresh) with the
 /// profile of this test: run as a user would, not compiled in as a module.
+fn example_binary(name: &str) -> std::path::PathBuf {
+    // One cargo at a time: concurrent builds would wait on its lock anyway.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build.args(["build", "-q", "-p", "pgdn-examples", "--example", name]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    assert!(
+        build.status().unwrap().success(),
+        "the {name} example builds"
+    );
+    // This test runs from <target>/<profile>/deps; examples are next to it.
+    let deps = std::env::current_exe().unwrap();
+    let profile_dir = deps.parent().unwrap().parent().unwrap();
+    profile_dir.join(format!("examples/{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// The axum example's binary, built once.
 fn axum_example_binary() -> &'static std::path::Path {
     static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    BINARY.get_or_init(|| {
-        let mut build = std::process::Command::new(env!("CARGO"));
-        build.args(["build", "-q", "-p", "pgdn-examples", "--example", "axum"]);
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
-        assert!(build.status().unwrap().success(), "the axum example builds");
-        // This test runs from <target>/<profile>/deps; examples are next to it.
-        let deps = std::env::current_exe().unwrap();
-        let profile_dir = deps.parent().unwrap().parent().unwrap();
-        profile_dir.join(format!("examples/axum{}", std::env::consts::EXE_SUFFIX))
-    })
+    BINARY.get_or_init(|| example_binary("axum"))
 }
 
 /// A running `cargo run -p pgdn-examples --example axum`; killed on drop.
@@ -422,5 +431,167 @@ async fn axum_example_dev_mode_prints_working_credentials() {
             .any(|l| l.contains(&format!("Bearer {key}"))),
         "a curl command with the key: {:#?}",
         app.banner
+    );
+}
+
+/// `cargo run -p pgdn-examples --example webhook_receiver` on a free
+/// port; killed on drop.
+struct WebhookReceiver {
+    child: std::process::Child,
+    url: String,
+    /// Its stdout lines after the listening line (a thread reads them:
+    /// blocking reads on a pipe, events).
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const WEBHOOK_SECRET: &str = "webhook-secret-of-32-bytes-or-so";
+
+impl WebhookReceiver {
+    fn start() -> WebhookReceiver {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(example_binary("webhook_receiver"));
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PGDN_")) {
+            cmd.env_remove(k);
+        }
+        cmd.env("PGDN_RECEIVER_ADDR", "127.0.0.1:0")
+            .env("PGDN_WEBHOOK_SECRET", WEBHOOK_SECRET)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().expect("the example starts");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let listening = stdout.next().expect("a line").unwrap();
+        let url = listening
+            .strip_prefix("webhook receiver listening on ")
+            .unwrap_or_else(|| panic!("a listening line, got {listening:?}"))
+            .to_string();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in stdout.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        WebhookReceiver { child, url, lines }
+    }
+
+    /// The next printed event.
+    async fn next_event(&mut self) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(10), self.lines.recv())
+            .await
+            .expect("a line within 10 s")
+            .expect("the example runs");
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("one event a line: {line}"))
+    }
+
+    /// POSTs `body` with these headers; the status.
+    async fn post(&self, body: &str, timestamp: u64, signature: Option<String>) -> u16 {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/hooks", self.url))
+            .header("content-type", "application/json")
+            .header("pgdn-timestamp", timestamp.to_string())
+            .body(body.to_string());
+        if let Some(signature) = signature {
+            req = req.header("pgdn-signature", signature);
+        }
+        req.send().await.unwrap().status().as_u16()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A body of one event about `user`, and its id.
+fn webhook_body(user: &str) -> (String, Value) {
+    let event = serde_json::to_value(pgdn_core::LifecycleEvent::new(
+        pgdn_core::EventKind::UserOffline,
+        Some(user),
+    ))
+    .unwrap();
+    (json!({ "events": [event] }).to_string(), event)
+}
+
+#[tokio::test]
+async fn webhook_receiver_verifies_signatures_and_prints_each_event_once() {
+    use pgdn_core::LifecycleSink;
+    use pgdn_server::webhooks::{WebhookConfig, WebhookSink, sign};
+    let mut rx = WebhookReceiver::start();
+
+    // What pgdn-server sends is accepted and printed, one line each.
+    let sink = WebhookSink::start(WebhookConfig::new(
+        [format!("{}/hooks", rx.url)],
+        WEBHOOK_SECRET,
+    ))
+    .unwrap();
+    let online = pgdn_core::LifecycleEvent::new(pgdn_core::EventKind::UserOnline, Some("u1"));
+    let offline = pgdn_core::LifecycleEvent::new(pgdn_core::EventKind::UserOffline, Some("u1"));
+    sink.emit(online.clone());
+    sink.emit(offline.clone());
+    assert_eq!(
+        rx.next_event().await,
+        serde_json::to_value(&online).unwrap()
+    );
+    assert_eq!(
+        rx.next_event().await,
+        serde_json::to_value(&offline).unwrap()
+    );
+    assert_eq!(sink.shutdown(Duration::from_secs(10)).await, 0);
+    assert_eq!(sink.stats()[0].delivered, 2);
+
+    let secret = WEBHOOK_SECRET.as_bytes();
+    let now = unix_now();
+    let (body, event) = webhook_body("u2");
+    let signed = |body: &str, ts: u64| Some(sign(secret, ts, body.as_bytes()));
+    // Refused: another secret, no signature, a stale timestamp, a body
+    // that is not the one signed.
+    let other = Some(sign(
+        b"another-secret-of-32-bytes-or-so",
+        now,
+        body.as_bytes(),
+    ));
+    assert_eq!(rx.post(&body, now, other).await, 401);
+    assert_eq!(rx.post(&body, now, None).await, 401);
+    assert_eq!(
+        rx.post(&body, now - 600, signed(&body, now - 600)).await,
+        401
+    );
+    let (other_body, _) = webhook_body("u3");
+    assert_eq!(rx.post(&other_body, now, signed(&body, now)).await, 401);
+    // Accepted, and printed.
+    assert_eq!(rx.post(&body, now, signed(&body, now)).await, 200);
+    assert_eq!(rx.next_event().await, event);
+    // A retry of the same event: 200 (or pgdn would retry for ever), not
+    // printed again: the next line is the next new event.
+    assert_eq!(rx.post(&body, now + 1, signed(&body, now + 1)).await, 200);
+    let (body4, event4) = webhook_body("u4");
+    assert_eq!(rx.post(&body4, now, signed(&body4, now)).await, 200);
+    assert_eq!(rx.next_event().await, event4);
+}
+
+/// The README's Rust verification is the example's own code (so it
+/// compiles, and the test above runs it).
+#[test]
+fn the_readme_rust_webhook_check_is_the_examples() {
+    const MARKER: &str = "<!-- readme-test: rust-webhook-verify -->";
+    let readme = include_str!("../../README.md");
+    let after = &readme[readme.find(MARKER).expect("the marker is in README.md")..];
+    let start = after.find("```rust\n").expect("a rust block") + 8;
+    let len = after[start..].find("\n```").expect("the block ends");
+    let block = &after[start..start + len];
+    assert!(block.contains("pub fn verify("), "{block}");
+    let example = include_str!("../examples/webhook_receiver.rs");
+    assert!(
+        example.contains(block),
+        "README.md's Rust check differs from examples/webhook_receiver.rs:\n{block}"
     );
 }

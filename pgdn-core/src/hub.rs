@@ -223,6 +223,8 @@ struct Inner {
     broker: Arc<dyn Broker>,
     sessions: Arc<dyn SessionTracker>,
     history: Arc<dyn History>,
+    /// Where lifecycle events go ([`HubBuilder::lifecycle_sink`]).
+    lifecycle: Arc<dyn LifecycleSink>,
     /// The last delivery sequence number. Held while a message is recorded
     /// and queued, so that every queue sees messages in sequence order (the
     /// order resume relies on). Never held across an `.await`.
@@ -235,8 +237,6 @@ struct Inner {
     started: Instant,
     /// When each message was taken, for the publish-to-write latency.
     clock: crate::latency::DeliveryClock,
-    /// Where lifecycle events go.
-    lifecycle: Arc<dyn LifecycleSink>,
 }
 
 /// A claimed publisher-chosen id: released when dropped unless the publish
@@ -354,6 +354,12 @@ impl Hub {
     /// A handle that does not keep the hub alive.
     pub fn downgrade(&self) -> WeakHub {
         WeakHub(Arc::downgrade(&self.inner))
+    }
+
+    /// Where this hub sends lifecycle events
+    /// ([`HubBuilder::lifecycle_sink`]); `emit` on it never blocks.
+    pub fn lifecycle(&self) -> &Arc<dyn LifecycleSink> {
+        &self.inner.lifecycle
     }
 
     /// The hub's settings.
@@ -1225,5 +1231,26 @@ mod tests {
         assert_eq!(fast_got, 10);
         assert!(slow.is_closed());
         assert_eq!(slow_out.closed().await, DisconnectReason::SlowConsumer);
+    }
+
+    #[test]
+    fn the_lifecycle_sink_is_the_builders() {
+        use crate::lifecycle::{EventKind, LifecycleEvent};
+        #[derive(Default)]
+        struct Recorder(Mutex<Vec<LifecycleEvent>>);
+        impl LifecycleSink for Recorder {
+            fn emit(&self, event: LifecycleEvent) {
+                self.0.lock().unwrap().push(event);
+            }
+        }
+        let sink = Arc::new(Recorder::default());
+        let hub = Hub::builder().lifecycle_sink(sink.clone()).build();
+        let event = LifecycleEvent::new(EventKind::UserOnline, Some("u1"));
+        hub.lifecycle().emit(event.clone());
+        assert_eq!(*sink.0.lock().unwrap(), [event]);
+        // Without one, events go nowhere (and nothing fails).
+        Hub::new()
+            .lifecycle()
+            .emit(LifecycleEvent::new(EventKind::UserOffline, None));
     }
 }

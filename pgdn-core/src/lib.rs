@@ -109,3 +109,8 @@ pub use session::{
 pub use sse::{SseStream, SseTransport};
 pub use target::{PublishReceipt, PublishRequest, Target};
 pub use transport::{Frame, Inbound, Transport, TransportError, TransportKind};
+
+/// The `prometheus-client` crate that `/metrics` is built with, for
+/// implementing a collector to pass to [`ServiceBuilder::collector`] (the
+/// same version as pgdn's).
+pub use prometheus_client;

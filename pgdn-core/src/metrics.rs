@@ -42,8 +42,14 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     /// The registry over `hub`'s counters, `limiter`'s connections and
-    /// `shutdown` (for `pgdn_ready`).
-    pub(crate) fn new(hub: Hub, limiter: Arc<Limiter>, shutdown: CancellationToken) -> Self {
+    /// `shutdown` (for `pgdn_ready`), then the `extra` collectors of
+    /// [`ServiceBuilder::collector`](crate::ServiceBuilder::collector).
+    pub(crate) fn new(
+        hub: Hub,
+        limiter: Arc<Limiter>,
+        shutdown: CancellationToken,
+        extra: Vec<Box<dyn Collector>>,
+    ) -> Self {
         let mut registry = Registry::default();
         let auth_failures = Family::<Labels, Counter>::default();
         let api_requests = Family::<Labels, Counter>::default();
@@ -74,6 +80,9 @@ impl Metrics {
             limiter,
             shutdown,
         }));
+        for collector in extra {
+            registry.register_collector(collector);
+        }
         Metrics {
             registry,
             auth_failures,
@@ -329,6 +338,27 @@ mod tests {
         assert_eq!((stats.users.len(), stats.groups.len()), (2000, 300));
         assert_eq!(hub.registry_listings(), 2);
         drop(conns);
+    }
+
+    #[test]
+    fn an_extra_collector_is_rendered_with_pgdns_own() {
+        #[derive(Debug)]
+        struct Extra;
+        impl super::Collector for Extra {
+            fn encode(&self, mut enc: super::DescriptorEncoder) -> std::fmt::Result {
+                super::gauge(&mut enc, "app_queue_depth", "An app's queue", 7)
+            }
+        }
+        let service = Service::builder()
+            .authenticator(StaticAuthenticator::new())
+            .publish_key("a-publish-key-for-tests")
+            .collector(Extra)
+            .build()
+            .unwrap();
+        let text = service.inner.metrics.render();
+        assert_eq!(sample(&text, "app_queue_depth"), 7.0);
+        assert_eq!(sample(&text, "pgdn_users"), 0.0);
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 
     #[test]

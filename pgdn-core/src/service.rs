@@ -123,6 +123,8 @@ pub struct ServiceBuilder {
     /// Why the last authenticator could not be made (a weak JWT secret).
     auth_error: Option<Error>,
     publish_keys: Vec<String>,
+    /// More metrics for `/metrics` ([`ServiceBuilder::collector`]).
+    collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
 }
 
 impl std::fmt::Debug for ServiceBuilder {
@@ -200,6 +202,16 @@ impl ServiceBuilder {
         self
     }
 
+    /// Adds metrics of the embedding app (or of the server's webhooks) to
+    /// `/metrics`: `collector` is asked for its samples at every scrape,
+    /// after pgdn's own. Its names should not clash with pgdn's
+    /// (`pgdn_*`), and a scrape should not wait on it: read counters, do
+    /// not compute.
+    pub fn collector(mut self, collector: impl prometheus_client::collector::Collector) -> Self {
+        self.collectors.push(Box::new(collector));
+        self
+    }
+
     /// Builds the service, checking the configuration.
     pub fn build(self) -> Result<Service> {
         self.config.validate()?;
@@ -235,7 +247,12 @@ impl ServiceBuilder {
         Ok(Service {
             inner: Arc::new(Inner {
                 demo_page,
-                metrics: Metrics::new(hub.clone(), limiter.clone(), shutdown.clone()),
+                metrics: Metrics::new(
+                    hub.clone(),
+                    limiter.clone(),
+                    shutdown.clone(),
+                    self.collectors,
+                ),
                 hub,
                 auth,
                 config: self.config,

@@ -35,6 +35,8 @@
 //! - [`error`]: the crate's [`Error`].
 //! - `jwks` (feature `jwks`, on by default): `HttpJwks`, JWT keys from a
 //!   JWKS URL.
+//! - `webhooks` (feature `webhooks`, on by default): `WebhookSink`, the
+//!   hub's lifecycle events POSTed, signed, to HTTP receivers.
 //!
 //! [`Config`] and [`JwtAuthenticator`] are pgdn-core's, re-exported.
 //!
@@ -46,11 +48,14 @@
 //!   [`Pgdn::serve_tls`].
 //! - `redis` (default): cluster mode for the binary (pgdn-redis).
 //! - `jwks` (default): `jwks::HttpJwks`, JWT keys from a JWKS URL.
+//! - `webhooks` (default): `webhooks::WebhookSink`, lifecycle webhooks.
 
 pub mod error;
 #[cfg(feature = "jwks")]
 pub mod jwks;
 pub mod server;
+#[cfg(feature = "webhooks")]
+pub mod webhooks;
 
 mod frames;
 mod listener;

@@ -7,10 +7,12 @@ mod config_file;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pgdn_server::core::IpNetwork;
+use pgdn_server::core::LifecycleSink;
 use pgdn_server::core::jwt::MIN_SECRET_LEN;
 use pgdn_server::core::service::MIN_PUBLISH_KEY_LEN;
 use pgdn_server::{Config, JwtAuthenticator, Pgdn, shutdown_signal};
@@ -293,6 +295,48 @@ struct Args {
     /// the heartbeat runs at a third of it).
     #[arg(long, env = "PGDN_NODE_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
     node_ttl: Duration,
+    /// URL that lifecycle events (`user.online`, `user.offline`,
+    /// `notification.undelivered`) are POSTed to, in signed batches
+    /// (comma-separated, or the flag repeated: each URL gets every event).
+    /// Needs --webhook-secret.
+    #[arg(
+        long,
+        env = "PGDN_WEBHOOK_URL",
+        hide_env_values = true,
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    webhook_url: Vec<String>,
+    /// HMAC-SHA256 secret the webhook requests are signed with (the
+    /// `Pgdn-Signature` header), at least 32 bytes.
+    #[arg(
+        long,
+        env = "PGDN_WEBHOOK_SECRET",
+        hide_env_values = true,
+        conflicts_with = "webhook_secret_file"
+    )]
+    webhook_secret: Option<String>,
+    /// File holding the webhook secret (a trailing newline is ignored).
+    #[arg(long, env = "PGDN_WEBHOOK_SECRET_FILE", value_name = "PATH")]
+    webhook_secret_file: Option<PathBuf>,
+    /// Most lifecycle events queued per webhook URL while it is down or
+    /// slow; past it the oldest are dropped (and counted).
+    #[arg(long, env = "PGDN_WEBHOOK_QUEUE_LIMIT", default_value_t = 10_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    webhook_queue_limit: usize,
+    /// Most events in one webhook request.
+    #[arg(long, env = "PGDN_WEBHOOK_MAX_BATCH", default_value_t = 100,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    webhook_max_batch: usize,
+    /// How long one webhook request may take (connecting included) before
+    /// it counts as failed and is retried.
+    #[arg(long, env = "PGDN_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    webhook_timeout: Duration,
+    /// How long a user whose last connection closed must stay away before
+    /// `user.offline` is sent (a page reload or a reconnect is not an
+    /// offline/online pair).
+    #[arg(long, env = "PGDN_OFFLINE_DEBOUNCE", default_value = "5s", value_parser = humantime::parse_duration)]
+    offline_debounce: Duration,
     /// Log filter (tracing-subscriber syntax), e.g. `info` or `pgdn_server=debug`.
     #[arg(long, env = "PGDN_LOG", default_value = "info")]
     log: String,
@@ -333,6 +377,7 @@ async fn cluster_hub(
     url: &str,
     args: &Args,
     config: &Config,
+    lifecycle: Option<Arc<dyn LifecycleSink>>,
 ) -> Result<pgdn_server::Hub, pgdn_server::Error> {
     let node = args
         .node_id
@@ -368,7 +413,12 @@ async fn cluster_hub(
         partitions = args.layout.redis_partitions,
         "redis layout"
     );
-    let hub = cluster.hub_builder().queue_limits(config.queue).build();
+    let hub = with_lifecycle(
+        cluster.hub_builder().queue_limits(config.queue),
+        lifecycle,
+        args.offline_debounce,
+    )
+    .build();
     // Give a Redis that is up the time to take this node in, so that a
     // node started beside a running cluster is ready when it says it
     // listens; one that is down is not waited for.
@@ -386,6 +436,7 @@ async fn cluster_hub(
     _: &str,
     _: &Args,
     _: &Config,
+    _: Option<Arc<dyn LifecycleSink>>,
 ) -> Result<pgdn_server::Hub, pgdn_server::Error> {
     Err(pgdn_server::Error::Config(
         "this pgdn-server was built without the `redis` feature; rebuild with it for --redis-url"
@@ -597,6 +648,104 @@ async fn jwks_authenticator(_: &str) -> Result<JwtAuthenticator, pgdn_server::Er
     ))
 }
 
+/// The hub builder with the lifecycle sink, if there is one.
+fn with_lifecycle(
+    builder: pgdn_server::core::HubBuilder,
+    sink: Option<Arc<dyn LifecycleSink>>,
+    debounce: Duration,
+) -> pgdn_server::core::HubBuilder {
+    match sink {
+        Some(sink) => builder.lifecycle_sink(sink).offline_debounce(debounce),
+        None => builder,
+    }
+}
+
+/// How long, at shutdown, undelivered webhook events are still tried.
+#[cfg(feature = "webhooks")]
+const WEBHOOK_FLUSH: Duration = Duration::from_secs(2);
+
+/// The webhook sink (feature `webhooks`).
+#[cfg(feature = "webhooks")]
+type Webhooks = pgdn_server::webhooks::WebhookSink;
+/// Without the `webhooks` feature there is none (the type has no value).
+#[cfg(not(feature = "webhooks"))]
+type Webhooks = std::convert::Infallible;
+
+/// The webhooks of --webhook-url, started; `None` without a URL. Refuses
+/// a URL without a secret (and a secret without a URL) and a weak
+/// secret, naming the setting and never the secret.
+fn webhooks(args: &Args) -> Result<Option<Webhooks>, pgdn_server::Error> {
+    let config = |m: String| Err(pgdn_server::Error::Config(m));
+    let urls: Vec<String> = args
+        .webhook_url
+        .iter()
+        .filter(|u| !u.is_empty())
+        .cloned()
+        .collect();
+    let secret_name = if args.webhook_secret_file.is_some() {
+        "--webhook-secret-file (PGDN_WEBHOOK_SECRET_FILE)"
+    } else {
+        "--webhook-secret (PGDN_WEBHOOK_SECRET)"
+    };
+    let secret = secret_or_file(
+        args.webhook_secret.clone(),
+        args.webhook_secret_file.as_deref(),
+        "--webhook-secret-file",
+    )?;
+    let secret = match (urls.is_empty(), secret) {
+        (true, None) => return Ok(None),
+        (true, Some(_)) => {
+            return config(format!(
+                "{secret_name} is set but --webhook-url (PGDN_WEBHOOK_URL) is not; set both, or neither"
+            ));
+        }
+        (false, None) => {
+            return config(
+                "--webhook-url (PGDN_WEBHOOK_URL) is set but --webhook-secret (PGDN_WEBHOOK_SECRET) \
+                 is not: receivers need it to verify the requests (e.g. `openssl rand -hex 32`)"
+                    .into(),
+            );
+        }
+        (false, Some(secret)) => secret,
+    };
+    #[cfg(feature = "webhooks")]
+    {
+        use pgdn_server::webhooks::{MIN_SECRET_LEN, WebhookConfig, WebhookSink};
+        if secret.len() < MIN_SECRET_LEN {
+            return config(format!(
+                "the webhook secret from {secret_name} is {} bytes; at least {MIN_SECRET_LEN} are \
+                 required (e.g. `openssl rand -hex 32`)",
+                secret.len()
+            ));
+        }
+        let sink = WebhookSink::start(
+            WebhookConfig::new(urls, secret)
+                .queue_limit(args.webhook_queue_limit)
+                .max_batch(args.webhook_max_batch)
+                .timeout(args.webhook_timeout),
+        )
+        .map_err(|e| match e {
+            pgdn_server::Error::Config(m) => pgdn_server::Error::Config(format!(
+                "--webhook-url (PGDN_WEBHOOK_URL): {}",
+                m.trim_start_matches("webhooks: ")
+            )),
+            other => other,
+        })?;
+        let shown: Vec<String> = sink.stats().into_iter().map(|r| r.url).collect();
+        tracing::info!(urls = ?shown, "webhooks on");
+        Ok(Some(sink))
+    }
+    #[cfg(not(feature = "webhooks"))]
+    {
+        let _ = secret;
+        config(
+            "this pgdn-server was built without the `webhooks` feature; rebuild with it for \
+             --webhook-url"
+                .into(),
+        )
+    }
+}
+
 /// What terminates TLS: a certificate and key (feature `tls`).
 #[cfg(feature = "tls")]
 type Tls = pgdn_server::TlsConfig;
@@ -670,6 +819,7 @@ async fn main() {
 async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     let credentials = credentials(&args)?;
     let tls = tls_config(&args)?;
+    let webhooks = webhooks(&args)?;
     let dev_mode = credentials.is_none();
     let (jwt_secret, publish_keys) =
         credentials.unwrap_or_else(|| (random_key(32), vec![random_key(24)]));
@@ -716,10 +866,32 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     config.idle_timeout = args.idle_timeout;
 
     let auth = authenticator(&args, &jwt_secret).await?;
-    let mut builder = Pgdn::builder();
-    if let Some(url) = &redis_url {
-        builder = builder.hub(cluster_hub(url, &args, &config).await?);
-    }
+    // Without a webhook there is nobody to tell: no lifecycle bookkeeping.
+    let lifecycle: Option<Arc<dyn LifecycleSink>> = match &webhooks {
+        #[cfg(feature = "webhooks")]
+        Some(sink) => Some(Arc::new(sink.clone())),
+        #[cfg(not(feature = "webhooks"))]
+        Some(never) => match *never {},
+        None => None,
+    };
+    let hub = match &redis_url {
+        Some(url) => cluster_hub(url, &args, &config, lifecycle).await?,
+        // What the builder makes by default, with the webhooks.
+        None => with_lifecycle(
+            pgdn_server::Hub::builder()
+                .queue_limits(config.queue)
+                .history_config(config.history),
+            lifecycle,
+            args.offline_debounce,
+        )
+        .build(),
+    };
+    let builder = Pgdn::builder().hub(hub);
+    #[cfg(feature = "webhooks")]
+    let builder = match &webhooks {
+        Some(sink) => builder.collector(sink.metrics()),
+        None => builder,
+    };
     let pgdn = builder
         .config(config)
         .authenticator(auth.clone())
@@ -748,6 +920,11 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
         Some(tls) => pgdn.serve_tls(listener, tls, shutdown_signal()).await,
         #[cfg(not(feature = "tls"))]
         Some(never) => match never {},
+    }
+    #[cfg(feature = "webhooks")]
+    if let Some(sink) = &webhooks {
+        // Logs how many were left, if any.
+        sink.shutdown(WEBHOOK_FLUSH).await;
     }
     tracing::info!("pgdn-server stopped");
     Ok(())

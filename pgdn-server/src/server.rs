@@ -83,6 +83,17 @@ impl PgdnBuilder {
         self
     }
 
+    /// Adds a collector's metrics to `/metrics`, after pgdn's own (e.g.
+    /// [`WebhookSink::metrics`](crate::webhooks::WebhookSink::metrics));
+    /// see [`ServiceBuilder::collector`].
+    pub fn collector(
+        mut self,
+        collector: impl pgdn_core::prometheus_client::collector::Collector,
+    ) -> Self {
+        self.inner = self.inner.collector(collector);
+        self
+    }
+
     /// Builds the server, checking the configuration.
     pub fn build(self) -> Result<Pgdn> {
         Ok(Pgdn {
