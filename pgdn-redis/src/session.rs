@@ -156,11 +156,6 @@ pub(crate) async fn heartbeat(shared: &Shared, shard: &Shard) -> Result<()> {
         }
     }
     let mut calls = Vec::new();
-    if mine[0] {
-        let mut c = Call::new(&scripts::ALIVE);
-        c.key(keys.nodes()).arg(node).arg(shared.ttl_ms());
-        calls.push(c);
-    }
     for &p in &shard.partitions {
         let l = shared.lifecycle_partition(&topology, p);
         let us = &users[p as usize];
@@ -207,6 +202,14 @@ pub(crate) async fn heartbeat(shared: &Shared, shard: &Shard) -> Result<()> {
             }
             calls.push(c);
         }
+    }
+    // Liveness last: it never expires before the mappings it vouches for
+    // (a node seen dead has no mapping left that outlives it by more than
+    // a connection made since its last heartbeat).
+    if mine[0] {
+        let mut c = Call::new(&scripts::ALIVE);
+        c.key(keys.nodes()).arg(node).arg(shared.ttl_ms());
+        calls.push(c);
     }
     // Bounded pipelines: a node with many users does not send one huge
     // request.
