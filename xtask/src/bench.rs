@@ -704,6 +704,7 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
             }
             let has = |p: ClusterPart| opts.parts.contains(&p);
             let started = Instant::now();
+            let load_before = procs::load_average();
             let broadcast = has(ClusterPart::Broadcast)
                 .then(|| cluster::run(opts, bin_dir, &runtime, ticks_per_sec))
                 .transpose()?;
@@ -718,8 +719,10 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
                 .transpose()?;
             print_header(&machine, &revision);
             println!(
-                "The run took {:.0} s. Parts: {}. Before: {}.\n",
+                "The run took {:.0} s; load average (1, 5, 15 min) {load_before} when it started, \
+                 {} when it ended. Parts: {}. Before: {}.\n",
                 started.elapsed().as_secs_f64(),
+                procs::load_average(),
                 opts.parts
                     .iter()
                     .map(|p| p.name())
