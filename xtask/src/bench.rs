@@ -171,8 +171,8 @@ of redis-server. Uses --n, --rounds (also for redis-cost and shards),
   --cost-publishes P  redis-cost: publishes of each kind per run, offered
                       at 1,500/s (default 3000; --quick 1500)
   --shards LIST       shards: the shard counts (default 1,2,3)
-  --shard-publishes P shards: publishes per run (default 60000; --quick
-                      15000)
+  --shard-publishes P shards: publishes per run (default 30000; --quick
+                      10000)
   --routing-publishes M  routing: publishes of each kind (default 200)
   --routing-redis LIST   routing: the current build's Redis layouts,
                       single and/or cluster (default single,cluster)";
@@ -366,7 +366,7 @@ impl Options {
             before_bin: None,
             cost_publishes: if quick { 1_500 } else { 3_000 },
             shards: vec![1, 2, 3],
-            shard_publishes: if quick { 15_000 } else { 60_000 },
+            shard_publishes: if quick { 10_000 } else { 30_000 },
             routing_publishes: 200,
             routing_redis: vec!["single".into(), "cluster".into()],
         };
