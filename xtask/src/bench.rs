@@ -55,9 +55,15 @@
 //!
 //! - `cargo xtask bench --publisher`: publishes/s and call latency of
 //!   `pgdn_client::blocking::Publisher` from plain threads (`bench/publishers.rs`);
-//! - `cargo xtask bench --cluster`: broadcast fan-out over three nodes on
-//!   one private redis-server against one node, in the same run
-//!   (`bench/cluster.rs`).
+//! - `cargo xtask bench --cluster`: several nodes on Redis, in four parts
+//!   (`--cluster-parts`, all by default): broadcast fan-out over three
+//!   nodes on one private redis-server against one node, in the same run
+//!   (`bench/cluster.rs`); what a publish costs Redis, before and after
+//!   the partitioned data model (`bench/redis_cost.rs`, with
+//!   `--before-bin`); user-targeted deliveries/s on 1, 2 and 3 Redis shards
+//!   (`bench/shards.rs`); and which nodes Redis brings each message to
+//!   (`bench/routing.rs`). `bench/scale.rs` starts their nodes,
+//!   `bench/redis_probe.rs` reads Redis's own counters.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -71,6 +77,11 @@ mod client;
 mod cluster;
 mod procs;
 mod publishers;
+mod redis_cost;
+mod redis_probe;
+mod routing;
+mod scale;
+mod shards;
 mod sse;
 
 use client::{Publisher, Recorder};
@@ -127,19 +138,44 @@ from T threads with a Publisher each; the async pgdn_client::Publisher from
                       4000)
   --threads LIST      thread counts, comma-separated (default 1,4,16)
 
---cluster: a private redis-server (pgdn-testkit) and --nodes release
-pgdn-server processes on it (--redis-url, --node-id n1..), N subscribers
-spread evenly over the nodes, broadcasts published over HTTP to node 1
-only; against one pgdn-server without Redis with the same N, in the same
-run. Broadcast deliveries/s and publish-to-receive p50/p99 (also apart for
-the subscribers of node 1 and of the other nodes), publish request time,
-CPU of the pgdn processes and of redis-server. Uses --n, --rounds,
+--cluster: several release pgdn-servers on private Redis servers
+(pgdn-testkit), in the parts --cluster-parts names. Part broadcast: a
+redis-server and --nodes pgdn-server processes on it (--redis-url,
+--node-id n1..), N subscribers spread evenly over the nodes, broadcasts
+published over HTTP to node 1 only; against one pgdn-server without Redis
+with the same N, in the same run. Broadcast deliveries/s and
+publish-to-receive p50/p99 (also apart for the subscribers of node 1 and
+of the other nodes), publish request time, CPU of the pgdn processes and
+of redis-server. Uses --n, --rounds (also for redis-cost and shards),
 --deliveries, --messages, --window, --padding and:
   --nodes K           nodes in the cluster (default 3; 1 = one node on
                       Redis against one without)
   --publishers LIST   publish requests outstanding at once; one throughput
                       phase per value, within the window (default 1,8; 1 is
-                      what the default comparison does)";
+                      what the default comparison does)
+  --cluster-parts LIST  what --cluster measures, comma-separated (default
+                      all four):
+                      broadcast   the comparison above;
+                      redis-cost  Redis CPU, commands and network bytes per
+                                  1,000 user, group and broadcast publishes,
+                                  3 nodes on one Redis, before and after;
+                      shards      user-targeted deliveries/s, 3 nodes on 1,
+                                  2 and 3 Redis shards (--redis-mode shards);
+                      routing     messages Redis brings to each node against
+                                  the nodes that need them
+  --before-bin PATH   a pgdn-server built from the commit before the
+                      partitioned data model (b8b4e73), measured as before
+                      by redis-cost and routing (only --redis-url and
+                      --node-id are passed to it); without it only the
+                      current build is measured
+  --cost-publishes P  redis-cost: publishes of each kind per run, offered
+                      at 1,500/s (default 3000; --quick 1500)
+  --shards LIST       shards: the shard counts (default 1,2,3)
+  --shard-publishes P shards: publishes per run (default 30000; --quick
+                      10000)
+  --routing-publishes M  routing: publishes of each kind (default 200)
+  --routing-redis LIST   routing: the current build's Redis layouts,
+                      single and/or cluster (default single,cluster)";
 
 /// Target: pgdn's broadcast deliveries/s over the baseline's, at least.
 const TARGET_THROUGHPUT: f64 = 0.8;
@@ -227,6 +263,52 @@ struct Options {
     /// Publish requests outstanding at once, one throughput phase per
     /// value (`--cluster`).
     publishers: Vec<usize>,
+    /// What `--cluster` measures (`--cluster-parts`).
+    parts: Vec<ClusterPart>,
+    /// The pgdn-server before the partitioned data model
+    /// (`--before-bin`).
+    before_bin: Option<PathBuf>,
+    /// redis-cost: publishes of each kind per run.
+    cost_publishes: usize,
+    /// shards: the shard counts.
+    shards: Vec<usize>,
+    /// shards: publishes per run.
+    shard_publishes: usize,
+    /// routing: publishes of each kind.
+    routing_publishes: usize,
+    /// routing: the Redis layouts of the current build.
+    routing_redis: Vec<String>,
+}
+
+/// A part of `--cluster`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClusterPart {
+    /// Broadcast fan-out: K nodes on one Redis against one node.
+    Broadcast,
+    /// Redis's cost per publish, before and after.
+    RedisCost,
+    /// Deliveries/s on 1, 2 and 3 shards.
+    Shards,
+    /// Messages per node against the nodes that need them.
+    Routing,
+}
+
+impl ClusterPart {
+    const ALL: [ClusterPart; 4] = [
+        ClusterPart::Broadcast,
+        ClusterPart::RedisCost,
+        ClusterPart::Shards,
+        ClusterPart::Routing,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ClusterPart::Broadcast => "broadcast",
+            ClusterPart::RedisCost => "redis-cost",
+            ClusterPart::Shards => "shards",
+            ClusterPart::Routing => "routing",
+        }
+    }
 }
 
 /// What `cargo xtask bench` measures.
@@ -280,6 +362,13 @@ impl Options {
             threads: vec![1, 4, 16],
             nodes: 3,
             publishers: vec![1, 8],
+            parts: ClusterPart::ALL.to_vec(),
+            before_bin: None,
+            cost_publishes: if quick { 1_500 } else { 3_000 },
+            shards: vec![1, 2, 3],
+            shard_publishes: if quick { 10_000 } else { 30_000 },
+            routing_publishes: 200,
+            routing_redis: vec!["single".into(), "cluster".into()],
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -309,6 +398,43 @@ impl Options {
                     o.publishers = value("--publishers")?
                         .split(',')
                         .map(|s| number(s.trim().to_string()))
+                        .collect::<Result<_, _>>()?;
+                }
+                "--cluster-parts" => {
+                    o.parts = value("--cluster-parts")?
+                        .split(',')
+                        .map(|p| {
+                            let p = p.trim();
+                            ClusterPart::ALL
+                                .into_iter()
+                                .find(|c| c.name() == p)
+                                .ok_or_else(|| {
+                                    format!(
+                                        "--cluster-parts: broadcast, redis-cost, shards or routing, not {p}"
+                                    )
+                                })
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
+                "--before-bin" => o.before_bin = Some(PathBuf::from(value("--before-bin")?)),
+                "--cost-publishes" => o.cost_publishes = number(value("--cost-publishes")?)?,
+                "--shards" => {
+                    o.shards = value("--shards")?
+                        .split(',')
+                        .map(|s| number(s.trim().to_string()))
+                        .collect::<Result<_, _>>()?;
+                }
+                "--shard-publishes" => o.shard_publishes = number(value("--shard-publishes")?)?,
+                "--routing-publishes" => {
+                    o.routing_publishes = number(value("--routing-publishes")?)?;
+                }
+                "--routing-redis" => {
+                    o.routing_redis = value("--routing-redis")?
+                        .split(',')
+                        .map(|m| match m.trim() {
+                            m @ ("single" | "cluster") => Ok(m.to_string()),
+                            other => Err(format!("--routing-redis single|cluster, not {other}")),
+                        })
                         .collect::<Result<_, _>>()?;
                 }
                 "--check" => o.check = true,
@@ -565,9 +691,61 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
             return Ok(true);
         }
         Mode::Cluster => {
-            let report = cluster::run(opts, bin_dir, &runtime, ticks_per_sec)?;
+            if let Some(bin) = &opts.before_bin
+                && !bin.is_file()
+            {
+                return Err(format!("--before-bin {}: no such file", bin.display()));
+            }
+            if pgdn_testkit::redis_server_path().is_none() {
+                return Err(format!(
+                    "redis-server is not installed; install it with `{}`",
+                    pgdn_testkit::INSTALL_HINT
+                ));
+            }
+            let has = |p: ClusterPart| opts.parts.contains(&p);
+            let started = Instant::now();
+            let load_before = procs::load_average();
+            let broadcast = has(ClusterPart::Broadcast)
+                .then(|| cluster::run(opts, bin_dir, &runtime, ticks_per_sec))
+                .transpose()?;
+            let cost = has(ClusterPart::RedisCost)
+                .then(|| redis_cost::run(opts, bin_dir, &runtime))
+                .transpose()?;
+            let shards = has(ClusterPart::Shards)
+                .then(|| shards::run(opts, bin_dir, &runtime, ticks_per_sec))
+                .transpose()?;
+            let routing = has(ClusterPart::Routing)
+                .then(|| routing::run(opts, bin_dir, &runtime))
+                .transpose()?;
             print_header(&machine, &revision);
-            cluster::print(&report, opts, ticks_per_sec);
+            println!(
+                "The run took {:.0} s; load average (1, 5, 15 min) {load_before} when it started, \
+                 {} when it ended. Parts: {}. Before: {}.\n",
+                started.elapsed().as_secs_f64(),
+                procs::load_average(),
+                opts.parts
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                opts.before_bin
+                    .as_ref()
+                    .map_or("not measured (no --before-bin)".into(), |b| b
+                        .display()
+                        .to_string())
+            );
+            if let Some(report) = &broadcast {
+                cluster::print(report, opts, ticks_per_sec);
+            }
+            if let Some(report) = &cost {
+                redis_cost::print(report, opts);
+            }
+            if let Some(report) = &shards {
+                shards::print(report, opts, ticks_per_sec);
+            }
+            if let Some(report) = &routing {
+                routing::print(report, opts);
+            }
             return Ok(true);
         }
     }
@@ -699,22 +877,24 @@ impl Credentials {
             .collect())
     }
 
-    /// One HS256 JWT (`sub`, `groups`, `exp`) per user `u<i>`.
+    /// One HS256 JWT (`sub`, `groups`, `exp`) per user `u<i>`, each in
+    /// group `bench`.
     fn tokens(&self, users: impl Iterator<Item = usize>) -> Result<Vec<String>, String> {
+        users
+            .map(|i| self.token(&format!("u{i}"), &["bench"]))
+            .collect()
+    }
+
+    /// An HS256 JWT for `user` in `groups`, valid for a day.
+    fn token(&self, user: &str, groups: &[&str]) -> Result<String, String> {
         let exp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
             + 24 * 3600;
         let encoding = jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes());
         let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-        users
-            .map(|i| {
-                let claims =
-                    serde_json::json!({"sub": format!("u{i}"), "groups": ["bench"], "exp": exp});
-                jsonwebtoken::encode(&header, &claims, &encoding)
-                    .map_err(|e| format!("minting a JWT: {e}"))
-            })
-            .collect()
+        let claims = serde_json::json!({"sub": user, "groups": groups, "exp": exp});
+        jsonwebtoken::encode(&header, &claims, &encoding).map_err(|e| format!("minting a JWT: {e}"))
     }
 }
 

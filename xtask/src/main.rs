@@ -9,7 +9,8 @@
 //!   TLS and with native-tls only, pgdn-server embedded without default
 //!   features) and runs their tests.
 //! - `cargo xtask bench`: see `bench.rs` (also `--publisher`, the
-//!   blocking publisher, and `--cluster`, three nodes on one Redis).
+//!   blocking publisher, and `--cluster`, nodes on one Redis and on
+//!   several).
 
 use std::env;
 use std::process::{Command, ExitCode};
@@ -216,7 +217,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::main(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|bench> [options]\n  test   formatting, clippy and every test (what CI runs)\n  bench  throughput, latency and memory against a bare tokio-tungstenite baseline\n         (--publisher: the blocking publisher; --cluster: three nodes on Redis; --help)"
+                "usage: cargo xtask <test|bench> [options]\n  test   formatting, clippy and every test (what CI runs)\n  bench  throughput, latency and memory against a bare tokio-tungstenite baseline\n         (--publisher: the blocking publisher; --cluster: nodes on Redis; --help)"
             );
             ExitCode::FAILURE
         }

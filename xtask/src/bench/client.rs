@@ -367,18 +367,20 @@ impl Publisher {
         }
     }
 
-    /// Publishes one notification to `target` (a JSON target, e.g.
-    /// `{"broadcast":{}}`) in `phase`, stamped with the current time.
-    /// Returns the `delivered` count of the reply.
-    pub(crate) async fn publish(&self, target: &str, phase: usize) -> Result<Option<u64>, String> {
-        let body = format!(
+    /// The body of one publish to `target` in `phase`, stamped now.
+    fn body(&self, target: &str, phase: usize) -> String {
+        format!(
             r#"{{"target":{target},"type":"bench","payload":{{"p":{phase},"pad":"{}","t":{}}}}}"#,
             self.padding,
             now_ns()
-        );
+        )
+    }
+
+    /// Posts `body` to `url` and returns the parsed reply.
+    async fn post(&self, url: &str, body: String) -> Result<serde_json::Value, String> {
         let mut req = self
             .http
-            .post(&self.url)
+            .post(url)
             .header("content-type", "application/json")
             .body(body);
         if let Some(a) = &self.authorization {
@@ -393,9 +395,56 @@ impl Publisher {
                 String::from_utf8_lossy(&bytes)
             ));
         }
-        let reply: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| format!("publish reply: {e}"))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("publish reply: {e}"))
+    }
+
+    /// Publishes one notification to `target` (a JSON target, e.g.
+    /// `{"broadcast":{}}`) in `phase`, stamped with the current time.
+    /// Returns the `delivered` count of the reply.
+    pub(crate) async fn publish(&self, target: &str, phase: usize) -> Result<Option<u64>, String> {
+        let reply = self.post(&self.url, self.body(target, phase)).await?;
         Ok(reply["delivered"].as_u64())
+    }
+
+    /// Publishes one notification per target in one request to the batch
+    /// endpoint (`<url>/batch`, docs/protocol.md section 5), each in
+    /// `phase` and stamped with the current time.
+    pub(crate) async fn publish_batch(
+        &self,
+        targets: &[String],
+        phase: usize,
+    ) -> Result<(), String> {
+        let items: Vec<String> = targets.iter().map(|t| self.body(t, phase)).collect();
+        let reply = self
+            .post(
+                &format!("{}/batch", self.url),
+                format!("[{}]", items.join(",")),
+            )
+            .await?;
+        match reply.as_array() {
+            Some(answers) if answers.len() == targets.len() => Ok(()),
+            _ => Err(format!(
+                "publish batch: {} items answered with {reply}",
+                targets.len()
+            )),
+        }
+    }
+
+    /// GETs `url` (e.g. a node's `/metrics`) without the publish key and
+    /// returns the body.
+    pub(crate) async fn get(&self, url: &str) -> Result<String, String> {
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| format!("GET {url}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("GET {url}: {status}: {text}"));
+        }
+        Ok(text)
     }
 }
 

@@ -169,6 +169,15 @@ pub(crate) fn machine_description() -> String {
     format!("{cores} cores ({model}), {mem_gib:.1} GiB RAM, Linux {kernel}")
 }
 
+/// The load average over 1, 5 and 15 minutes (`/proc/loadavg`), or
+/// "unknown".
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".into(),
+        |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(", "),
+    )
+}
+
 /// The output of `rustc -V`, or "rustc (unknown)".
 pub(crate) fn rustc_version() -> String {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
