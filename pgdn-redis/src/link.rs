@@ -111,6 +111,8 @@ pub(crate) async fn command_link(weak: Weak<Shared>, shard: Arc<Shard>) {
     let mut missed = 0u32;
     // Whether the last touch found a partition settling.
     let mut settled_seen = false;
+    // Whether a touch succeeded before.
+    let mut touched = false;
     let mut outage = Outage::new("redis is unreachable");
     loop {
         if shard.is_retired() {
@@ -174,14 +176,25 @@ pub(crate) async fn command_link(weak: Weak<Shared>, shard: Arc<Shard>) {
                             .iter()
                             .any(|v| matches!(v, redis::Value::Int(ms) if *ms > 0));
                         if settling && !settled_seen {
-                            tracing::warn!(
-                                node = %shared.node,
-                                shard = %shard.name,
-                                "redis was away or restarted: registering again; \
-                                 publishes get 503 until every node has"
-                            );
+                            if touched {
+                                tracing::warn!(
+                                    node = %shared.node,
+                                    shard = %shard.name,
+                                    "redis was away or restarted: registering again; \
+                                     publishes get 503 until every node has"
+                                );
+                            } else {
+                                // A fresh Redis (or a node joining right
+                                // after an outage): expected at start.
+                                tracing::info!(
+                                    node = %shared.node,
+                                    shard = %shard.name,
+                                    "redis settles: waiting for every node to register"
+                                );
+                            }
                             shard.registration_lost();
                         }
+                        touched = true;
                         settled_seen = settling;
                         shard.update(|s| s.settling = settling);
                     }
@@ -434,7 +447,13 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, shard: Arc<Shard>) {
                 Ok(()) => continue,
                 Err(e) => {
                     shard.update(|s| s.registered = false);
-                    outage.failed(&shared.node, &shard.name, &e);
+                    // While the shard is not connected, the command link
+                    // says so; a heartbeat's failure is no news.
+                    if shard.state.borrow().connected {
+                        outage.failed(&shared.node, &shard.name, &e);
+                    } else {
+                        tracing::debug!(node = %shared.node, shard = %shard.name, error = %e, "heartbeat waits for the connection");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = shard.heartbeat_now.notified() => {}

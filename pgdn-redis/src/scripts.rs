@@ -136,11 +136,14 @@ pub(crate) async fn run_all(
 /// ms left.
 const CLOCK: &str = r#"
 local last = tonumber(redis.call('GET', ck))
-if (not last) or now - last > gap or redis.call('GET', mk) ~= rid then
+local moved = redis.call('GET', mk) ~= rid
+if (not last) or now - last > gap or moved then
   redis.call('SET', sk, '1', 'PX', settle)
 end
 redis.call('SET', ck, now)
-redis.call('SET', mk, rid)
+if moved then
+  redis.call('SET', mk, rid)
+end
 local settling = redis.call('PTTL', sk)
 "#;
 
