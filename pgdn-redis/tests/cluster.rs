@@ -1,9 +1,11 @@
 //! pgdn-redis against a real, private `redis-server` (started here on a
-//! free port by pgdn-testkit): several in-process nodes share it.
+//! free port by pgdn-testkit): several in-process nodes share it. Faults,
+//! cleanup and what lands in Redis; delivery, order, resume and
+//! de-duplication run on every layout in `tests/deployments.rs`.
 
 use std::time::Duration;
 
-use pgdn_core::{MessageId, MessageType, PublishRequest, Target};
+use pgdn_core::{MessageType, PublishRequest, Target};
 use pgdn_redis::{Cluster, ClusterConfig, Emitter};
 use pgdn_testkit::RedisServer;
 use serde_json::{Value, json};
@@ -11,163 +13,6 @@ use serde_json::{Value, json};
 mod common;
 
 use common::*;
-
-#[tokio::test]
-async fn user_group_and_broadcast_messages_reach_every_node_exactly_once() {
-    let redis = RedisServer::start();
-    let (_ca, a) = node(&redis, "a").await;
-    let (_cb, b) = node(&redis, "b").await;
-    let (_cc, c) = node(&redis, "c").await;
-    let (_t1, tab_a) = a.connect(id("alice")).await.unwrap();
-    let tab_a = Rx::from(tab_a);
-    let (_t2, tab_b) = b.connect(id("alice")).await.unwrap();
-    let tab_b = Rx::from(tab_b);
-    let (_t3, bob_c) = c.connect(id("bob")).await.unwrap();
-    let bob_c = Rx::from(bob_c);
-
-    // A user with tabs on two nodes: one copy per tab, published from a
-    // third node.
-    let r = c
-        .notify_user("alice", MessageType::info(), json!({"n": 1}))
-        .await
-        .unwrap();
-    assert_eq!(r.delivered, None, "unknown in cluster mode");
-    for tab in [&tab_a, &tab_b] {
-        let n = recv(tab).await;
-        assert_eq!(
-            (n["payload"]["n"].as_u64(), n["user_id"].as_str()),
-            (Some(1), Some("alice"))
-        );
-    }
-    nothing_else(&c, &[&bob_c], "bob").await;
-
-    // Groups and broadcasts reach every node's connections once.
-    a.notify_group("staff", MessageType::warning(), json!({"n": 2}))
-        .await
-        .unwrap();
-    for o in [&tab_a, &tab_b, &bob_c] {
-        assert_eq!(recv(o).await["payload"]["n"], 2);
-    }
-    b.broadcast(MessageType::success(), json!({"n": 3}), &["bob"])
-        .await
-        .unwrap();
-    for o in [&tab_a, &tab_b] {
-        assert_eq!(recv(o).await["payload"]["n"], 3);
-    }
-    nothing_else(&a, &[&tab_a, &tab_b], "alice").await;
-    nothing_else(&c, &[&bob_c], "bob").await;
-
-    let stats = a.cluster_stats().await.unwrap().unwrap();
-    assert_eq!(stats.nodes, vec!["a", "b", "c"]);
-    assert_eq!((stats.total_users, stats.total_connections), (2, 3));
-    assert_eq!(stats.groups, vec!["staff"]);
-}
-
-#[tokio::test]
-async fn a_users_tabs_on_different_nodes_see_one_order() {
-    let redis = RedisServer::start();
-    let (_ca, a) = node(&redis, "a").await;
-    let (_cb, b) = node(&redis, "b").await;
-    let (_t1, tab_a) = a.connect(id("u")).await.unwrap();
-    let tab_a = Rx::from(tab_a);
-    let (_t2, tab_b) = b.connect(id("u")).await.unwrap();
-    let tab_b = Rx::from(tab_b);
-    let mut tasks = Vec::new();
-    for (i, hub) in [a.clone(), b.clone()].into_iter().enumerate() {
-        tasks.push(tokio::spawn(async move {
-            for n in 0..50 {
-                hub.notify_user("u", MessageType::info(), json!({"from": i, "n": n}))
-                    .await
-                    .unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let mut seen_a = Vec::new();
-    let mut seen_b = Vec::new();
-    for _ in 0..100 {
-        seen_a.push(recv(&tab_a).await["id"].as_str().unwrap().to_string());
-        seen_b.push(recv(&tab_b).await["id"].as_str().unwrap().to_string());
-    }
-    assert_eq!(seen_a, seen_b, "both tabs see the same order");
-}
-
-#[tokio::test]
-async fn history_is_shared_so_resume_works_on_another_node() {
-    let redis = RedisServer::start();
-    let (_ca, a) = node(&redis, "a").await;
-    let (_cb, b) = node(&redis, "b").await;
-    let (_t, tab) = a.connect(id("u")).await.unwrap();
-    let tab = Rx::from(tab);
-    let first = a
-        .notify_user("u", MessageType::info(), json!({"n": 0}))
-        .await
-        .unwrap();
-    assert_eq!(recv(&tab).await["id"], first.id.as_str());
-    let bc = b
-        .broadcast(MessageType::info(), json!({"b": true}), &[] as &[&str])
-        .await
-        .unwrap();
-    recv(&tab).await;
-    let gm = a
-        .notify_group("staff", MessageType::info(), json!({"g": true}))
-        .await
-        .unwrap();
-    recv(&tab).await;
-    for n in 1..=3 {
-        a.notify_users(&["u", "v"], MessageType::info(), json!({"n": n}))
-            .await
-            .unwrap();
-        recv(&tab).await;
-    }
-    // The client moves to node b and resumes from the first id, or from
-    // the broadcast's or the group message's (kept in other partitions).
-    for since in [first.id.as_str(), bc.id.as_str(), gm.id.as_str()] {
-        let replay = b.replay("u", since).await.unwrap();
-        assert!(!replay.gap);
-        let ns: Vec<u64> = replay
-            .frames
-            .iter()
-            .map(|(_, f)| {
-                serde_json::from_slice::<Value>(f).unwrap()["payload"]["n"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(ns, vec![1, 2, 3]);
-    }
-    let unknown = b.replay("u", "never-published").await.unwrap();
-    assert!(unknown.gap);
-    assert_eq!(unknown.frames.len(), 4, "everything retained");
-}
-
-#[tokio::test]
-async fn a_publisher_id_is_deduplicated_across_nodes_and_the_emitter() {
-    let redis = RedisServer::start();
-    let (_ca, a) = node(&redis, "a").await;
-    let (_cb, b) = node(&redis, "b").await;
-    let (_t, tab) = a.connect(id("u")).await.unwrap();
-    let tab = Rx::from(tab);
-    let req = PublishRequest::new(Target::user("u"), MessageType::info())
-        .with_id(MessageId::new("job-9").unwrap());
-    a.publish(req.clone()).await.unwrap();
-    b.publish(req.clone()).await.unwrap();
-    let emitter = Emitter::connect(&redis.url(), config()).await.unwrap();
-    emitter.publish(req).await.unwrap();
-    assert_eq!(recv(&tab).await["id"], "job-9");
-    nothing_else(&a, &[&tab], "u").await;
-    // The emitter publishes the same shape as the HTTP API.
-    emitter
-        .notify_group("staff", "task_progress", json!({"progress": 50}))
-        .await
-        .unwrap();
-    let n = recv(&tab).await;
-    assert_eq!(n["type"], "task_progress");
-    assert_eq!(n["group_ids"], json!(["staff"]));
-    assert!(n["timestamp"].as_str().unwrap().ends_with('Z'));
-}
 
 #[tokio::test]
 async fn a_dead_nodes_mappings_expire_and_cleanup_removes_them() {

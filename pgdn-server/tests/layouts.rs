@@ -209,6 +209,36 @@ fn partition(name: &str) -> u16 {
     (h % 128) as u16
 }
 
+/// The Redis Cluster slot of `user`'s partition.
+fn slot_of(cluster: &RedisCluster, user: &str) -> u16 {
+    pgdn_testkit::redis_cli(
+        cluster.master_ports()[0],
+        &["CLUSTER", "KEYSLOT", &format!("{{{}}}", partition(user))],
+    )
+    .parse()
+    .unwrap()
+}
+
+/// Two nodes (`ids`) on the Redis at `url` in `mode`, node TTL 3 s, ready,
+/// with alice connected to both and registered: the set-up of the fault
+/// tests below.
+async fn alice_on_two_nodes(
+    url: &str,
+    mode: &str,
+    ids: [&str; 2],
+) -> (Node, Node, common::Client, common::Client) {
+    let args = ["--redis-mode", mode, "--node-ttl", "3s"];
+    let a = Node::launch(url, ids[0], &args);
+    let b = Node::launch(url, ids[1], &args);
+    a.ready().await;
+    b.ready().await;
+    let on_a = a.connect("alice", &[], None).await;
+    let on_b = b.connect("alice", &[], None).await;
+    a.wait_stats("alice registered twice", |s| s["total_connections"] == 2)
+        .await;
+    (a, b, on_a, on_b)
+}
+
 /// A steady publisher sends to alice through node A every 50 ms while the
 /// master holding alice's partition is killed (`kill -9`) and its replica
 /// takes over: every answer is 200 or 503, every 200 is delivered on both
@@ -216,12 +246,7 @@ fn partition(name: &str) -> u16 {
 #[tokio::test]
 async fn a_redis_cluster_master_failover_loses_nothing_accepted() {
     let mut cluster = RedisCluster::start(3, 1);
-    let slot: u16 = pgdn_testkit::redis_cli(
-        cluster.master_ports()[0],
-        &["CLUSTER", "KEYSLOT", &format!("{{{}}}", partition("alice"))],
-    )
-    .parse()
-    .unwrap();
+    let slot = slot_of(&cluster, "alice");
     let victim = cluster.master_of_slot(slot);
     // Seed the nodes with a master that survives.
     let seed = cluster
@@ -230,15 +255,7 @@ async fn a_redis_cluster_master_failover_loses_nothing_accepted() {
         .find(|p| *p != victim)
         .unwrap();
     let url = format!("redis://127.0.0.1:{seed}");
-    let args = ["--redis-mode", "cluster", "--node-ttl", "3s"];
-    let a = Node::launch(&url, "fa", &args);
-    let b = Node::launch(&url, "fb", &args);
-    a.ready().await;
-    b.ready().await;
-    let mut on_a = a.connect("alice", &[], None).await;
-    let mut on_b = b.connect("alice", &[], None).await;
-    a.wait_stats("alice registered twice", |s| s["total_connections"] == 2)
-        .await;
+    let (a, b, mut on_a, mut on_b) = alice_on_two_nodes(&url, "cluster", ["fa", "fb"]).await;
     let cluster = failover_loses_nothing(&a, &b, &mut on_a, &mut on_b, move || {
         cluster.kill_master(victim);
         let new = cluster.wait_failover(victim, Duration::from_secs(30));
@@ -257,12 +274,7 @@ async fn a_redis_cluster_master_failover_loses_nothing_accepted() {
 #[tokio::test]
 async fn a_redis_cluster_slot_move_is_followed_and_loses_nothing_accepted() {
     let cluster = RedisCluster::start(3, 0);
-    let slot: u16 = pgdn_testkit::redis_cli(
-        cluster.master_ports()[0],
-        &["CLUSTER", "KEYSLOT", &format!("{{{}}}", partition("alice"))],
-    )
-    .parse()
-    .unwrap();
+    let slot = slot_of(&cluster, "alice");
     let from = cluster.master_of_slot(slot);
     let to = cluster
         .master_ports()
@@ -270,15 +282,7 @@ async fn a_redis_cluster_slot_move_is_followed_and_loses_nothing_accepted() {
         .find(|p| *p != from)
         .unwrap();
     let url = cluster.urls().join(",");
-    let args = ["--redis-mode", "cluster", "--node-ttl", "3s"];
-    let a = Node::launch(&url, "ma", &args);
-    let b = Node::launch(&url, "mb", &args);
-    a.ready().await;
-    b.ready().await;
-    let mut on_a = a.connect("alice", &[], None).await;
-    let mut on_b = b.connect("alice", &[], None).await;
-    a.wait_stats("alice registered twice", |s| s["total_connections"] == 2)
-        .await;
+    let (a, b, mut on_a, mut on_b) = alice_on_two_nodes(&url, "cluster", ["ma", "mb"]).await;
     let before = a.get("/metrics").await.1;
     let cluster = failover_loses_nothing(&a, &b, &mut on_a, &mut on_b, move || {
         cluster.migrate_slot(slot, to);
@@ -301,15 +305,7 @@ async fn a_redis_cluster_slot_move_is_followed_and_loses_nothing_accepted() {
 async fn a_sentinel_failover_loses_nothing_accepted() {
     let mut sentinel = RedisSentinel::start();
     let url = sentinel.sentinel_urls().join(",");
-    let args = ["--redis-mode", "sentinel", "--node-ttl", "3s"];
-    let a = Node::launch(&url, "sa", &args);
-    let b = Node::launch(&url, "sb", &args);
-    a.ready().await;
-    b.ready().await;
-    let mut on_a = a.connect("alice", &[], None).await;
-    let mut on_b = b.connect("alice", &[], None).await;
-    a.wait_stats("alice registered twice", |s| s["total_connections"] == 2)
-        .await;
+    let (a, b, mut on_a, mut on_b) = alice_on_two_nodes(&url, "sentinel", ["sa", "sb"]).await;
     let old = sentinel.master_port();
     let sentinel = failover_loses_nothing(&a, &b, &mut on_a, &mut on_b, move || {
         sentinel.kill_master();
