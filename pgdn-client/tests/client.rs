@@ -334,18 +334,22 @@ async fn a_retry_after_a_timeout_is_not_delivered_twice() {
     use async_trait::async_trait;
     use pgdn_client::MessageId;
 
+    /// A single-node broker whose first publish is slow.
     #[derive(Default)]
-    struct SlowFirst(AtomicUsize);
+    struct SlowFirst(AtomicUsize, pgdn_server::core::LocalBroker);
     #[async_trait]
     impl pgdn_server::core::Broker for SlowFirst {
+        fn start(&self, node: pgdn_server::core::Delivery) {
+            self.1.start(node);
+        }
         async fn publish(
             &self,
-            _e: &pgdn_server::core::Envelope,
+            e: &pgdn_server::core::Envelope,
         ) -> pgdn_server::core::Result<pgdn_server::core::Published> {
             if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
                 tokio::time::sleep(Duration::from_millis(800)).await;
             }
-            Ok(pgdn_server::core::Published::Sent)
+            self.1.publish(e).await
         }
     }
     let hub = pgdn_server::Hub::builder()

@@ -1,10 +1,15 @@
-//! Cross-node fan-out.
+//! Cross-node fan-out, and the one path by which messages reach this
+//! node's connections.
 //!
-//! The hub always delivers a publish to this node's connections itself; a
-//! [`Broker`] carries it to the other nodes, whose brokers hand it to their
-//! own hub with [`Hub::deliver_local`](crate::Hub::deliver_local).
+//! A [`Broker`] carries every publish to every node of the cluster, this
+//! one included, and each node's broker hands what it receives to its own
+//! hub through the [`Delivery`] it was given at [`Broker::start`]: the
+//! single-node [`LocalBroker`] at once, a Redis broker when Redis brings
+//! the message back (so that every node delivers in the one order the
+//! cluster sets). The hub never delivers a publish by another way
+//! (centrifuge's memory and Redis brokers likewise call one handler).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -12,7 +17,6 @@ use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 
 use crate::error::Error;
-use crate::hub::WeakHub;
 use crate::message::{MessageId, MessageType, Notification, timestamp_now};
 use crate::target::{PublishRequest, Target};
 
@@ -126,11 +130,76 @@ impl<'de> Deserialize<'de> for AnyObject {
     }
 }
 
+/// What a node does with the messages its broker brings: implemented by
+/// the hub, reached by brokers through a [`Delivery`].
+pub trait Deliver: Send + Sync + 'static {
+    /// Records an envelope in the history and queues its frame to the
+    /// matching connections on this node; returns how many took it. A
+    /// connection whose queue is full is disconnected (1013) and not
+    /// counted.
+    fn deliver(&self, envelope: &Envelope) -> usize;
+
+    /// Drops a message that came from the broker's channel but is not one
+    /// pgdn could have sent ([`Envelope::check`] failed, or it could not
+    /// be read): nothing is delivered, and it is counted and logged
+    /// ([`Stats::messages_dropped_invalid`](crate::Stats::messages_dropped_invalid)).
+    fn drop_invalid(&self, why: &dyn std::fmt::Display);
+}
+
+/// A broker's handle to its node: where it hands every message it
+/// carries. Cheap to clone; it does not keep the hub alive, so a broker's
+/// background tasks can end once the hub is gone ([`Delivery::is_open`]).
+#[derive(Clone)]
+pub struct Delivery(Weak<dyn Deliver>);
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("open", &self.is_open())
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// A handle to `node`, which it does not keep alive.
+    pub fn new(node: Weak<dyn Deliver>) -> Self {
+        Delivery(node)
+    }
+
+    /// Delivers `envelope` on this node ([`Deliver::deliver`]): how many
+    /// connections took it, or `None` when the hub is gone.
+    pub fn deliver(&self, envelope: &Envelope) -> Option<usize> {
+        Some(self.0.upgrade()?.deliver(envelope))
+    }
+
+    /// Drops an invalid message ([`Deliver::drop_invalid`]); false when
+    /// the hub is gone.
+    pub fn drop_invalid(&self, why: &dyn std::fmt::Display) -> bool {
+        match self.0.upgrade() {
+            Some(node) => {
+                node.drop_invalid(why);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the hub still exists: a broker's background tasks end once
+    /// it does not.
+    pub fn is_open(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
 /// What [`Broker::publish`] did with an envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Published {
-    /// It is on its way to the other nodes.
+    /// Delivered on this node, the only one, to this many connections
+    /// (the [`LocalBroker`]).
+    Delivered(usize),
+    /// It is on its way to the nodes (this one included), which deliver
+    /// it when it arrives: how many connections take it is not known.
     Sent,
     /// Taken, but no node holds a connection it targets (the broker knows
     /// where users and groups are): it reaches nobody.
@@ -140,20 +209,22 @@ pub enum Published {
     Duplicate,
 }
 
-/// Carries publishes to the other nodes of a cluster.
+/// Carries publishes to every node of a cluster.
 ///
-/// Promise: when [`Broker::publish`] returns `Ok`, every other live node will
-/// deliver the envelope to its matching connections; when it returns `Err`,
+/// Promise: when [`Broker::publish`] returns `Ok`, every live node (this
+/// one included) will deliver the envelope to its matching connections,
+/// through the [`Delivery`] its broker was given; when it returns `Err`,
 /// the publisher is told (HTTP 503) and may retry with the same id. It never
 /// drops a message silently.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Called once when the hub is built, with a handle through which
-    /// messages from other nodes are delivered here.
-    fn attach(&self, _hub: WeakHub) {}
+    /// Called once when the hub is built, with the handle through which
+    /// every message for this node is delivered, from this node's own
+    /// publishes as from other nodes'. A broker starts its background
+    /// tasks here; they end once [`Delivery::is_open`] turns false.
+    fn start(&self, node: Delivery);
 
-    /// Sends `envelope` to every other node (and, when
-    /// [`Broker::delivers_locally`], to this one too).
+    /// Sends `envelope` to every node, this one included.
     async fn publish(&self, envelope: &Envelope) -> Result<Published, Error>;
 
     /// Refuses a request this broker cannot carry (e.g. a `users` target
@@ -163,15 +234,6 @@ pub trait Broker: Send + Sync + 'static {
     /// valid request is accepted.
     fn validate(&self, _req: &PublishRequest) -> Result<(), Error> {
         Ok(())
-    }
-
-    /// True when the broker also brings this node's own publishes back to
-    /// it (through [`Hub::deliver_local`](crate::Hub::deliver_local)), so
-    /// that every node delivers in the one order the broker sets. The hub
-    /// then does not deliver a publish locally itself, and a publish's
-    /// `delivered` count is unknown (`None`). Default false.
-    fn delivers_locally(&self) -> bool {
-        false
     }
 
     /// Whether this node can deliver what it accepts right now: `Ok`, or
@@ -185,15 +247,36 @@ pub trait Broker: Send + Sync + 'static {
     }
 }
 
-/// The single-node broker: there are no other nodes, so publishing is done
-/// once the hub has delivered locally.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LocalBroker;
+/// The single-node broker: there are no other nodes, so publishing is
+/// delivering here, at once, through the same [`Delivery`] a cluster's
+/// broker uses.
+#[derive(Debug, Default)]
+pub struct LocalBroker {
+    node: OnceLock<Delivery>,
+}
+
+impl LocalBroker {
+    /// A broker for a single node.
+    pub fn new() -> Self {
+        LocalBroker::default()
+    }
+}
 
 #[async_trait]
 impl Broker for LocalBroker {
-    async fn publish(&self, _envelope: &Envelope) -> Result<Published, Error> {
-        Ok(Published::Sent)
+    fn start(&self, node: Delivery) {
+        if self.node.set(node).is_err() {
+            tracing::warn!("LocalBroker started by a second hub; ignoring it");
+        }
+    }
+
+    async fn publish(&self, envelope: &Envelope) -> Result<Published, Error> {
+        let delivered = self
+            .node
+            .get()
+            .and_then(|node| node.deliver(envelope))
+            .ok_or_else(|| Error::Broker("the local broker has no hub".into()))?;
+        Ok(Published::Delivered(delivered))
     }
 }
 

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
-use crate::broker::{Broker, Envelope, LocalBroker, Published};
+use crate::broker::{Broker, Deliver, Delivery, Envelope, LocalBroker, Published};
 use crate::connection::{self, Connection, DisconnectReason, Outbox, QueueLimits, SendError};
 use crate::dedup::{Claim, Dedup};
 use crate::error::{Error, Result};
@@ -21,6 +21,7 @@ use crate::history::{History, HistoryConfig, HistoryRecord, MemoryHistory, Repla
 use crate::identity::Identity;
 use crate::lifecycle::{EventKind, LifecycleEvent, LifecycleSink, NoLifecycleSink};
 use crate::message::{MessageType, RESERVED_TYPES};
+use crate::registry::Registry;
 use crate::session::{
     ClusterStats, GroupPresence, MemorySessionTracker, SessionTracker, UserPresence,
 };
@@ -69,7 +70,7 @@ impl Default for HubBuilder {
     fn default() -> Self {
         HubBuilder {
             config: HubConfig::default(),
-            broker: Arc::new(LocalBroker),
+            broker: Arc::new(LocalBroker::new()),
             sessions: Arc::new(MemorySessionTracker::new()),
             history: None,
             history_config: HistoryConfig::default(),
@@ -137,7 +138,7 @@ impl HubBuilder {
         self.offline_debounce = debounce;
         self
     }
-    /// Builds the hub and attaches the broker to it.
+    /// Builds the hub and starts the broker with its [`Delivery`].
     pub fn build(self) -> Hub {
         // Only with a sink: a cluster's tracker then does the bookkeeping.
         if let Some(sink) = &self.lifecycle {
@@ -148,14 +149,14 @@ impl HubBuilder {
         let inner = Arc::new(Inner {
             dedup: Dedup::new(self.config.dedup_window, self.config.dedup_capacity),
             config: self.config,
-            registry: crate::registry::Registry::default(),
+            registry: Registry::default(),
             handlers: RwLock::new(HashMap::new()),
             broker: self.broker,
             sessions: self.sessions,
             history: self
                 .history
                 .unwrap_or_else(|| Arc::new(MemoryHistory::new(self.history_config))),
-            delivery_seq: Mutex::new(0),
+            sequencer: Mutex::new(0),
             next_connection: AtomicU64::new(1),
             counters: Counters::default(),
             connections,
@@ -163,9 +164,9 @@ impl HubBuilder {
             clock: Default::default(),
             lifecycle: self.lifecycle.unwrap_or_else(|| Arc::new(NoLifecycleSink)),
         });
-        let hub = Hub { inner };
-        hub.inner.broker.attach(hub.downgrade());
-        hub
+        let node: Weak<dyn Deliver> = Arc::downgrade(&inner) as Weak<dyn Deliver>;
+        inner.broker.start(Delivery::new(node));
+        Hub { inner }
     }
 }
 
@@ -178,7 +179,7 @@ struct Counters {
     frames_received: AtomicU64,
     dropped_invalid: AtomicU64,
     disconnects: [AtomicU64; REASONS.len()],
-    /// Messages a broker handed in ([`Hub::deliver_local`]), by target
+    /// Messages the broker handed in ([`Deliver::deliver`]), by target
     /// kind ([`TARGET_KINDS`]).
     received: [AtomicU64; 3],
 }
@@ -218,17 +219,19 @@ fn reason_index(r: DisconnectReason) -> usize {
 
 struct Inner {
     config: HubConfig,
-    registry: crate::registry::Registry,
+    registry: Registry,
     handlers: RwLock<HashMap<String, Arc<dyn MessageHandler>>>,
     broker: Arc<dyn Broker>,
     sessions: Arc<dyn SessionTracker>,
     history: Arc<dyn History>,
     /// Where lifecycle events go ([`HubBuilder::lifecycle_sink`]).
     lifecycle: Arc<dyn LifecycleSink>,
-    /// The last delivery sequence number. Held while a message is recorded
-    /// and queued, so that every queue sees messages in sequence order (the
-    /// order resume relies on). Never held across an `.await`.
-    delivery_seq: Mutex<u64>,
+    /// The sequencer: the last delivery sequence number. Held while a
+    /// message is numbered, recorded in the history and takes its turns in
+    /// the registry's shards ([`Registry::take_turns`]), so that every
+    /// queue sees messages in sequence order (the order resume relies on);
+    /// released before the fan-out. Never held across an `.await`.
+    sequencer: Mutex<u64>,
     dedup: Dedup,
     next_connection: AtomicU64,
     counters: Counters,
@@ -237,6 +240,69 @@ struct Inner {
     started: Instant,
     /// When each message was taken, for the publish-to-write latency.
     clock: crate::latency::DeliveryClock,
+}
+
+impl Deliver for Inner {
+    /// The one delivery path, for every broker: the sequencer numbers the
+    /// message, records it and takes its turns in the registry's shards
+    /// under its lock; the fan-out then runs outside it, shard by shard,
+    /// in parallel with other messages' but never ahead of them
+    /// ([`Registry::fan_out`]).
+    fn deliver(&self, envelope: &Envelope) -> usize {
+        self.counters.received[target_kind(&envelope.target)].fetch_add(1, Ordering::Relaxed);
+        let taken = Instant::now();
+        let plan = self.registry.plan(&envelope.target);
+        let (seq, turns) = {
+            let mut last = self.sequencer.lock().unwrap_or_else(|e| e.into_inner());
+            // A broker's cluster-wide number when there is one, else this node's.
+            let seq = envelope.seq.unwrap_or(*last + 1);
+            *last = seq;
+            self.clock.stamp(seq, taken);
+            let users = envelope.target.user_recipients();
+            self.history.record(&HistoryRecord {
+                seq,
+                id: &envelope.id,
+                users: &users,
+                frame: &envelope.frame,
+            });
+            (seq, self.registry.take_turns(&plan))
+        };
+        let mut delivered = 0usize;
+        self.registry.fan_out(&plan, turns, |c| {
+            match c.try_send_seq(seq, envelope.frame.clone()) {
+                Ok(()) => delivered += 1,
+                Err(SendError::Full) => {
+                    // The session logs the cut (with the client's address)
+                    // once it ends; this is the detail of why.
+                    tracing::debug!(
+                        connection = c.wire_id(),
+                        user = c.user_id(),
+                        "outbound queue full: disconnecting slow consumer"
+                    );
+                }
+                Err(_) => {}
+            }
+        });
+        self.counters
+            .deliveries
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        delivered
+    }
+
+    /// Logged the 1st, 2nd, 4th, 8th... time, so that a flood does not
+    /// flood the log.
+    fn drop_invalid(&self, why: &dyn std::fmt::Display) {
+        let n = 1 + self
+            .counters
+            .dropped_invalid
+            .fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() {
+            tracing::warn!(
+                dropped = n,
+                "dropping an invalid message from the broker: {why}"
+            );
+        }
+    }
 }
 
 /// A claimed publisher-chosen id: released when dropped unless the publish
@@ -290,7 +356,7 @@ pub struct Stats {
     /// Client frames received since start.
     pub frames_received: u64,
     /// Messages from other nodes dropped since start because they were not
-    /// valid (not UTF-8, not a notification frame; see [`Hub::drop_invalid`]).
+    /// valid (not UTF-8, not a notification frame; see [`Deliver::drop_invalid`]).
     pub messages_dropped_invalid: u64,
     /// Connections closed since start, by reason (`slow_consumer`, ...).
     pub disconnects: BTreeMap<&'static str, u64>,
@@ -406,7 +472,7 @@ impl Hub {
     /// Unregisters a connection that ended for `reason`. Idempotent.
     pub async fn disconnect(&self, conn: &Connection, reason: DisconnectReason) {
         conn.close(reason);
-        if self.inner.registry.remove(conn.id()).is_none() {
+        if !self.inner.registry.remove(conn) {
             return;
         }
         self.inner.counters.disconnects[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
@@ -522,9 +588,9 @@ impl Hub {
     // ----- publishing -----
 
     /// Publishes a notification: validates it, drops a repeated
-    /// publisher-chosen id, serializes it once, hands it to the broker for
-    /// the other nodes and queues the same bytes to every matching
-    /// connection here.
+    /// publisher-chosen id, serializes it once and hands it to the broker,
+    /// which brings it to every node, this one included ([`Deliver`]), where
+    /// the same bytes are queued to every matching connection.
     ///
     /// Cancel-safe: if the returned future is dropped before it completes
     /// (the publisher hung up), the claim on a publisher-chosen id is
@@ -532,7 +598,6 @@ impl Hub {
     /// as a duplicate of a publish that never finished. A broker that
     /// already took the message de-duplicates the retry itself.
     pub async fn publish(&self, req: PublishRequest) -> Result<PublishReceipt> {
-        let accepted = Instant::now();
         req.target.validate()?;
         self.inner.broker.validate(&req)?;
         let mut claim = ClaimGuard {
@@ -563,25 +628,24 @@ impl Hub {
         let id = envelope.id.clone();
         // An error drops `claim`, which releases the id: a retry may publish.
         let published = self.inner.broker.publish(&envelope).await?;
-        if let Published::Duplicate = published {
-            self.inner
-                .counters
-                .duplicates
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(PublishReceipt {
-                id,
-                delivered: None,
-            });
-        }
+        let delivered = match published {
+            Published::Duplicate => {
+                self.inner
+                    .counters
+                    .duplicates
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(PublishReceipt {
+                    id,
+                    delivered: None,
+                });
+            }
+            Published::Delivered(n) => Some(n),
+            Published::Sent | Published::Unrouted => None,
+        };
         self.inner
             .counters
             .published
             .fetch_add(1, Ordering::Relaxed);
-        let delivered = if self.inner.broker.delivers_locally() {
-            None
-        } else {
-            Some(self.deliver_local_since(&envelope, accepted))
-        };
         claim.complete(delivered);
         if let Some(kind) = notify_undelivered {
             // Reached nobody: no node holds a target (the broker knows), or
@@ -627,86 +691,6 @@ impl Hub {
             out.push(self.publish(r).await?);
         }
         Ok(out)
-    }
-
-    /// Queues an envelope's frame to the matching connections on this node
-    /// and returns how many took it. Brokers call this for messages from
-    /// other nodes. A connection whose queue is full is disconnected (1013)
-    /// and not counted.
-    pub fn deliver_local(&self, envelope: &Envelope) -> usize {
-        self.inner.counters.received[target_kind(&envelope.target)].fetch_add(1, Ordering::Relaxed);
-        self.deliver_local_since(envelope, Instant::now())
-    }
-
-    /// [`Hub::deliver_local`] for a message this node took at `taken`
-    /// (the start of the publish latency).
-    fn deliver_local_since(&self, envelope: &Envelope, taken: Instant) -> usize {
-        let mut delivered = 0usize;
-        let registry = &self.inner.registry;
-        let mut seq_guard = self
-            .inner
-            .delivery_seq
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        // A broker's cluster-wide number when there is one, else this node's.
-        let seq = envelope.seq.unwrap_or(*seq_guard + 1);
-        *seq_guard = seq;
-        self.inner.clock.stamp(seq, taken);
-        let users = envelope.target.user_recipients();
-        self.inner.history.record(&HistoryRecord {
-            seq,
-            id: &envelope.id,
-            users: &users,
-            frame: &envelope.frame,
-        });
-        let mut send = |c: &Connection| match c.try_send_seq(seq, envelope.frame.clone()) {
-            Ok(()) => delivered += 1,
-            Err(SendError::Full) => {
-                // The session logs the cut (with the client's address) once
-                // it ends; this is the detail of why.
-                tracing::debug!(
-                    connection = c.wire_id(),
-                    user = c.user_id(),
-                    "outbound queue full: disconnecting slow consumer"
-                );
-            }
-            Err(_) => {}
-        };
-        match &envelope.target {
-            Target::User(_) | Target::Users(_) => {
-                for u in &users {
-                    registry.for_user(u, &mut send);
-                }
-            }
-            Target::Group(g) => registry.for_group(g, &mut send),
-            Target::Broadcast(b) => registry.for_all_except(&b.exclude_users, &mut send),
-        }
-        drop(seq_guard);
-        self.inner
-            .counters
-            .deliveries
-            .fetch_add(delivered as u64, Ordering::Relaxed);
-        delivered
-    }
-
-    /// Drops a message that came from another node (a broker's channel)
-    /// but is not one pgdn could have sent, because it is not UTF-8, not a
-    /// frame (see [`Envelope::check`]) or otherwise unreadable: nothing is
-    /// delivered, the message is counted in
-    /// [`Stats::messages_dropped_invalid`], and logged (the 1st, 2nd, 4th,
-    /// 8th... time, so that a flood does not flood the log).
-    pub fn drop_invalid(&self, why: &dyn std::fmt::Display) {
-        let n = 1 + self
-            .inner
-            .counters
-            .dropped_invalid
-            .fetch_add(1, Ordering::Relaxed);
-        if n.is_power_of_two() {
-            tracing::warn!(
-                dropped = n,
-                "dropping an invalid message from the broker: {why}"
-            );
-        }
     }
 
     /// What a client of `user_id` that reconnects with `since` missed
@@ -1060,20 +1044,24 @@ mod tests {
         assert_eq!(hub.stats().duplicates_suppressed, 1);
     }
 
-    /// A broker whose first publish blocks until released.
+    /// A single-node broker whose first publish blocks until released.
     #[derive(Default)]
     struct Gate {
         calls: AtomicU64,
         open: tokio::sync::Notify,
+        local: LocalBroker,
     }
 
     #[async_trait::async_trait]
     impl Broker for Gate {
-        async fn publish(&self, _: &Envelope) -> Result<Published> {
+        fn start(&self, node: Delivery) {
+            self.local.start(node);
+        }
+        async fn publish(&self, e: &Envelope) -> Result<Published> {
             if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
                 self.open.notified().await;
             }
-            Ok(Published::Sent)
+            self.local.publish(e).await
         }
     }
 

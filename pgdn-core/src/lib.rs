@@ -33,7 +33,8 @@
 //!   ([`PublishRequest`]).
 //! - [`connection`]: a connection's bounded outbound queue ([`Connection`],
 //!   [`Outbox`]) and why it ended ([`DisconnectReason`]).
-//! - [`registry`]: user -> connections and group -> connections.
+//! - [`registry`]: user -> connections and group -> connections, sharded by
+//!   user, and the turns that keep per-connection order in a parallel fan-out.
 //! - [`hub`]: routes a publish to connections ([`Hub`]).
 //! - [`transport`]: what a transport offers the protocol ([`Transport`]).
 //! - [`protocol`]: the connection protocol ([`Session`], [`ConnectInfo`]).
@@ -87,7 +88,7 @@ pub mod transport;
 
 pub use api::Route;
 pub use auth::{AuthError, AuthPurpose, AuthRequest, Authenticator, StaticAuthenticator};
-pub use broker::{Broker, Envelope, LocalBroker, Published};
+pub use broker::{Broker, Deliver, Delivery, Envelope, LocalBroker, Published};
 pub use config::Config;
 pub use connection::{Connection, DisconnectReason, Outbox, QueueLimits, SendError};
 pub use error::{Error, Result};

@@ -1,13 +1,13 @@
 //! [`RedisBroker`]: cross-node fan-out through one Lua script and Redis
 //! pub/sub, plus the node's background tasks (subscription, heartbeat,
-//! cleanup), started when the hub attaches.
+//! cleanup), started when the hub starts it ([`Broker::start`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pgdn_core::{Broker, Envelope, MessageId, PublishRequest, Published, Target, WeakHub};
+use pgdn_core::{Broker, Delivery, Envelope, MessageId, PublishRequest, Published, Target};
 
 use crate::cluster::{ClusterConfig, Shared};
 use crate::error::{Error, Result};
@@ -235,9 +235,9 @@ pub(crate) async fn publish_envelope(shared: &Shared, envelope: &Envelope) -> Re
 
 #[async_trait]
 impl Broker for RedisBroker {
-    fn attach(&self, hub: WeakHub) {
-        if self.shared.hub.set(hub).is_err() {
-            tracing::warn!("RedisBroker attached to a second hub; ignoring it");
+    fn start(&self, node: Delivery) {
+        if self.shared.node_delivery.set(node).is_err() {
+            tracing::warn!("RedisBroker started by a second hub; ignoring it");
             return;
         }
         if let Ok(topology) = self.shared.topology() {
@@ -257,10 +257,6 @@ impl Broker for RedisBroker {
             Some(false) => Ok(Published::Unrouted),
             None => Ok(Published::Duplicate),
         }
-    }
-
-    fn delivers_locally(&self) -> bool {
-        true
     }
 
     fn validate(&self, req: &PublishRequest) -> pgdn_core::Result<()> {
@@ -311,7 +307,7 @@ async fn cleanup_loop(shared: Arc<Shared>) {
         let base = shared.config.cleanup_interval;
         let jitter = rand::rng().random_range(Duration::ZERO..=base / 4);
         tokio::time::sleep(base + jitter).await;
-        if shared.hub().is_none() {
+        if !shared.hub_open() {
             return;
         }
         match crate::cleanup::cleanup_shards(&shared, shared.config.cleanup_batch, &mut cursors)

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
-use pgdn_core::{HistoryConfig, Hub, HubBuilder, WeakHub};
+use pgdn_core::{Delivery, HistoryConfig, Hub, HubBuilder};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{Notify, watch};
 
@@ -184,7 +184,9 @@ pub(crate) struct Shared {
     pub(crate) config: ClusterConfig,
     pub(crate) keys: Keys,
     pub(crate) local: Mutex<Local>,
-    pub(crate) hub: OnceLock<WeakHub>,
+    /// Where this node's messages are delivered, once the hub started the
+    /// broker; the background tasks end when the hub is gone.
+    pub(crate) node_delivery: OnceLock<Delivery>,
     /// Which shard holds each partition; replaced (never edited) when
     /// Redis Cluster's slots move. `None` until Redis Cluster's slots are
     /// first known.
@@ -214,8 +216,14 @@ impl Shared {
         self.config.node_ttl.as_millis() as u64
     }
 
-    pub(crate) fn hub(&self) -> Option<Hub> {
-        self.hub.get().and_then(WeakHub::upgrade)
+    /// The hub's delivery, while the hub exists.
+    pub(crate) fn delivery(&self) -> Option<&Delivery> {
+        self.node_delivery.get().filter(|d| d.is_open())
+    }
+
+    /// Whether the hub still exists (the background tasks end when not).
+    pub(crate) fn hub_open(&self) -> bool {
+        self.delivery().is_some()
     }
 
     /// The current topology, or why there is none yet.
@@ -309,7 +317,7 @@ impl Shared {
                     Arc::downgrade(self),
                     shard.clone(),
                 ));
-                if self.hub.get().is_some() {
+                if self.node_delivery.get().is_some() {
                     self.start_node_tasks(shard);
                 }
             }
@@ -495,7 +503,7 @@ impl Cluster {
             keys: Keys::new(&config.prefix, partitions),
             config,
             local: Mutex::new(Local::default()),
-            hub: OnceLock::new(),
+            node_delivery: OnceLock::new(),
             topology: RwLock::new(None),
             changed,
             seeds,

@@ -250,7 +250,7 @@ pub(crate) async fn subscribe_loop(shared: Arc<Shared>, shard: Arc<Shard>) {
         })
         .collect();
     loop {
-        if shared.hub().is_none() || shard.is_retired() {
+        if !shared.hub_open() || shard.is_retired() {
             return;
         }
         let error = match shard.client() {
@@ -363,13 +363,15 @@ async fn subscription(
                         let Some(Resp::Bulk(Some(payload))) = items.into_iter().nth(1) else {
                             continue;
                         };
-                        let hub = shared.hub()?;
+                        let node = shared.delivery()?;
                         match crate::broker::parse_message(&payload) {
                             Ok(envelope) => {
                                 tracing::trace!(seq = envelope.seq, id = %envelope.id, "from redis");
-                                hub.deliver_local(&envelope);
+                                node.deliver(&envelope)?;
                             }
-                            Err(e) => hub.drop_invalid(&e),
+                            Err(e) => {
+                                node.drop_invalid(&e);
+                            }
                         }
                     }
                     Some((kind, _)) if kind == "pong" => {
@@ -383,7 +385,7 @@ async fn subscription(
                 }
             }
             _ = tick.tick() => {
-                shared.hub()?;
+                shared.delivery()?;
                 if shard.is_retired() {
                     return Some("shard retired".into());
                 }
@@ -432,7 +434,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>, shard: Arc<Shard>) {
         }
         let mut wait = RETRY_MIN;
         loop {
-            if shared.hub().is_none() || shard.is_retired() {
+            if !shared.hub_open() || shard.is_retired() {
                 return;
             }
             let epoch = shard.epoch.load(Ordering::SeqCst);
