@@ -372,7 +372,7 @@ async fn parts(
         (0..2 * load.connects)
             .map(|i| {
                 let token = server.creds.token(&format!("x{i}"), &["bench"])?;
-                Ok(format!("ws://{}/ws?token={token}", server.addr))
+                Ok(format!("/ws?token={token}"))
             })
             .collect::<Result<_, String>>()?
     } else {
@@ -381,7 +381,9 @@ async fn parts(
     let (idle_urls, busy_urls) = connect_urls.split_at(connect_urls.len() / 2);
 
     if has(Part::ConnectLatency) {
-        let c = probe.run(paced_connects(idle_urls.to_vec())).await?;
+        let c = probe
+            .run(paced_connects(server.addr.to_string(), idle_urls.to_vec()))
+            .await?;
         eprintln!(
             "  connect latency, idle: {} connections, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             c.connects,
@@ -467,7 +469,9 @@ async fn parts(
         let pool = connect_pool(server, 1).await?;
         let bg = Broadcasts::start(pool, pad.clone(), rec.clone(), background, n);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let connects = probe.run(paced_connects(busy_urls.to_vec())).await;
+        let connects = probe
+            .run(paced_connects(server.addr.to_string(), busy_urls.to_vec()))
+            .await;
         let b = bg.stop().await?;
         let mut c = connects?;
         c.background = Some(b);
@@ -670,18 +674,21 @@ async fn paced_users(
     Ok((sent, wrong, (end - start).as_secs_f64()))
 }
 
-/// Opens one connection per URL, [`CONNECT_RATE`] per second, each timed
-/// until its `connection` frame and then closed.
-async fn paced_connects(urls: Vec<String>) -> Result<ConnectLatency, String> {
+/// Opens one connection to the server at `addr` per target (`/ws?token=`),
+/// [`CONNECT_RATE`] per second, each timed until its `connection` frame and
+/// then closed.
+async fn paced_connects(addr: String, targets: Vec<String>) -> Result<ConnectLatency, String> {
+    let addr: Arc<str> = addr.into();
     let start = tokio::time::Instant::now();
     let mut tasks = JoinSet::new();
-    for (i, url) in urls.into_iter().enumerate() {
+    for (i, url) in targets.into_iter().enumerate() {
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / CONNECT_RATE)).await;
+        let addr = addr.clone();
         tasks.spawn(async move {
             let started = Instant::now();
-            let mut ws = connect_hello(&url).await?;
+            let ws = connect_hello(&addr, &url).await?;
             let ns = started.elapsed().as_nanos() as u64;
-            let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(None)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), ws.close()).await;
             Ok::<u64, String>(ns)
         });
     }

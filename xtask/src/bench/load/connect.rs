@@ -23,11 +23,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::super::client::Histogram;
 use super::super::procs;
@@ -38,26 +36,127 @@ use super::http::{self, HttpConn};
 /// Connections opened in one set, at most.
 pub(crate) const SET: usize = 3000;
 
-/// A client WebSocket connection.
-pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// The `Sec-WebSocket-Key` of every new connection (RFC 6455's example:
+/// the server only needs a valid one).
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
-/// Opens the WebSocket connection `url` (a `ws://` URL with `?token=`) and
-/// returns it once its `connection` frame arrived (at most 10 s).
-pub(crate) async fn connect_hello(url: &str) -> Result<Ws, String> {
-    // A small read buffer: thousands of these are open at once.
-    let config = WebSocketConfig::default().read_buffer_size(4096);
+/// A new WebSocket connection opened by [`connect_hello`]: only its
+/// socket, as nothing more is read from it.
+///
+/// The handshake is written and read by hand, like the requests of
+/// `http.rs`: tokio-tungstenite's client costs the bench about as much CPU
+/// per connection as the server spends, and the two share the cores.
+pub(crate) struct NewConnection {
+    stream: TcpStream,
+}
+
+impl NewConnection {
+    /// Sends a close frame (code 1000) and closes the socket.
+    pub(crate) async fn close(mut self) {
+        // A client's frames are masked; any key will do.
+        const MASK: [u8; 4] = [0x5a, 0xc3, 0x3c, 0xa5];
+        let code = 1000u16.to_be_bytes();
+        let frame = [
+            0x88,
+            0x82,
+            MASK[0],
+            MASK[1],
+            MASK[2],
+            MASK[3],
+            code[0] ^ MASK[0],
+            code[1] ^ MASK[1],
+        ];
+        let _ = self.stream.write_all(&frame).await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// Opens a WebSocket connection to `target` (e.g. `/ws?token=...`) on the
+/// server at `addr` and returns it once its first frame, which must be the
+/// `{"type":"connection",...}` frame, arrived (at most 10 s).
+pub(crate) async fn connect_hello(addr: &str, target: &str) -> Result<NewConnection, String> {
     let attempt = async {
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        let mut stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.as_str().contains("\"type\":\"connection\"") => Ok(ws),
-            other => Err(format!("expected the connection frame, got {other:?}")),
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("writing the upgrade request: {e}"))?;
+        let mut buf = Vec::with_capacity(1024);
+        let head = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            read_more(&mut stream, &mut buf).await?;
+        };
+        if !buf.starts_with(b"HTTP/1.1 101") {
+            let line = buf.split(|&b| b == b'\r').next().unwrap_or(&[]);
+            return Err(format!(
+                "upgrade refused: {}",
+                String::from_utf8_lossy(line)
+            ));
+        }
+        loop {
+            match first_frame(&buf[head..]) {
+                Some(Ok(text)) if text.windows(19).any(|w| w == b"\"type\":\"connection\"") => {
+                    return Ok(NewConnection { stream });
+                }
+                Some(Ok(text)) => {
+                    return Err(format!(
+                        "expected the connection frame, got {}",
+                        String::from_utf8_lossy(text)
+                    ));
+                }
+                Some(Err(e)) => return Err(e),
+                None => read_more(&mut stream, &mut buf).await?,
+            }
         }
     };
     tokio::time::timeout(Duration::from_secs(10), attempt)
         .await
         .map_err(|_| "no connection frame within 10 s".to_string())?
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+    buf.reserve(1024);
+    match stream.read_buf(buf).await {
+        Ok(0) => Err("the server closed the connection".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("reading: {e}")),
+    }
+}
+
+/// The payload of the complete text frame at the start of `b`; None when
+/// more bytes are needed.
+fn first_frame(b: &[u8]) -> Option<Result<&[u8], String>> {
+    if b.len() < 2 {
+        return None;
+    }
+    let (fin, opcode, masked) = (b[0] & 0x80 != 0, b[0] & 0x0f, b[1] & 0x80 != 0);
+    let (len, at) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+        127 if b.len() >= 10 => {
+            let mut len = [0u8; 8];
+            len.copy_from_slice(&b[2..10]);
+            (u64::from_be_bytes(len) as usize, 10)
+        }
+        126 | 127 => return None,
+        len => (usize::from(len), 2),
+    };
+    if masked || !fin || opcode != 1 {
+        return Some(Err(format!(
+            "the first frame is not one unmasked text frame (opcode {opcode}, fin {fin}, masked {masked})"
+        )));
+    }
+    (b.len() >= at + len).then(|| Ok(&b[at..at + len]))
 }
 
 /// What part 6 measured in one round.
@@ -145,7 +244,7 @@ async fn measure(
         (0..load.connections)
             .map(|i| {
                 let token = creds.token(&format!("k{i}"), &["bench"])?;
-                Ok(format!("ws://{addr}/ws?token={token}"))
+                Ok(format!("/ws?token={token}"))
             })
             .collect::<Result<_, String>>()?,
     );
@@ -161,6 +260,7 @@ async fn measure(
         let mut tasks = JoinSet::new();
         for _ in 0..load.conns {
             let (urls, next, times) = (urls.clone(), next.clone(), times.clone());
+            let addr = addr.to_string();
             tasks.spawn(async move {
                 let mut held = Vec::new();
                 loop {
@@ -169,7 +269,7 @@ async fn measure(
                         return Ok::<_, String>(held);
                     }
                     let t = Instant::now();
-                    held.push(connect_hello(&urls[i]).await?);
+                    held.push(connect_hello(&addr, &urls[i]).await?);
                     times.record(t.elapsed().as_nanos() as u64);
                 }
             });
@@ -192,8 +292,8 @@ async fn measure(
         );
         // Close them, untimed, and wait until the server has let go.
         futures_util::stream::iter(held)
-            .for_each_concurrent(256, |mut ws| async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(None)).await;
+            .for_each_concurrent(256, |ws| async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), ws.close()).await;
             })
             .await;
         if let Some(e) = failure {
@@ -228,4 +328,26 @@ async fn measure(
         out.p99_ns as f64 / 1e6
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_first_frame() {
+        let hello = br#"{"type":"connection"}"#;
+        let mut frame = vec![0x81, hello.len() as u8];
+        frame.extend_from_slice(hello);
+        assert_eq!(first_frame(&frame), Some(Ok(&hello[..])));
+        assert_eq!(first_frame(&frame[..frame.len() - 1]), None);
+        assert_eq!(first_frame(&frame[..1]), None);
+        let long = vec![b'x'; 300];
+        let mut frame = vec![0x81, 126, 1, 44];
+        frame.extend_from_slice(&long);
+        assert_eq!(first_frame(&frame), Some(Ok(&long[..])));
+        assert_eq!(first_frame(&frame[..3]), None);
+        assert!(matches!(first_frame(&[0x82, 0]), Some(Err(_))));
+        assert!(matches!(first_frame(&[0x01, 0]), Some(Err(_))));
+    }
 }
