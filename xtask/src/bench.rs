@@ -51,7 +51,7 @@
 //! `bench/baseline.rs`. The bench's clients run on the same cores as the
 //! server, the same for both servers. All traffic is on 127.0.0.1.
 //!
-//! Two other runs measure other things, with the same client code:
+//! Three other runs measure other things, with the same client code:
 //!
 //! - `cargo xtask bench --publisher`: publishes/s and call latency of
 //!   `pgdn_client::blocking::Publisher` from plain threads (`bench/publishers.rs`);
@@ -63,7 +63,12 @@
 //!   `--before-bin`); user-targeted deliveries/s on 1, 2 and 3 Redis shards
 //!   (`bench/shards.rs`); and which nodes Redis brings each message to
 //!   (`bench/routing.rs`). `bench/scale.rs` starts their nodes,
-//!   `bench/redis_probe.rs` reads Redis's own counters.
+//!   `bench/redis_probe.rs` reads Redis's own counters;
+//! - `cargo xtask bench --load`: one node under load, in the six parts of
+//!   issue 11 (`--load-parts`, all by default): concurrent broadcast
+//!   publishers, user-targeted latency and new-connection latency during
+//!   broadcasts, single and batch publishes/s, new connections/s, each
+//!   against its target (`bench/load.rs` and `bench/load/`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -75,6 +80,7 @@ use tokio::task::JoinSet;
 mod baseline;
 mod client;
 mod cluster;
+mod load;
 mod procs;
 mod publishers;
 mod redis_cost;
@@ -91,6 +97,7 @@ const USAGE: &str = "\
 usage: cargo xtask bench [options]
        cargo xtask bench --publisher [options]
        cargo xtask bench --cluster [options]
+       cargo xtask bench --load [options]
 
 By default: pgdn against a bare tokio-tungstenite baseline, at each N, with
 WebSocket subscribers (pgdn) and with Server-Sent Events subscribers
@@ -175,7 +182,38 @@ of redis-server. Uses --n, --rounds (also for redis-cost and shards),
                       10000)
   --routing-publishes M  routing: publishes of each kind (default 200)
   --routing-redis LIST   routing: the current build's Redis layouts,
-                      single and/or cluster (default single,cluster)";
+                      single and/or cluster (default single,cluster)
+
+--load: one release pgdn-server (or --pgdn-bin) under load, in the parts
+--load-parts names, each against its target (bench/load.rs). Uses --n
+(default 10000), --publishers (default 1,8), --window, --deliveries,
+--messages, --rounds, --padding, --check and:
+  --load-parts LIST   comma-separated (default all six):
+                      publishers       broadcast deliveries/s at N idle
+                                       subscribers, last --publishers value
+                                       over the first (>= 1.5x);
+                      user-latency     user-targeted publish-to-receive p99
+                                       during back-to-back broadcasts to N
+                                       (<= 5 ms), and without them;
+                      connect-latency  new-connection p99 during broadcasts
+                                       over idle, at N (<= 2x);
+                      single           user-targeted single publishes/s
+                                       (>= 30,000) and request p99 (<= 20 ms);
+                      batch            user-targeted messages/s in batches
+                                       of 100 (>= 300,000);
+                      connections      new authenticated connections/s
+                                       (>= 10,000)
+  --load-secs S       seconds of each timed phase of user-latency, single
+                      and batch (default 10; --quick 3)
+  --load-rate R       user-latency: user-targeted publishes/s (default 1000)
+  --load-connects C   connect-latency: connections per phase, 100/s
+                      (default 300; --quick 100)
+  --load-conns K      single: keep-alive HTTP connections; connections:
+                      connecting tasks (default 64)
+  --load-targets T    single, batch: connected subscribers targeted
+                      (default 2000)
+  --load-connections C  connections: connections in all, in sets of at
+                      most 3,000 (default 15000; --quick 5000)";
 
 /// Target: pgdn's broadcast deliveries/s over the baseline's, at least.
 const TARGET_THROUGHPUT: f64 = 0.8;
@@ -278,6 +316,8 @@ struct Options {
     routing_publishes: usize,
     /// routing: the Redis layouts of the current build.
     routing_redis: Vec<String>,
+    /// What `--load` measures, and its own options.
+    load: load::LoadOptions,
 }
 
 /// A part of `--cluster`.
@@ -320,21 +360,27 @@ enum Mode {
     Publisher,
     /// Several nodes on one Redis against one node (`--cluster`).
     Cluster,
+    /// One node under load, against the targets of issue 11 (`--load`).
+    Load,
 }
 
 impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let quick = args.iter().any(|a| a == "--quick");
         let cluster = args.iter().any(|a| a == "--cluster");
-        let mode = match (cluster, args.iter().any(|a| a == "--publisher")) {
-            (false, false) => Mode::Compare,
-            (false, true) => Mode::Publisher,
-            (true, false) => Mode::Cluster,
-            (true, true) => return Err("--cluster and --publisher are separate runs".into()),
+        let load = args.iter().any(|a| a == "--load");
+        let mode = match (cluster, args.iter().any(|a| a == "--publisher"), load) {
+            (false, false, false) => Mode::Compare,
+            (false, true, false) => Mode::Publisher,
+            (true, false, false) => Mode::Cluster,
+            (false, false, true) => Mode::Load,
+            _ => return Err("--cluster, --publisher and --load are separate runs".into()),
         };
         let mut o = Options {
             ns: if cluster {
                 vec![3000, 9000]
+            } else if load {
+                vec![10_000]
             } else {
                 vec![1000, 10_000]
             },
@@ -369,6 +415,7 @@ impl Options {
             shard_publishes: if quick { 10_000 } else { 30_000 },
             routing_publishes: 200,
             routing_redis: vec!["single".into(), "cluster".into()],
+            load: load::LoadOptions::new(quick),
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -385,7 +432,7 @@ impl Options {
                     .ok_or_else(|| format!("not a positive number: {s}"))
             };
             match arg.as_str() {
-                "--quick" | "--publisher" | "--cluster" => {}
+                "--quick" | "--publisher" | "--cluster" | "--load" => {}
                 "--publishes" => o.publishes = number(value("--publishes")?)?,
                 "--threads" => {
                     o.threads = value("--threads")?
@@ -478,7 +525,11 @@ impl Options {
                     }
                 }
                 "-h" | "--help" => return Err(String::new()),
-                other => return Err(format!("unknown option {other}")),
+                other => {
+                    if !o.load.parse_arg(other, &mut value)? {
+                        return Err(format!("unknown option {other}"));
+                    }
+                }
             }
         }
         if PHASE_FIRST_REPETITION + o.repeat.max(o.publishers.len()) >= client::PHASES {
@@ -684,6 +735,9 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
         .map_err(|e| format!("tokio runtime: {e}"))?;
     match opts.mode {
         Mode::Compare => {}
+        Mode::Load => {
+            return load::run(opts, bin_dir, &runtime, ticks_per_sec, &machine, &revision);
+        }
         Mode::Publisher => {
             let report = publishers::run(opts, bin_dir, &runtime, ticks_per_sec)?;
             print_header(&machine, &revision);
