@@ -58,8 +58,10 @@ pub struct Config {
     /// with another `Origin` gets 403 before any upgrade. Default empty:
     /// same origin only.
     pub allowed_origins: Vec<String>,
-    /// tungstenite's read buffer per connection, allocated eagerly: it
-    /// decides most of the memory of an idle connection. Default 4 KiB.
+    /// How many bytes a WebSocket connection reads from its socket at
+    /// once. The buffer exists only while a read is under way (the warp
+    /// adapter reads ahead for tungstenite, whose own buffer stays at 128
+    /// bytes), so it costs an idle connection nothing. Default 4 KiB.
     pub read_buffer_size: usize,
     /// How often the server sends a keepalive to each connection (a
     /// WebSocket Ping; an SSE `: keepalive` comment), so that dead peers

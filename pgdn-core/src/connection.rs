@@ -226,6 +226,12 @@ impl Connection {
         self.shared.id
     }
 
+    /// Whether `other` is a handle to this same connection (a pointer
+    /// comparison: nothing is read).
+    pub fn same(&self, other: &Connection) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// When the connection was registered.
     pub fn connected_at(&self) -> std::time::SystemTime {
         self.shared.connected_at

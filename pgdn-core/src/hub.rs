@@ -375,7 +375,8 @@ pub struct Hub {
     inner: Arc<Inner>,
 }
 
-/// A handle that does not keep the hub alive: what a [`Broker`] holds.
+/// A handle that does not keep the hub alive (e.g. for a task that must
+/// not outlive it). Brokers hold a [`Delivery`] instead.
 #[derive(Clone)]
 pub struct WeakHub(Weak<Inner>);
 

@@ -220,13 +220,16 @@ impl Session {
         // Logged before the close frame goes out: whoever sees the close
         // can find the line.
         log_end(&conn, &slots, reason);
+        // Closing and unregistering are boxed like the greeting: they run
+        // once, at the end.
         if let Some((code, why)) = reason.close_frame() {
-            let _ = tokio::time::timeout(config.close_timeout, transport.close(code, why)).await;
+            let close = tokio::time::timeout(config.close_timeout, transport.close(code, why));
+            let _ = Box::pin(close).await;
         }
         // The connection is over: its slots go back before it is
         // unregistered, so a client that saw it leave can take its place.
         drop(slots);
-        service.hub().disconnect(&conn, reason).await;
+        Box::pin(service.hub().disconnect(&conn, reason)).await;
         reason
     }
 }

@@ -51,6 +51,9 @@ pub(crate) const SHARDS: usize = 64;
 /// One shard's connections.
 #[derive(Debug, Default)]
 struct ShardState {
+    /// Every connection in this shard, densely, for broadcasts (one
+    /// pointer per connection to walk, rather than a map's buckets).
+    conns: Vec<Connection>,
     /// Each user's connections in this shard.
     users: HashMap<Arc<str>, Vec<Connection>>,
     /// Each group's connections in this shard.
@@ -210,7 +213,8 @@ impl Registry {
             if tabs.is_empty() {
                 self.users.fetch_add(1, Ordering::Relaxed);
             }
-            tabs.push(conn);
+            tabs.push(conn.clone());
+            state.conns.push(conn);
             self.connections.fetch_add(1, Ordering::Relaxed);
         }
         self.count_groups(&identity.groups, true);
@@ -269,6 +273,9 @@ impl Registry {
             if tabs.is_empty() {
                 state.users.remove(conn.user_id());
                 self.users.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Some(at) = state.conns.iter().position(|c| c.same(conn)) {
+                state.conns.swap_remove(at);
             }
             // The identity is only replaced under this lock, so these are
             // the groups it was registered under.
@@ -363,13 +370,14 @@ impl Registry {
                     users = &users[here..];
                 }
                 Plan::Group(g) => state.groups.get(g).into_iter().flatten().for_each(&mut f),
-                Plan::Broadcast(exclude) => {
-                    for (u, tabs) in &state.users {
-                        if !exclude.contains(u) {
-                            tabs.iter().for_each(&mut f);
-                        }
-                    }
+                Plan::Broadcast(Exclude::Few(v)) if v.is_empty() => {
+                    state.conns.iter().for_each(&mut f)
                 }
+                Plan::Broadcast(exclude) => state
+                    .conns
+                    .iter()
+                    .filter(|c| !exclude.contains(c.user_id()))
+                    .for_each(&mut f),
             }
             pending.next += 1;
             shard.end_turn(state);
@@ -406,7 +414,7 @@ impl Registry {
     pub fn all(&self) -> Vec<Connection> {
         let mut out = Vec::with_capacity(self.connection_count());
         for shard in self.shards.iter() {
-            out.extend(shard.lock().users.values().flatten().cloned());
+            out.extend(shard.lock().conns.iter().cloned());
         }
         out
     }

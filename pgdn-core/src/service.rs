@@ -494,11 +494,16 @@ impl Service {
         admission: Admission,
         mut transport: T,
     ) -> Option<DisconnectReason> {
-        match self.open(admission).await {
-            Ok(session) => Some(session.run(transport).await),
+        // Each phase is boxed: the caller's task (allocated once, for the
+        // connection's life) then holds two pointers, not the larger of
+        // the two states, and opening's state is freed once it is done.
+        let open = Box::pin(self.open(admission));
+        match open.await {
+            Ok(session) => Some(Box::pin(session.run(transport)).await),
             Err(e) => {
                 let close = transport.close(1008, e.close_reason());
-                let _ = tokio::time::timeout(self.inner.config.close_timeout, close).await;
+                let close = tokio::time::timeout(self.inner.config.close_timeout, close);
+                let _ = Box::pin(close).await;
                 None
             }
         }

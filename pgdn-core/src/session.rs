@@ -1,6 +1,6 @@
 //! Which node holds which user's connections.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -198,10 +198,19 @@ pub trait SessionTracker: Send + Sync + 'static {
 /// when the last one closed and none came back within the debounce.
 #[derive(Debug, Default)]
 pub struct MemorySessionTracker {
-    // user -> (connection id -> node)
-    users: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// user -> how many connections it has on each node. Counts, not
+    /// connection ids: the hub's registry already knows the connections,
+    /// and a second copy would cost every idle connection a few hundred
+    /// bytes. The user id is the identity's own `Arc`, the node's name is
+    /// shared ([`MemorySessionTracker::node`]).
+    users: Mutex<HashMap<Arc<str>, NodeCounts>>,
+    /// The node names seen, each kept once.
+    nodes: Mutex<Vec<Arc<str>>>,
     lifecycle: OnceLock<Lifecycle>,
 }
+
+/// A user's connections on each node: (node, count).
+type NodeCounts = Vec<(Arc<str>, u32)>;
 
 /// The lifecycle state of the memory tracker.
 struct Lifecycle {
@@ -231,6 +240,17 @@ impl MemorySessionTracker {
     pub fn user_count(&self) -> usize {
         self.users.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    /// `node`'s shared name.
+    fn node(&self, node: &str) -> Arc<str> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = nodes.iter().find(|n| &***n == node) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(node);
+        nodes.push(n.clone());
+        n
+    }
 }
 
 #[async_trait]
@@ -241,12 +261,17 @@ impl SessionTracker for MemorySessionTracker {
         identity: &Identity,
         connection_id: &str,
     ) -> Result<(), Error> {
+        let _ = connection_id;
         let user_id = &*identity.user_id;
+        let node = self.node(node);
         let first = {
             let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-            let conns = users.entry(user_id.to_string()).or_default();
-            conns.insert(connection_id.to_string(), node.to_string());
-            conns.len() == 1
+            let nodes = users.entry(identity.user_id.clone()).or_default();
+            match nodes.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, count)) => *count += 1,
+                None => nodes.push((node, 1)),
+            }
+            nodes.len() == 1 && nodes[0].1 == 1
         };
         if let (true, Some(l)) = (first, self.lifecycle.get()) {
             // Back within the debounce: no offline, no online.
@@ -266,16 +291,23 @@ impl SessionTracker for MemorySessionTracker {
 
     async fn unregister(
         &self,
-        _node: &str,
+        node: &str,
         identity: &Identity,
         connection_id: &str,
     ) -> Result<(), Error> {
+        let _ = connection_id;
         let user_id = &*identity.user_id;
         let last = {
             let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-            let emptied = users
-                .get_mut(user_id)
-                .is_some_and(|conns| conns.remove(connection_id).is_some() && conns.is_empty());
+            let emptied = users.get_mut(user_id).is_some_and(|nodes| {
+                if let Some(at) = nodes.iter().position(|(n, _)| &**n == node) {
+                    nodes[at].1 -= 1;
+                    if nodes[at].1 == 0 {
+                        nodes.swap_remove(at);
+                    }
+                }
+                nodes.is_empty()
+            });
             if emptied {
                 users.remove(user_id);
             }
@@ -316,12 +348,14 @@ impl SessionTracker for MemorySessionTracker {
 
     async fn nodes_of(&self, user_id: &str) -> Result<Vec<String>, Error> {
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        let nodes: BTreeSet<&String> = users
+        let mut nodes: Vec<String> = users
             .get(user_id)
             .into_iter()
-            .flat_map(|c| c.values())
+            .flatten()
+            .map(|(n, _)| n.to_string())
             .collect();
-        Ok(nodes.into_iter().cloned().collect())
+        nodes.sort();
+        Ok(nodes)
     }
 }
 

@@ -11,6 +11,19 @@
 //! [`FrameFlood`], which the transport reports as
 //! [`Inbound::RateLimited`](pgdn_core::Inbound): close 1008. Hand-written
 //! because no crate offers frame-level hooks under tungstenite.
+//!
+//! It also reads ahead for tungstenite, so that an idle connection holds
+//! no read buffer. tungstenite allocates its read buffer when the socket
+//! is made and keeps it for the connection's life: at 4 KiB, half of what
+//! an idle connection costs. pgdn gives tungstenite a tiny one
+//! ([`TUNGSTENITE_READ_BUFFER`]) and reads the socket here, in chunks of
+//! the configured read buffer size, into a buffer that exists only while
+//! a read is under way: allocated when the socket has something to read,
+//! freed as soon as tungstenite has taken every byte (or the socket had
+//! nothing). Reads cost one socket read per chunk as before, plus an
+//! allocation per burst of inbound data.
+
+use bytes::{Buf, BytesMut};
 
 use std::io;
 use std::pin::Pin;
@@ -33,17 +46,29 @@ enum Scan {
     Payload(u64),
 }
 
+/// tungstenite's own read buffer: it reads through [`FrameCounter`]'s
+/// read-ahead, so a small one costs copies, not socket reads. It holds a
+/// frame header and small frames; larger frames grow it while they are
+/// read.
+pub(crate) const TUNGSTENITE_READ_BUFFER: usize = 128;
+
 /// The connection, counting the client's frames as they are read.
 pub(crate) struct FrameCounter<IO> {
     io: IO,
     scan: Scan,
     limiter: RateLimiter,
     flooded: bool,
+    /// Bytes read from the socket that tungstenite has not taken yet;
+    /// unallocated while empty.
+    ahead: BytesMut,
+    /// How much one socket read asks for.
+    chunk: usize,
 }
 
 impl<IO> FrameCounter<IO> {
-    /// Wraps `io`, allowing `rate` frames per second in bursts of `burst`.
-    pub(crate) fn new(io: IO, rate: f64, burst: f64) -> Self {
+    /// Wraps `io`, allowing `rate` frames per second in bursts of `burst`,
+    /// reading the socket `chunk` bytes at a time.
+    pub(crate) fn new(io: IO, rate: f64, burst: f64, chunk: usize) -> Self {
         FrameCounter {
             io,
             scan: Scan::Header {
@@ -52,6 +77,18 @@ impl<IO> FrameCounter<IO> {
             },
             limiter: RateLimiter::new(rate, burst),
             flooded: false,
+            ahead: BytesMut::new(),
+            chunk: chunk.max(1),
+        }
+    }
+
+    /// Moves read-ahead bytes into `buf`; frees the read-ahead once empty.
+    fn hand_over(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = self.ahead.len().min(buf.remaining());
+        buf.put_slice(&self.ahead[..n]);
+        self.ahead.advance(n);
+        if self.ahead.is_empty() {
+            self.ahead = BytesMut::new();
         }
     }
 
@@ -122,18 +159,35 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FrameCounter<IO> {
         }
         let before = buf.filled().len();
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if !this.follow(&buf.filled()[before..]) {
-                    this.flooded = true;
-                    // Hand nothing of this read to tungstenite.
-                    buf.set_filled(before);
-                    return Poll::Ready(Err(io::Error::other(FrameFlood)));
+        if this.ahead.is_empty() {
+            if buf.remaining() >= this.chunk {
+                // Room for a whole chunk: read straight into it.
+                match Pin::new(&mut this.io).poll_read(cx, buf) {
+                    Poll::Ready(Ok(())) => {}
+                    other => return other,
                 }
-                Poll::Ready(Ok(()))
+            } else {
+                let mut ahead = BytesMut::with_capacity(this.chunk);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut ahead) {
+                    // Nothing to read: the buffer goes (that is the point).
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(_)) => {
+                        this.ahead = ahead;
+                        this.hand_over(buf);
+                    }
+                }
             }
-            other => other,
+        } else {
+            this.hand_over(buf);
         }
+        if !this.follow(&buf.filled()[before..]) {
+            this.flooded = true;
+            // Hand nothing of this read to tungstenite.
+            buf.set_filled(before);
+            return Poll::Ready(Err(io::Error::other(FrameFlood)));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -201,13 +255,53 @@ mod tests {
         // Six frames: a burst of six passes, of five does not, whatever
         // the chunking of the reads.
         for chunk in [1, 3, 7, 4096] {
-            let mut ok = FrameCounter::new((), 0.001, 6.0);
+            let mut ok = FrameCounter::new((), 0.001, 6.0, 4096);
             assert!(bytes.chunks(chunk).all(|c| ok.follow(c)), "chunk {chunk}");
-            let mut over = FrameCounter::new((), 0.001, 5.0);
+            let mut over = FrameCounter::new((), 0.001, 5.0, 4096);
             assert!(
                 !bytes.chunks(chunk).all(|c| over.follow(c)),
                 "chunk {chunk}"
             );
         }
+    }
+
+    /// Small reads get every byte, in order, through the read-ahead, and
+    /// once tungstenite has taken them no buffer is left (what keeps an
+    /// idle connection small); a read with room for a chunk goes straight
+    /// to the socket.
+    #[tokio::test]
+    async fn reads_ahead_only_while_there_is_data() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut sent = Vec::new();
+        sent.extend(frame(0x1, true, &[b'a'; 300]));
+        sent.extend(frame(0x9, true, b""));
+        sent.extend(frame(0x1, true, &[b'b'; 5000]));
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let mut counter = FrameCounter::new(server, 1000.0, 1000.0, 4096);
+        let mut client = client;
+        client.write_all(&sent).await.unwrap();
+        let mut got = Vec::new();
+        let mut small = [0u8; 14];
+        while got.len() < sent.len() {
+            let n = counter.read(&mut small).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&small[..n]);
+        }
+        assert_eq!(got, sent);
+        assert_eq!(counter.ahead.capacity(), 0, "no buffer once all is taken");
+        // A large read goes straight through.
+        client.write_all(&frame(0x1, true, b"x")).await.unwrap();
+        let mut large = vec![0u8; 8192];
+        let n = counter.read(&mut large).await.unwrap();
+        assert_eq!(&large[..n], &frame(0x1, true, b"x")[..]);
+        assert_eq!(counter.ahead.capacity(), 0);
+        // Nothing to read: a pending read leaves no buffer behind.
+        let pending = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            counter.read(&mut small),
+        )
+        .await;
+        assert!(pending.is_err());
+        assert_eq!(counter.ahead.capacity(), 0);
     }
 }

@@ -211,7 +211,8 @@ struct Args {
         value_name = "ORIGIN"
     )]
     allowed_origins: Vec<String>,
-    /// tungstenite read buffer per connection, in bytes.
+    /// Bytes a WebSocket connection reads from its socket at once (a
+    /// buffer that exists only while reading; idle connections hold none).
     #[arg(long, env = "PGDN_READ_BUFFER", default_value_t = 4 * 1024)]
     read_buffer: usize,
     /// How often each connection gets a WebSocket Ping (e.g. `25s`).

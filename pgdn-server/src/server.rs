@@ -162,7 +162,11 @@ impl Pgdn {
     fn ws_config(&self) -> WebSocketConfig {
         let c = self.config();
         WebSocketConfig::default()
-            .read_buffer_size(c.read_buffer_size)
+            // The socket is read in `read_buffer_size` chunks by the
+            // connection's `FrameCounter`, into a buffer that exists only
+            // while there is something to read; tungstenite's own buffer,
+            // which every connection keeps for its life, stays tiny.
+            .read_buffer_size(crate::frames::TUNGSTENITE_READ_BUFFER)
             // Frames are fed in batches and flushed once per batch: a 4 KiB
             // write buffer turns a batch into few writes (with 0, every
             // frame is its own send; `cargo xtask bench` measured CPU per
@@ -208,6 +212,7 @@ impl Pgdn {
         req.accept(
             self.ws_config(),
             (c.rate_limit_per_sec, c.rate_limit_burst),
+            c.read_buffer_size,
             self.service.tasks(),
             move |socket| async move {
                 service

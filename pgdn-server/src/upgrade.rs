@@ -6,7 +6,9 @@
 //! subscriber. This filter does the same handshake checks as `warp::ws()`,
 //! answers `101 Switching Protocols` itself, takes hyper's `OnUpgrade` from
 //! the request extensions and builds the `WebSocketStream` with a
-//! [`WebSocketConfig`] whose read buffer is 4 KiB by default.
+//! [`WebSocketConfig`] whose read buffer is tiny: the socket is read
+//! through [`FrameCounter`](crate::frames::FrameCounter)'s read-ahead,
+//! which exists only while there is something to read.
 
 use std::net::SocketAddr;
 
@@ -109,6 +111,7 @@ impl UpgradeRequest {
         self,
         config: WebSocketConfig,
         rate_limit: (f64, f64),
+        read_chunk: usize,
         tasks: &TaskTracker,
         on_socket: F,
     ) -> warp::reply::Response
@@ -124,19 +127,37 @@ impl UpgradeRequest {
             )
             .into_response();
         };
-        tasks.spawn(async move {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let (rate, burst) = rate_limit;
-                    let io = crate::frames::FrameCounter::new(TokioIo::new(upgraded), rate, burst);
-                    let socket = Box::new(
-                        WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await,
-                    );
-                    on_socket(socket).await;
+        let fut = async move {
+            // The upgrade's state is boxed and freed once the socket is
+            // made: the task itself (allocated once, for the connection's
+            // life) then holds little more than `on_socket`'s future, so an
+            // idle connection does not pay for the handshake.
+            let upgraded = Box::pin(async move {
+                match on_upgrade.await {
+                    Ok(upgraded) => {
+                        let (rate, burst) = rate_limit;
+                        let io = crate::frames::FrameCounter::new(
+                            TokioIo::new(upgraded),
+                            rate,
+                            burst,
+                            read_chunk,
+                        );
+                        Some(Box::new(
+                            WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await,
+                        ))
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "websocket upgrade failed");
+                        None
+                    }
                 }
-                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+            })
+            .await;
+            if let Some(socket) = upgraded {
+                on_socket(socket).await;
             }
-        });
+        };
+        tasks.spawn(fut);
         let mut res = warp::reply::Response::default();
         *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = res.headers_mut();
