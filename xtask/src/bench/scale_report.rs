@@ -57,16 +57,25 @@ struct Derived {
     slab_kb: Option<f64>,
     /// Redis `used_memory` per connection, bytes.
     redis_bytes: f64,
-    /// Redis CPU per connect, µs.
+    /// Redis CPU per connect, µs, less the idle work meanwhile (see
+    /// [`less_idle`]).
     redis_connect_us: f64,
-    /// pgdn CPU per connect, µs.
+    /// pgdn CPU per connect, all nodes, µs, less the idle work meanwhile.
     pgdn_connect_us: f64,
+    /// Redis CPU per disconnect (in waves), µs, less the idle work
+    /// meanwhile.
+    redis_close_us: Option<f64>,
+    /// pgdn RSS per connection after the broadcasts, KB.
+    rss_traffic_kb: Option<f64>,
     /// Redis idle CPU with no connection, share of a core.
     redis_idle_empty: f64,
     /// Redis idle CPU with everyone connected, share of a core.
     redis_idle_full: f64,
-    /// pgdn CPU per broadcast delivery, µs.
+    /// pgdn CPU per broadcast delivery, µs (throughput phase).
     cpu_per_delivery_us: Option<f64>,
+    /// pgdn CPU per broadcast delivery one broadcast at a time, µs, less
+    /// the nodes' idle rate (the phase also waits between broadcasts).
+    cpu_per_delivery_one_us: Option<f64>,
     /// Redis CPU per broadcast, less the idle rate, µs.
     redis_per_broadcast_us: Option<f64>,
     /// Redis bytes sent per broadcast, less the idle rate.
@@ -99,17 +108,62 @@ impl Derived {
                 _ => None,
             },
             redis_bytes: (r.redis_used.1 as f64 - r.redis_used.0 as f64) / n,
-            redis_connect_us: r.connect.redis.cpu_secs * 1e6 / n,
-            pgdn_connect_us: r.connect.nodes() as f64 / tps * 1e6 / n,
+            redis_connect_us: less_idle(
+                r.connect.redis.cpu_secs,
+                r.connect.secs,
+                (&r.idle_empty, &r.idle_full),
+                |w| w.redis.cpu_secs,
+            ) * 1e6
+                / n,
+            pgdn_connect_us: less_idle(
+                r.connect.nodes() as f64 / tps,
+                r.connect.secs,
+                (&r.idle_empty, &r.idle_full),
+                |w| w.nodes() as f64 / tps,
+            ) * 1e6
+                / n,
+            redis_close_us: r.close.as_ref().map(|w| {
+                less_idle(
+                    w.redis.cpu_secs,
+                    w.secs,
+                    (&r.idle_empty, &r.idle_full),
+                    |w| w.redis.cpu_secs,
+                ) * 1e6
+                    / n
+            }),
+            rss_traffic_kb: (!r.rss_traffic_kib.is_empty()).then(|| {
+                per_connection_kb(sum(&r.rss_base_kib), sum(&r.rss_traffic_kib), n as usize)
+            }),
             redis_idle_empty: r.idle_empty.redis.cpu_secs / r.idle_empty.secs.max(1e-9),
             redis_idle_full: r.idle_full.redis.cpu_secs / r.idle_full.secs.max(1e-9),
             cpu_per_delivery_us: t
                 .map(|b| b.window.nodes() as f64 / tps * 1e6 / b.deliveries.max(1) as f64),
+            cpu_per_delivery_one_us: r.one_at_a_time.as_ref().map(|b| {
+                let idle = r.idle_full.nodes() as f64 / tps / r.idle_full.secs.max(1e-9);
+                let busy = b.window.nodes() as f64 / tps - idle * b.window.secs;
+                busy.max(0.0) * 1e6 / b.deliveries.max(1) as f64
+            }),
             redis_per_broadcast_us: cost.map(|(u, m)| u.cpu_secs * 1e6 / m),
             redis_out_per_broadcast: cost.map(|(u, m)| u.net_out / m),
             redis_commands_per_broadcast: cost.map(|(u, m)| u.commands() / m),
         }
     }
+}
+
+/// `cpu` seconds used over `secs` while the connections went from none to
+/// all (or back), less the idle work meanwhile: the mean of the idle rate
+/// with no connection and with everyone connected (`rate` of each idle
+/// window, per its length), as if the connections came (or went) at a
+/// steady pace. The heartbeats rewrite every connected user every 5 s, so
+/// with many connections this is most of what Redis does meanwhile.
+fn less_idle(
+    cpu: f64,
+    secs: f64,
+    (empty, full): (&Window, &Window),
+    rate: impl Fn(&Window) -> f64,
+) -> f64 {
+    let per_sec = |w: &Window| rate(w) / w.secs.max(1e-9);
+    cpu - secs * (per_sec(empty) + per_sec(full)) / 2.0
 }
 
 /// Share of a core → "12.3 %".
@@ -170,6 +224,16 @@ pub(crate) fn print(report: &Report, opts: &Options, ticks_per_sec: u64, revisio
                 .join(", ")
         ),
     );
+    if !r.connect_timeline.is_empty() {
+        row(
+            "connections made after (s)",
+            r.connect_timeline
+                .iter()
+                .map(|(at, c)| format!("{at:.0}: {}", thousands(*c as f64)))
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+    }
     row(
         "**pgdn RSS per connection, all nodes**",
         format!("**{:.2} KB**", d.rss_kb),
@@ -186,14 +250,10 @@ pub(crate) fn print(report: &Report, opts: &Options, ticks_per_sec: u64, revisio
             ),
         );
     }
-    if !r.rss_traffic_kib.is_empty() {
-        let sum = |v: &[u64]| v.iter().sum::<u64>();
+    if let Some(kb) = d.rss_traffic_kb {
         row(
             "pgdn RSS per connection after the broadcasts, all nodes",
-            format!(
-                "{:.2} KB",
-                per_connection_kb(sum(&r.rss_base_kib), sum(&r.rss_traffic_kib), d.n as usize)
-            ),
+            format!("{kb:.2} KB"),
         );
     }
     row(
@@ -221,7 +281,7 @@ pub(crate) fn print(report: &Report, opts: &Options, ticks_per_sec: u64, revisio
         ),
     );
     row(
-        "CPU per connect: pgdn, all nodes / Redis",
+        "CPU per connect: pgdn, all nodes / Redis (less the idle work meanwhile)",
         format!(
             "{:.0} µs / {:.1} µs (Redis at {} of a core while connecting)",
             d.pgdn_connect_us,
@@ -229,6 +289,17 @@ pub(crate) fn print(report: &Report, opts: &Options, ticks_per_sec: u64, revisio
             pct(r.connect.redis.cpu_secs / r.connect.secs.max(1e-9))
         ),
     );
+    if let (Some(w), Some(us)) = (&r.close, d.redis_close_us) {
+        row(
+            "Redis CPU per disconnect (less the idle work meanwhile)",
+            format!(
+                "{us:.1} µs (closed {}/s in {:.1} s; Redis at {} of a core)",
+                thousands(r.close_rate as f64),
+                r.close_secs,
+                pct(w.redis.cpu_secs / w.secs.max(1e-9))
+            ),
+        );
+    }
     let both = |b: &Option<Broadcasts>| b.as_ref().is_some_and(Broadcasts::exact);
     let exact = both(&r.one_at_a_time) && both(&r.throughput);
     row(
@@ -241,13 +312,15 @@ pub(crate) fn print(report: &Report, opts: &Options, ticks_per_sec: u64, revisio
     );
     if let Some(b) = &r.one_at_a_time {
         row(
-            "time for one broadcast to reach everyone, one at a time (ms)",
+            "**time for one broadcast to reach everyone**, one at a time (ms)",
             format!(
-                "median {:.0}, max {:.0} (first receipt median {:.1}; {} broadcasts)",
+                "**median {:.0}**, max {:.0} (first receipt median {:.1}; {} broadcasts; pgdn \
+                 CPU {:.2} µs per delivery)",
                 median(b.reach_ms.clone()).unwrap_or(0.0),
                 b.reach_ms.iter().copied().fold(0.0, f64::max),
                 median(b.first_ms.clone()).unwrap_or(0.0),
-                b.m
+                b.m,
+                d.cpu_per_delivery_one_us.unwrap_or(0.0)
             ),
         );
     }
@@ -351,6 +424,21 @@ pub(crate) fn print(report: &Report, opts: &Options, ticks_per_sec: u64, revisio
     }
 }
 
+/// The connect rate in the first and in the last interval of the
+/// timeline, when the last is below half the first.
+fn connect_slowdown(r: &Report) -> Option<(f64, f64)> {
+    let mut points = vec![(0.0, 0u64)];
+    points.extend(r.connect_timeline.iter().copied());
+    points.push((r.connect_secs, r.total()));
+    let rates: Vec<f64> = points
+        .windows(2)
+        .filter(|w| w[1].0 > w[0].0 + 0.5)
+        .map(|w| (w[1].1 as f64 - w[0].1 as f64) / (w[1].0 - w[0].0))
+        .collect();
+    let (&first, &last) = (rates.first()?, rates.last()?);
+    (rates.len() >= 3 && last < first / 2.0).then_some((first, last))
+}
+
 /// Prints the projection to [`TARGET`] connections.
 fn print_projection(r: &Report, d: &Derived) {
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
@@ -362,15 +450,21 @@ fn print_projection(r: &Report, d: &Derived) {
         thousands(TARGET)
     );
     println!(
-        "Linear arithmetic on the figures above (this box's 2 cores are shared by every node, \
-         Redis and the load generators, so CPU figures are per unit of work, not capacity):\n"
+        "Linear arithmetic on the figures above. This box's 2 cores are shared by every node, \
+         Redis and the load generators, so CPU figures are per unit of work, not capacity; on \
+         loopback a sender's CPU also pays the kernel's TCP receive work for its peer, which a \
+         network card's interrupts would take elsewhere.\n"
     );
     println!(
-        "- **Memory**: {:.2} KB of pgdn RSS per connection is {:.1} GiB for {} connections, \
-         plus {:.0} MiB per node before any connection{}.",
+        "- **Memory**: {:.2} KB of pgdn RSS per idle connection is {:.1} GiB for {} connections \
+         ({}), plus {:.0} MiB per node before any connection{}.",
         d.rss_kb,
         gib(TARGET * d.rss_kb * 1000.0),
         thousands(TARGET),
+        d.rss_traffic_kb.map_or(String::new(), |kb| format!(
+            "{:.1} GiB at the {kb:.2} KB measured after the broadcasts, whose buffers stay",
+            gib(TARGET * kb * 1000.0)
+        )),
         d.base_mib,
         d.slab_kb.map_or(String::new(), |kb| format!(
             ", plus the kernel's memory for the sockets (here {kb:.2} KB of slab per connection \
@@ -392,20 +486,25 @@ fn print_projection(r: &Report, d: &Derived) {
     );
     if let Some(us) = d.cpu_per_delivery_us {
         let core_secs = us * TARGET / 1e6;
+        let cores = big_nodes * 2.0;
+        let one = d.cpu_per_delivery_one_us.unwrap_or(us);
         println!(
-            "- **Broadcast CPU**: {us:.2} µs of pgdn CPU per delivery makes one broadcast to {} \
-             connections {core_secs:.1} core-seconds, spread over the nodes: with {} nodes of 2 \
-             cores each, everyone has it after about {:.2} s of CPU-bound work, and those {} cores \
-             sustain about {:.1} broadcasts/s to everyone. (Measured here: {} deliveries/s with \
-             nodes, Redis and load generators on 2 cores.)",
+            "- **Broadcast CPU**: under load, {us:.2} µs of pgdn CPU per delivery makes one \
+             broadcast to {} connections {core_secs:.1} core-seconds: {} nodes of 2 cores each \
+             sustain about {:.1} broadcasts/s to everyone. One broadcast alone costs {one:.2} µs \
+             per delivery (fewer frames per write), so it reaches everyone after about {:.2} s of \
+             CPU-bound work on those {} cores, against the {} ms measured here for {} connections \
+             on 2 cores shared with Redis and the load generators.",
             thousands(TARGET),
             big_nodes,
-            core_secs / (big_nodes * 2.0),
-            big_nodes * 2.0,
-            big_nodes * 2.0 / core_secs.max(1e-9),
-            r.throughput
+            cores / core_secs.max(1e-9),
+            one * TARGET / 1e6 / cores,
+            cores,
+            r.one_at_a_time
                 .as_ref()
-                .map_or("-".into(), |b| thousands(b.per_sec()))
+                .and_then(|b| median(b.reach_ms.clone()))
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            thousands(d.n)
         );
     }
     let per_conn_idle = (d.redis_idle_full - d.redis_idle_empty).max(0.0) / d.n;
@@ -440,12 +539,25 @@ fn print_projection(r: &Report, d: &Derived) {
         gib(d.redis_bytes * TARGET),
         thousands(TARGET)
     );
+    let slowed = connect_slowdown(r).map_or(String::new(), |(first, last)| {
+        format!(
+            " Here connecting slowed from {}/s at first to {}/s at the end as the nodes filled \
+             up, likely because each node's heartbeat holds off its registrations while it \
+             rewrites all of its sessions in Redis (pgdn-redis `session::heartbeat`).",
+            thousands(first),
+            thousands(last)
+        )
+    });
     println!(
         "- **Redis, connects**: {:.1} µs of Redis CPU per connect: everyone (re)connecting at once \
-         keeps Redis's core busy for at least {:.0} s; pgdn spends {:.0} µs per connect, {:.0} \
-         core-seconds for everyone.",
+         keeps Redis's core busy for at least {:.0} s{}; pgdn spends {:.0} µs per connect, {:.0} \
+         core-seconds for everyone.{slowed}",
         d.redis_connect_us,
         d.redis_connect_us * TARGET / 1e6,
+        d.redis_close_us.map_or(String::new(), |us| format!(
+            ", and everyone leaving ({us:.1} µs per disconnect) for {:.0} s",
+            us * TARGET / 1e6
+        )),
         d.pgdn_connect_us,
         d.pgdn_connect_us * TARGET / 1e6
     );

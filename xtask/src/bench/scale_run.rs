@@ -46,7 +46,11 @@
 //!    flight (node 1 answers slowly while it delivers). Deliveries/s is
 //!    every delivery / the time from the first publish to the last
 //!    receipt; the CPU time of all nodes over that span / deliveries is the
-//!    server CPU per delivery; Redis's CPU over it is reported as is.
+//!    server CPU per delivery; Redis's CPU over it is reported as is;
+//! 7. **close**: every worker closes its connections in waves, 4,000 a
+//!    second over all workers (all at once, the nodes' unregistrations
+//!    queue up in Redis past their command timeout); Redis's CPU until 3 s
+//!    after the last close / connections is its cost per disconnect.
 //!
 //! Every broadcast is checked per subscriber: each connected subscriber
 //! must get each one exactly once (a miss, a duplicate, a frame of no
@@ -75,6 +79,8 @@ const ONE_AT_A_TIME: u64 = 5;
 const REDIS_COST_BROADCASTS: u64 = 200;
 /// Publish requests in flight at once in the throughput phase.
 const PUBLISHERS: usize = 8;
+/// Connections closed per second at the end, over all workers.
+const CLOSE_RATE: u64 = 4_000;
 /// Phase numbers carried in the payloads.
 const PHASE_ONE_AT_A_TIME: u64 = 1;
 const PHASE_THROUGHPUT: u64 = 2;
@@ -184,6 +190,9 @@ pub(crate) struct Report {
     pub(crate) connect_failed: u64,
     /// From the order to connect to the last worker's answer.
     pub(crate) connect_secs: f64,
+    /// Connections made by then, about every 5 s while connecting:
+    /// (seconds since the order, connections).
+    pub(crate) connect_timeline: Vec<(f64, u64)>,
     /// Each worker's own time to connect its share.
     pub(crate) worker_connect_secs: Vec<f64>,
     /// Each node's RSS before any connection, KiB.
@@ -217,6 +226,12 @@ pub(crate) struct Report {
     pub(crate) one_at_a_time: Option<Broadcasts>,
     /// The throughput phase.
     pub(crate) throughput: Option<Broadcasts>,
+    /// Connections closed per second at the end, over all workers.
+    pub(crate) close_rate: u64,
+    /// From the order to close to the last worker's answer.
+    pub(crate) close_secs: f64,
+    /// The closing's cost, until 3 s after the last close.
+    pub(crate) close: Option<Window>,
     /// The ephemeral port range and `somaxconn`, as read.
     pub(crate) kernel: String,
     /// What went wrong.
@@ -459,6 +474,10 @@ struct Fleet {
     progress: Vec<u64>,
     /// When progress was last printed.
     printed: Instant,
+    /// When the order to connect went out.
+    connect_started: Instant,
+    /// (seconds since `connect_started`, connections) at each print.
+    timeline: Vec<(f64, u64)>,
 }
 
 impl Fleet {
@@ -513,6 +532,8 @@ impl Fleet {
             complete: vec![0; n],
             progress: vec![0; n],
             printed: Instant::now(),
+            connect_started: Instant::now(),
+            timeline: Vec::new(),
         };
         fleet
             .gather(
@@ -560,9 +581,12 @@ impl Fleet {
                 self.progress[k] = n.parse().unwrap_or(0);
                 if self.printed.elapsed() >= Duration::from_secs(5) {
                     self.printed = Instant::now();
+                    let total = self.progress.iter().sum::<u64>();
+                    let at = self.connect_started.elapsed().as_secs_f64();
+                    self.timeline.push((at, total));
                     eprintln!(
-                        "  ... {} connections so far",
-                        super::thousands(self.progress.iter().sum::<u64>() as f64)
+                        "  ... {} connections after {at:.0} s",
+                        super::thousands(total as f64)
                     );
                 }
             }
@@ -777,12 +801,14 @@ async fn phases(
     );
     let mark = meter.mark()?;
     let started = Instant::now();
+    (fleet.connect_started, fleet.printed) = (started, started);
     fleet.send_all("connect")?;
     let deadline =
         Instant::now() + Duration::from_secs(120) + Duration::from_millis(5 * want as u64);
     let lines = fleet.gather("connected", deadline).await?;
     report.connect_secs = started.elapsed().as_secs_f64();
     report.connect = meter.since(mark)?;
+    report.connect_timeline = std::mem::take(&mut fleet.timeline);
     for line in &lines {
         let f = fields(line);
         report.connected.push(field(&f, "ok")?);
@@ -879,6 +905,21 @@ async fn phases(
     );
     report.throughput = Some(through);
     report.rss_traffic_kib = nodes_rss(&node_pids).await?;
+
+    // Close everyone in waves: each close makes its node unregister the
+    // session in Redis.
+    report.close_rate = CLOSE_RATE;
+    let per_worker = CLOSE_RATE.div_ceil(fleet.workers.len() as u64);
+    eprintln!("  closing every connection, {CLOSE_RATE}/s ...");
+    let mark = meter.mark()?;
+    let started = Instant::now();
+    fleet.send_all(&format!("close {per_worker}"))?;
+    let deadline =
+        Instant::now() + Duration::from_secs(60) + Duration::from_secs(total / per_worker.max(1));
+    fleet.gather("closed", deadline).await?;
+    report.close_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    report.close = Some(meter.since(mark)?);
     Ok(())
 }
 

@@ -26,6 +26,10 @@
 //!   deliveries, duplicates, frames of no armed broadcast, broadcasts each
 //!   subscriber missed, connections that ended, per broadcast the first and
 //!   last receipt (Unix ns) and the latency histogram;
+//! - `close <per_sec>`: closes every connection, a tenth of `per_sec`
+//!   every 100 ms (each close makes its node unregister the session in
+//!   Redis: all at once, they would queue up past the nodes' command
+//!   timeout), then prints `closed secs=<s>`;
 //! - `quit` (or stdin closing): drops every connection and exits.
 //!
 //! A broadcast's payload carries `"p"` (phase), `"s"` (its number in the
@@ -46,7 +50,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -331,12 +335,14 @@ fn say(line: &str) {
 }
 
 /// Connects every subscriber, `handshakes` at a time, and starts a reader
-/// task for each in `tasks`. Returns (connected, failed, first error).
+/// task for each in `tasks`, its abort handle in `handles`. Returns
+/// (connected, failed, first error).
 async fn connect_all(
     urls: Vec<String>,
     handshakes: usize,
     state: &Arc<State>,
     tasks: &mut JoinSet<()>,
+    handles: &mut Vec<AbortHandle>,
 ) -> (u64, u64, Option<String>) {
     let mut pending = futures_util::stream::iter(urls.into_iter().enumerate())
         .map(|(i, url)| async move { (i, connect_one(&url).await) })
@@ -349,7 +355,7 @@ async fn connect_all(
                 ok += 1;
                 state.connected[i].store(true, Ordering::Relaxed);
                 state.connected_count.fetch_add(1, Ordering::Relaxed);
-                tasks.spawn(subscriber(ws, i, state.clone()));
+                handles.push(tasks.spawn(subscriber(ws, i, state.clone())));
             }
             Err(e) => {
                 failed += 1;
@@ -485,6 +491,7 @@ async fn serve(args: Args) -> Result<(), String> {
         .collect::<Result<Vec<String>, String>>()?;
     let state = Arc::new(State::new(urls.len(), args.max_broadcasts));
     let mut tasks = JoinSet::new();
+    let mut handles = Vec::new();
     // Prints `complete <phase> <k>` whenever broadcasts complete.
     let announcer = {
         let state = state.clone();
@@ -519,7 +526,7 @@ async fn serve(args: Args) -> Result<(), String> {
                 };
                 let started = Instant::now();
                 let (ok, failed, error) =
-                    connect_all(urls, args.handshakes, &state, &mut tasks).await;
+                    connect_all(urls, args.handshakes, &state, &mut tasks, &mut handles).await;
                 if let Some(e) = error {
                     eprintln!("scale worker {}: first failed connection: {e}", args.url);
                 }
@@ -535,6 +542,24 @@ async fn serve(args: Args) -> Result<(), String> {
                 say(&format!("armed {phase}"));
             }
             ["report"] => say(&report(&state)),
+            ["close", per_sec] => {
+                let per_sec: usize = per_sec.parse().map_err(|_| format!("bad line {line}"))?;
+                let started = Instant::now();
+                // A tenth of the rate every 100 ms.
+                let wave = per_sec.div_ceil(10).max(1);
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                for chunk in handles.chunks(wave) {
+                    tick.tick().await;
+                    for h in chunk {
+                        h.abort();
+                    }
+                }
+                handles.clear();
+                say(&format!(
+                    "closed secs={:.3}",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
             ["quit"] => break,
             _ => return Err(format!("unknown command {line:?}")),
         }
