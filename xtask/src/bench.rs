@@ -69,6 +69,14 @@
 //!   publishers, user-targeted latency and new-connection latency during
 //!   broadcasts, single and batch publishes/s, new connections/s, each
 //!   against its target (`bench/load.rs` and `bench/load/`).
+//! - `cargo xtask bench --scale`: many connections on one box, K nodes on
+//!   one Redis (default 5 x 19,000 = 95,000 WebSocket connections, each
+//!   side of them in processes of at most one node's share): RSS per
+//!   connection, time to connect everyone, broadcast deliveries/s and CPU
+//!   per delivery, Redis's CPU idle and during broadcasts, and a
+//!   projection to 1,000,000 connections (`bench/scale_run.rs`, the load
+//!   generators in `bench/scale_worker.rs`, the report in
+//!   `bench/scale_report.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -87,6 +95,9 @@ mod redis_cost;
 mod redis_probe;
 mod routing;
 mod scale;
+mod scale_report;
+mod scale_run;
+mod scale_worker;
 mod shards;
 mod sse;
 
@@ -98,6 +109,7 @@ usage: cargo xtask bench [options]
        cargo xtask bench --publisher [options]
        cargo xtask bench --cluster [options]
        cargo xtask bench --load [options]
+       cargo xtask bench --scale [options]
 
 By default: pgdn against a bare tokio-tungstenite baseline, at each N, with
 WebSocket subscribers (pgdn) and with Server-Sent Events subscribers
@@ -213,7 +225,25 @@ of redis-server. Uses --n, --rounds (also for redis-cost and shards),
   --load-targets T    single, batch: connected subscribers targeted
                       (default 2000)
   --load-connections C  connections: connections in all, in sets of at
-                      most 3,000 (default 15000; --quick 5000)";
+                      most 3,000 (default 15000; --quick 5000)
+
+--scale: many connections on one box: --scale-nodes release pgdn-servers
+on one private redis-server, each holding --scale-per-node WebSocket
+connections (users with their own JWTs, held by one load-generating
+process per node: `xtask bench __scale-worker`), every broadcast published
+to node 1 and checked to reach every connection exactly once. Reports RSS
+per connection (per node and in all), the time to connect everyone,
+broadcast deliveries/s, pgdn CPU per delivery, Redis CPU idle and during
+the broadcasts, and a projection to 1,000,000 connections. Uses
+--pgdn-bin, --window, --padding and:
+  --scale-nodes K      nodes, each its own process (default 5)
+  --scale-per-node C   connections per node (default 19000; --quick 2000);
+                       a node or worker needs C + 256 open files
+  --broadcasts M       broadcasts of the throughput phase (default 20)
+  --scale-handshakes H WebSocket handshakes in flight, over all workers
+                       (default 256)
+  --scale-idle S       seconds of each idle window, with no connection and
+                       with everyone connected (default 30; --quick 10)";
 
 /// Target: pgdn's broadcast deliveries/s over the baseline's, at least.
 const TARGET_THROUGHPUT: f64 = 0.8;
@@ -318,6 +348,16 @@ struct Options {
     routing_redis: Vec<String>,
     /// What `--load` measures, and its own options.
     load: load::LoadOptions,
+    /// `--scale`: nodes.
+    scale_nodes: usize,
+    /// `--scale`: connections per node.
+    scale_per_node: usize,
+    /// `--scale`: broadcasts of the throughput phase.
+    scale_broadcasts: u64,
+    /// `--scale`: handshakes in flight over all workers.
+    scale_handshakes: usize,
+    /// `--scale`: seconds of each idle window.
+    scale_idle: u64,
 }
 
 /// A part of `--cluster`.
@@ -362,6 +402,8 @@ enum Mode {
     Cluster,
     /// One node under load, against the targets of issue 11 (`--load`).
     Load,
+    /// Many connections over several nodes on one box (`--scale`).
+    Scale,
 }
 
 impl Options {
@@ -375,6 +417,11 @@ impl Options {
             (true, false, false) => Mode::Cluster,
             (false, false, true) => Mode::Load,
             _ => return Err("--cluster, --publisher and --load are separate runs".into()),
+        };
+        let mode = match (mode, args.iter().any(|a| a == "--scale")) {
+            (mode, false) => mode,
+            (Mode::Compare, true) => Mode::Scale,
+            (_, true) => return Err("--scale is a run of its own".into()),
         };
         let mut o = Options {
             ns: if cluster {
@@ -416,6 +463,11 @@ impl Options {
             routing_publishes: 200,
             routing_redis: vec!["single".into(), "cluster".into()],
             load: load::LoadOptions::new(quick),
+            scale_nodes: 5,
+            scale_per_node: if quick { 2_000 } else { 19_000 },
+            scale_broadcasts: 20,
+            scale_handshakes: 256,
+            scale_idle: if quick { 10 } else { 30 },
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -432,7 +484,14 @@ impl Options {
                     .ok_or_else(|| format!("not a positive number: {s}"))
             };
             match arg.as_str() {
-                "--quick" | "--publisher" | "--cluster" | "--load" => {}
+                "--quick" | "--publisher" | "--cluster" | "--load" | "--scale" => {}
+                "--scale-nodes" => o.scale_nodes = number(value("--scale-nodes")?)?,
+                "--scale-per-node" => o.scale_per_node = number(value("--scale-per-node")?)?,
+                "--broadcasts" => o.scale_broadcasts = number(value("--broadcasts")?)? as u64,
+                "--scale-handshakes" => {
+                    o.scale_handshakes = number(value("--scale-handshakes")?)?;
+                }
+                "--scale-idle" => o.scale_idle = number(value("--scale-idle")?)? as u64,
                 "--publishes" => o.publishes = number(value("--publishes")?)?,
                 "--threads" => {
                     o.threads = value("--threads")?
@@ -566,6 +625,9 @@ impl Options {
 pub fn main(args: &[String]) -> ExitCode {
     if args.first().map(String::as_str) == Some(baseline::SUBCOMMAND) {
         return baseline::main(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some(scale_worker::SUBCOMMAND) {
+        return scale_worker::main(&args[1..]);
     }
     let opts = match Options::parse(args) {
         Ok(o) => o,
@@ -799,6 +861,18 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
             }
             if let Some(report) = &routing {
                 routing::print(report, opts);
+            }
+            return Ok(true);
+        }
+        Mode::Scale => {
+            let report = scale_run::run(opts, bin_dir, &runtime)?;
+            print_header(&machine, &revision);
+            scale_report::print(&report, opts, ticks_per_sec, &revision);
+            if !report.errors.is_empty() {
+                return Err(format!(
+                    "--scale: {} problem(s), listed at the end of the report",
+                    report.errors.len()
+                ));
             }
             return Ok(true);
         }
