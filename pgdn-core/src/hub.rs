@@ -360,10 +360,11 @@ pub struct Stats {
     pub messages_dropped_invalid: u64,
     /// Connections closed since start, by reason (`slow_consumer`, ...).
     pub disconnects: BTreeMap<&'static str, u64>,
-    /// Messages the broker brought to this node since start (from other
-    /// nodes, or from the cluster for its own publishes), by target kind
-    /// (`user`, `group`, `broadcast`): with a Redis broker, a node receives
-    /// only the messages for the users and groups it holds.
+    /// Messages the broker brought to this node since start, by target
+    /// kind (`user`, `group`, `broadcast`): on a single node every publish
+    /// (the [`LocalBroker`] delivers through the same path); with a Redis
+    /// broker, from any node, only the messages for the users and groups
+    /// this node holds.
     pub messages_received: BTreeMap<&'static str, u64>,
     /// Seconds since the hub was built.
     pub uptime_seconds: u64,

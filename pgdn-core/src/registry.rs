@@ -73,6 +73,9 @@ struct Shard {
     issued: AtomicU64,
     /// Wakes publishers waiting for their turn.
     turn: Condvar,
+    /// Publishers parked on `turn` right now (changed under `state`): a
+    /// turn that ends with none skips the wake-up, a system call.
+    waiting: AtomicUsize,
     /// How often a publisher parked here waiting for its turn (tests).
     #[cfg(test)]
     parked: AtomicUsize,
@@ -91,7 +94,9 @@ impl Shard {
         while state.served != turn {
             #[cfg(test)]
             self.parked.fetch_add(1, Ordering::Relaxed);
+            self.waiting.fetch_add(1, Ordering::Relaxed);
             state = self.turn.wait(state).unwrap_or_else(|e| e.into_inner());
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         state
     }
@@ -99,8 +104,13 @@ impl Shard {
     /// Marks `state`'s current turn served and wakes the waiters.
     fn end_turn(&self, mut state: MutexGuard<'_, ShardState>) {
         state.served += 1;
+        // Read under the lock: a publisher that is about to wait has
+        // counted itself before it released the lock in `wait`.
+        let waiting = self.waiting.load(Ordering::Relaxed) > 0;
         drop(state);
-        self.turn.notify_all();
+        if waiting {
+            self.turn.notify_all();
+        }
     }
 }
 
