@@ -12,14 +12,21 @@
 //! reconnects. A `: keepalive` comment goes out every ping interval, and
 //! where a WebSocket would get a close code, the stream ends with
 //! `data: {"type":"close","code":...,"reason":...}`.
+//!
+//! The channel is a small queue under a mutex rather than a
+//! `tokio::sync::mpsc` channel, which allocates a block of 32 slots up
+//! front and another on first send (about 2 KB per idle connection, as
+//! much as the rest of the connection's state).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::transport::{Frame, Inbound, Transport, TransportError};
 
@@ -28,10 +35,38 @@ use crate::transport::{Frame, Inbound, Transport, TransportError};
 /// connection's own bounded queue.
 const CHANNEL_CHUNKS: usize = 4;
 
+/// The chunks between the session and the body, and who is still there.
+#[derive(Debug, Default)]
+struct Queue {
+    chunks: VecDeque<Bytes>,
+    /// The session closed the stream (or is gone): the body ends once
+    /// drained.
+    sender_gone: bool,
+    /// The body was dropped: the client went away.
+    body_gone: bool,
+    /// The body waiting for a chunk.
+    body_waker: Option<Waker>,
+}
+
+#[derive(Debug, Default)]
+struct Channel {
+    queue: Mutex<Queue>,
+    /// Wakes the session when there is room, or when the body is gone.
+    room: Notify,
+}
+
+impl Channel {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Every update is a push, a pop or a flag: nothing to repair.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The session's side of an SSE response.
 #[derive(Debug)]
 pub struct SseTransport {
-    tx: Option<mpsc::Sender<Bytes>>,
+    /// `None` once closed.
+    chan: Option<Arc<Channel>>,
 }
 
 /// The body of an SSE response: a stream of byte chunks that ends when the
@@ -39,13 +74,31 @@ pub struct SseTransport {
 /// the session.
 #[derive(Debug)]
 pub struct SseStream {
-    rx: mpsc::Receiver<Bytes>,
+    chan: Arc<Channel>,
 }
 
 /// A connected transport and body stream.
 pub fn channel() -> (SseTransport, SseStream) {
-    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
-    (SseTransport { tx: Some(tx) }, SseStream { rx })
+    let chan = Arc::new(Channel::default());
+    (
+        SseTransport {
+            chan: Some(chan.clone()),
+        },
+        SseStream { chan },
+    )
+}
+
+impl Drop for SseTransport {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl Drop for SseStream {
+    fn drop(&mut self) {
+        self.chan.lock().body_gone = true;
+        self.chan.room.notify_one();
+    }
 }
 
 /// The 200 answer that starts a stream, with the headers of docs/protocol.md
@@ -63,8 +116,18 @@ pub fn response(stream: SseStream) -> http::Response<SseStream> {
 impl Stream for SseStream {
     type Item = Result<Bytes, Infallible>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx).map(|chunk| chunk.map(Ok))
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut q = self.chan.lock();
+        if let Some(chunk) = q.chunks.pop_front() {
+            drop(q);
+            self.chan.room.notify_one();
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        if q.sender_gone {
+            return Poll::Ready(None);
+        }
+        q.body_waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -94,14 +157,46 @@ fn encode(out: &mut BytesMut, frame: &Frame) {
 }
 
 impl SseTransport {
+    /// Queues `chunk` once there is room (at most [`CHANNEL_CHUNKS`]).
     async fn push(&mut self, chunk: Bytes) -> Result<(), TransportError> {
-        let tx = self
-            .tx
+        let chan = self
+            .chan
             .as_ref()
             .ok_or_else(|| TransportError::new("stream closed"))?;
-        tx.send(chunk)
-            .await
-            .map_err(|_| TransportError::new("client went away"))
+        loop {
+            {
+                let mut q = chan.lock();
+                if q.body_gone {
+                    return Err(TransportError::new("client went away"));
+                }
+                if q.chunks.len() < CHANNEL_CHUNKS {
+                    q.chunks.push_back(chunk);
+                    let waker = q.body_waker.take();
+                    drop(q);
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                    return Ok(());
+                }
+            }
+            // A permit left by an earlier wake makes this return at once;
+            // the loop checks again.
+            chan.room.notified().await;
+        }
+    }
+
+    /// Ends the body once it has taken what is queued.
+    fn end(&mut self) {
+        if let Some(chan) = self.chan.take() {
+            let waker = {
+                let mut q = chan.lock();
+                q.sender_gone = true;
+                q.body_waker.take()
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
     }
 }
 
@@ -122,9 +217,11 @@ impl Transport for SseTransport {
     async fn recv(&mut self) -> Inbound {
         // Nothing comes from the client on SSE; the only event is its
         // leaving (the server dropped the response body).
-        match &self.tx {
-            Some(tx) => tx.closed().await,
-            None => std::future::pending().await,
+        let Some(chan) = &self.chan else {
+            return std::future::pending().await;
+        };
+        while !chan.lock().body_gone {
+            chan.room.notified().await;
         }
         Inbound::Closed
     }
@@ -144,8 +241,7 @@ impl Transport for SseTransport {
         };
         let json = serde_json::to_string(&event).expect("a close event serializes");
         let _ = self.push(Bytes::from(format!("data: {json}\n\n"))).await;
-        // Dropping the sender ends the body.
-        self.tx = None;
+        self.end();
     }
 
     fn answers_keepalive(&self) -> bool {

@@ -27,7 +27,9 @@
 //!   and body timeouts, graceful and bounded shutdown.
 //! - `upgrade`: the WebSocket upgrade with pgdn's own tungstenite settings.
 //! - `frames`: every inbound wire frame (fragments too) counted toward the
-//!   rate limit.
+//!   rate limit, and the read-ahead that keeps idle connections small.
+//! - `sse_direct`: Server-Sent Events on plain TCP without hyper's
+//!   per-connection buffers (for [`Pgdn::serve`]).
 //! - `socket`: tungstenite messages <-> pgdn-core's `Transport`.
 //! - [`server`]: [`Pgdn`], its builder, the warp routes and `serve`.
 //! - `tls` (feature `tls`, on by default): [`TlsConfig`], a certificate
@@ -60,6 +62,7 @@ pub mod webhooks;
 mod frames;
 mod listener;
 mod socket;
+mod sse_direct;
 #[cfg(feature = "tls")]
 mod tls;
 mod upgrade;

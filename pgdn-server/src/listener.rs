@@ -415,41 +415,94 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// Serves one connection until it ends, its watchdog's deadline passes,
 /// or shutdown: on `stop` it is closed if idle and finishes its request
 /// otherwise; on `force` it is dropped. With `tls`, the handshake comes
-/// first, within the header-read deadline.
+/// first, within the header-read deadline. Without TLS and with
+/// `direct_sse`, a first request for the SSE path is served without hyper
+/// ([`crate::sse_direct`]).
 async fn serve_connection<F>(
-    routes: F,
+    routes: Box<F>,
     stream: TcpStream,
     peer: SocketAddr,
     timeouts: Timeouts,
-    tls: Option<Acceptor>,
+    (tls, direct_sse): (Option<Acceptor>, Option<crate::sse_direct::DirectSse>),
     stop: CancellationToken,
     force: CancellationToken,
 ) where
     F: Filter<Error = Rejection> + Clone + Send + Sync + 'static,
     F::Extract: Reply,
 {
+    // Plain TCP, pgdn's own routes: an SSE request skips hyper
+    // (`sse_direct.rs`).
+    if let (None, Some(direct)) = (&tls, direct_sse) {
+        // Boxed, as every phase here: its timer and buffer would
+        // otherwise stay in the task for the connection's life.
+        let wants = crate::sse_direct::wants(&stream, &direct.path, timeouts.header_read);
+        let wants = tokio::select! {
+            wants = Box::pin(wants) => wants,
+            // No request yet: nothing to finish.
+            () = stop.cancelled() => None,
+        };
+        match wants {
+            None => return,
+            Some(true) => {
+                // The routes are boxed so that this frees them: the task
+                // (sized once, for its whole life) holds a pointer.
+                drop(routes);
+                let sse = crate::sse_direct::serve(
+                    direct,
+                    stream,
+                    peer,
+                    timeouts.header_read,
+                    (stop, force),
+                );
+                return Box::pin(sse).await;
+            }
+            Some(false) => {}
+        }
+    }
     let watch = Arc::new(Watch::new(timeouts));
     let Some(acceptor) = tls else {
-        return serve_http(routes, stream, peer, watch, stop, force).await;
+        // Boxed, like the SSE path: the connection's task then holds a
+        // pointer rather than the larger of the two.
+        return Box::pin(serve_http(*routes, stream, peer, watch, stop, force)).await;
     };
     #[cfg(not(feature = "tls"))]
     match acceptor {}
+    // Boxed: the handshake's state (a rustls connection) would otherwise
+    // be part of every connection's task, TLS or not.
     #[cfg(feature = "tls")]
-    {
-        let handshake = tokio::select! {
-            tls = acceptor.accept(stream) => tls,
-            () = sleep_until(watch.deadline()) => {
-                tracing::debug!(%peer, "tls handshake timed out; closing the connection");
-                return;
-            }
-            // No request can be in flight yet: nothing to finish.
-            () = stop.cancelled() => return,
-            () = force.cancelled() => return,
-        };
-        match handshake {
-            Ok(tls) => serve_http(routes, tls, peer, watch, stop, force).await,
-            Err(e) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+    Box::pin(serve_tls(
+        *routes, stream, peer, acceptor, watch, stop, force,
+    ))
+    .await;
+}
+
+/// The TLS handshake, within the header-read deadline, then HTTP.
+#[cfg(feature = "tls")]
+async fn serve_tls<F>(
+    routes: F,
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: Acceptor,
+    watch: Arc<Watch>,
+    stop: CancellationToken,
+    force: CancellationToken,
+) where
+    F: Filter<Error = Rejection> + Clone + Send + Sync + 'static,
+    F::Extract: Reply,
+{
+    let handshake = tokio::select! {
+        tls = acceptor.accept(stream) => tls,
+        () = sleep_until(watch.deadline()) => {
+            tracing::debug!(%peer, "tls handshake timed out; closing the connection");
+            return;
         }
+        // No request can be in flight yet: nothing to finish.
+        () = stop.cancelled() => return,
+        () = force.cancelled() => return,
+    };
+    match handshake {
+        Ok(tls) => serve_http(routes, tls, peer, watch, stop, force).await,
+        Err(e) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
     }
 }
 
@@ -572,6 +625,7 @@ pub(crate) async fn serve<F>(
     listener: TcpListener,
     tls: Option<Acceptor>,
     service: &Service,
+    direct_sse: Option<crate::sse_direct::DirectSse>,
     shutdown: impl Future<Output = ()> + Send,
 ) where
     F: Filter<Error = Rejection> + Clone + Send + Sync + 'static,
@@ -593,11 +647,11 @@ pub(crate) async fn serve<F>(
             Ok((stream, peer)) => {
                 errors.accepted();
                 connections.spawn(serve_connection(
-                    routes.clone(),
+                    Box::new(routes.clone()),
                     stream,
                     peer,
                     timeouts,
-                    tls.clone(),
+                    (tls.clone(), direct_sse.clone()),
                     stop.clone(),
                     force.clone(),
                 ));

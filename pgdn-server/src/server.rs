@@ -312,7 +312,20 @@ impl Pgdn {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
         let routes = self.routes();
-        self.serve_routes(routes, listener, shutdown).await;
+        // pgdn's own routes only: the SSE path is known to be this one.
+        let direct = crate::sse_direct::DirectSse {
+            service: self.service.clone(),
+            path: self.config().sse_path.as_str().into(),
+        };
+        crate::listener::serve(
+            routes,
+            listener,
+            None,
+            &self.service,
+            Some(direct),
+            shutdown,
+        )
+        .await;
     }
 
     /// Like [`Pgdn::serve`], for an app's own routes that include pgdn's
@@ -335,7 +348,7 @@ impl Pgdn {
         F: Filter<Error = Rejection> + Clone + Send + Sync + 'static,
         F::Extract: Reply,
     {
-        crate::listener::serve(routes, listener, None, &self.service, shutdown).await;
+        crate::listener::serve(routes, listener, None, &self.service, None, shutdown).await;
     }
 
     /// [`Pgdn::serve`] over TLS (`https://`, `wss://`): every connection
@@ -367,7 +380,8 @@ impl Pgdn {
         F::Extract: Reply,
     {
         let acceptor = tls.acceptor().clone();
-        crate::listener::serve(routes, listener, Some(acceptor), &self.service, shutdown).await;
+        let tls = Some(acceptor);
+        crate::listener::serve(routes, listener, tls, &self.service, None, shutdown).await;
     }
 
     /// Closes every connection with 1001 and waits for their tasks to end

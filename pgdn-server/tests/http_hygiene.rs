@@ -330,6 +330,84 @@ async fn websockets_and_event_streams_outlive_the_http_timeouts() {
     server.stop().await;
 }
 
+/// `Pgdn::serve` answers a plain-TCP SSE request itself, without hyper
+/// (what keeps an idle stream small): the same head and events, chunked;
+/// a refused token gets its 401 with a length; an oversized head gets 431;
+/// a silent client is still cut at the header-read timeout; and the
+/// connection closes once the stream ends.
+#[tokio::test]
+async fn sse_is_served_without_hyper_with_the_same_answers() {
+    let server = TestServer::start_with(short_timeouts()).await;
+    let token = server.token("u1", &[]);
+    let mut sock = connect(server.addr).await;
+    sock.write_all(
+        format!("GET /sse?token={token} HTTP/1.1\r\nHost: x\r\nOrigin: http://x\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"type\":\"connection\"") {
+        let n = tokio::time::timeout(WAIT, sock.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(text.starts_with("http/1.1 200 ok\r\n"), "{text}");
+    assert!(
+        text.contains("content-type: text/event-stream\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+    // A chunk: its size in hex, then `data: {...}`.
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let (size, rest) = body.split_once("\r\n").unwrap();
+    assert_eq!(
+        usize::from_str_radix(size, 16).unwrap(),
+        rest.find("\r\n").unwrap()
+    );
+    assert!(rest.starts_with("data: {"), "{rest}");
+    server.wait_connections(1).await;
+
+    let mut bad = connect(server.addr).await;
+    bad.write_all(b"GET /sse?token=nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut bad).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(body.contains("error"), "{body}");
+
+    let mut huge = connect(server.addr).await;
+    let filler = "a".repeat(20 * 1024);
+    huge.write_all(format!("GET /sse HTTP/1.1\r\nX-Big: {filler}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut huge).await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+
+    let mut silent = connect(server.addr).await;
+    silent.write_all(b"GET /sse?tok").await.unwrap();
+    let start = Instant::now();
+    read_until_closed(&mut silent, HEADER + SLACK).await;
+    assert_not_before(
+        start.elapsed(),
+        HEADER - Duration::from_millis(500),
+        "a half-sent SSE request",
+    );
+
+    // Shutdown ends the stream: a close event, the last chunk, then EOF.
+    let stopping = tokio::spawn(server.stop());
+    let rest = read_until_closed(&mut sock, Duration::from_secs(5)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("\"type\":\"close\""), "{rest}");
+    assert!(rest.ends_with("0\r\n\r\n"), "{rest}");
+    stopping.await.unwrap();
+}
+
 #[tokio::test]
 async fn serve_returns_within_the_shutdown_timeout_whatever_is_open() {
     let mut config = Config::default();
