@@ -252,13 +252,15 @@ impl Deliver for Inner {
         self.counters.received[target_kind(&envelope.target)].fetch_add(1, Ordering::Relaxed);
         let taken = Instant::now();
         let plan = self.registry.plan(&envelope.target);
+        // Worked out before the lock, like the plan: under it, only what
+        // must follow the sequence order.
+        let users = envelope.target.user_recipients();
         let (seq, turns) = {
             let mut last = self.sequencer.lock().unwrap_or_else(|e| e.into_inner());
             // A broker's cluster-wide number when there is one, else this node's.
             let seq = envelope.seq.unwrap_or(*last + 1);
             *last = seq;
             self.clock.stamp(seq, taken);
-            let users = envelope.target.user_recipients();
             self.history.record(&HistoryRecord {
                 seq,
                 id: &envelope.id,
