@@ -1391,14 +1391,7 @@ async fn phases(
         .into_iter()
         .chain((0..opts.repeat).map(|r| (PHASE_FIRST_REPETITION + r, m * n)))
         .chain([(PHASE_FIRST_REPETITION + opts.repeat, total)]);
-    for (phase, want) in expected {
-        let got = rec.count(phase);
-        if got != want {
-            run.errors.push(format!(
-                "phase {phase}: {got} deliveries, expected exactly {want}"
-            ));
-        }
-    }
+    rec.check_exact(expected, &mut run.errors);
     let (closed, failed) = rec.ended();
     if closed + failed > 0 {
         run.errors.push(format!(

@@ -130,10 +130,11 @@ pub(crate) struct Recorder {
     errors: AtomicU64,
 }
 
-/// `"key":<digits>` in `s`, as a number. A plain byte scan: cheaper than
-/// `str::find`'s searcher on frames of a few hundred bytes.
-fn number_after(s: &str, key: &str) -> Option<u64> {
-    let (s, key) = (s.as_bytes(), key.as_bytes());
+/// `"key":<digits>` in `s`, as a number; `None` when there is no `key`
+/// or no digits follow it (`null`). A plain byte scan: cheaper than
+/// `str::find`'s searcher on frames of a few hundred bytes, and no JSON
+/// parse. Every bench client reads frames and answers with it.
+pub(crate) fn number_after(s: &[u8], key: &[u8]) -> Option<u64> {
     let start = s.windows(key.len()).position(|w| w == key)? + key.len();
     let mut n: u64 = 0;
     let mut digits = 0;
@@ -171,7 +172,8 @@ impl Recorder {
     /// Records one text frame received by a subscriber in `slot` (ignored
     /// unless it is a bench notification).
     pub(crate) fn on_text(&self, s: &str, slot: usize) {
-        let (Some(phase), Some(sent)) = (number_after(s, "\"p\":"), number_after(s, "\"t\":"))
+        let s = s.as_bytes();
+        let (Some(phase), Some(sent)) = (number_after(s, b"\"p\":"), number_after(s, b"\"t\":"))
         else {
             return;
         };
@@ -200,6 +202,24 @@ impl Recorder {
     /// Deliveries received in `phase`.
     pub(crate) fn count(&self, phase: usize) -> u64 {
         self.counts[phase].load(Ordering::SeqCst)
+    }
+
+    /// Checks that each `(phase, deliveries)` of `expected` got exactly that
+    /// many (a duplicate shows as one too many); each miss goes into
+    /// `errors`.
+    pub(crate) fn check_exact(
+        &self,
+        expected: impl IntoIterator<Item = (usize, u64)>,
+        errors: &mut Vec<String>,
+    ) {
+        for (phase, want) in expected {
+            let got = self.count(phase);
+            if got != want {
+                errors.push(format!(
+                    "phase {phase}: {got} deliveries, expected exactly {want}"
+                ));
+            }
+        }
     }
 
     /// Deliveries received in `phase` by the subscribers in `slot`.
@@ -490,9 +510,9 @@ mod tests {
     #[test]
     fn finds_phase_and_time() {
         let frame = r#"{"id":"x","type":"bench","payload":{"p":3,"pad":"xx","t":123456},"timestamp":"2026-01-01T00:00:00.000Z"}"#;
-        assert_eq!(number_after(frame, "\"p\":"), Some(3));
-        assert_eq!(number_after(frame, "\"t\":"), Some(123456));
+        assert_eq!(number_after(frame.as_bytes(), b"\"p\":"), Some(3));
+        assert_eq!(number_after(frame.as_bytes(), b"\"t\":"), Some(123456));
         let hello = r#"{"type":"connection","status":"connected","user_id":"u1","connection_id":"a-1","timestamp":"2026-01-01T00:00:00.000Z"}"#;
-        assert_eq!(number_after(hello, "\"t\":"), None);
+        assert_eq!(number_after(hello.as_bytes(), b"\"t\":"), None);
     }
 }

@@ -51,6 +51,8 @@ use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinSet};
+
+use super::client::number_after;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -93,21 +95,6 @@ pub(crate) fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// `"key":<digits>` in `s`, as a number (a byte scan, no JSON parse).
-fn number_after(s: &[u8], key: &[u8]) -> Option<u64> {
-    let start = s.windows(key.len()).position(|w| w == key)? + key.len();
-    let mut n: u64 = 0;
-    let mut digits = 0;
-    for &b in &s[start..] {
-        if !b.is_ascii_digit() {
-            break;
-        }
-        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-        digits += 1;
-    }
-    (digits > 0).then_some(n)
 }
 
 /// The worker's arguments.

@@ -491,14 +491,7 @@ async fn parts(
 
     // Every count is exact: nothing more arrives.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for (phase, want) in phases.expected {
-        let got = rec.count(phase);
-        if got != want {
-            out.errors.push(format!(
-                "phase {phase}: {got} deliveries, expected exactly {want}"
-            ));
-        }
-    }
+    rec.check_exact(phases.expected, &mut out.errors);
     let (closed, failed) = rec.ended();
     if closed + failed > 0 {
         out.errors.push(format!(

@@ -148,16 +148,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The number right after the first `key` in `s` (e.g. `"delivered":`);
-/// None when there is no `key` or no digits follow it (`null`).
-pub(crate) fn number_after(s: &[u8], key: &[u8]) -> Option<u64> {
-    let start = find(s, key)? + key.len();
-    let digits = s[start..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&s[start..start + digits])
-        .ok()?
-        .parse()
-        .ok()
-}
+/// The number right after the first `key` in `s` (e.g. `"delivered":`).
+pub(crate) use super::super::client::number_after;
 
 /// How many times `key` followed by exactly `value` (not a longer number)
 /// occurs in `s`: e.g. the items of a batch answer with `"delivered":1`.
