@@ -12,6 +12,19 @@
 //! the byte bound and the close reason live under the same short lock, and
 //! the transport drains every queued frame in one go to write them with a
 //! single flush. The lock is never held across an `.await`.
+//!
+//! # Direct writes
+//!
+//! A transport that can write without waiting (the WebSocket adapter over
+//! a socket) hands the connection a [`DirectWrite`] once the greeting is
+//! out. From then on, a frame that finds the queue empty and the
+//! transport's writer idle is written to the socket by whoever delivers
+//! it (the hub's fan-out), at once: no queue, no task woken. A broadcast
+//! to 10,000 connections then costs 10,000 non-blocking writes rather than
+//! 10,000 task wake-ups that everything else on the runtime would queue
+//! behind. Whatever cannot be written at once (a full socket buffer, a
+//! partial write) falls back to the queue and the transport's task, which
+//! keeps the write timeout and the slow-consumer bound.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -135,6 +148,51 @@ pub enum SendError {
     Closed,
 }
 
+/// What [`DirectWrite::try_write`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Direct {
+    /// The whole frame was handed to the socket.
+    Written,
+    /// The frame was taken, but part of it waits in the writer: the
+    /// transport's next [`Transport::send`](crate::Transport::send) (even
+    /// with no frames) must write it out.
+    Buffered,
+    /// Nothing was written (the socket is full, or the writer has earlier
+    /// bytes waiting): the frame goes through the queue.
+    Busy,
+}
+
+/// A transport's writer that the hub may use directly, from any thread,
+/// for a frame that finds the connection's queue empty (see the module
+/// docs). Only called while the transport is not writing itself, under
+/// the connection's lock, so calls never overlap and never interleave with
+/// the transport's own frames.
+pub trait DirectWrite: Send + Sync + 'static {
+    /// Writes `frames` (JSON text, each framed as the transport frames
+    /// it; at most 8), in order, without waiting: all of them, or none
+    /// ([`Direct::Busy`]).
+    fn try_write(&self, frames: &[&[u8]]) -> Direct;
+}
+
+impl std::fmt::Debug for dyn DirectWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirectWrite")
+    }
+}
+
+/// What [`Connection::offer_many`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Offered {
+    /// How many frames it took: a prefix of them.
+    pub(crate) took: usize,
+    /// They were written to the socket at once, not queued.
+    pub(crate) written: bool,
+    /// The rest overflowed the queue: the connection is now closing as a
+    /// slow consumer. (Neither this nor all taken: it was closed.)
+    pub(crate) full: bool,
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     /// Frames with their delivery sequence number (0 for replies).
@@ -150,6 +208,14 @@ struct Queue {
     /// again, and the highest of them. Boxed: only connections that resumed
     /// pay for it, and only until the queue moves past the highest.
     skip: Option<Box<(HashSet<u64>, u64)>>,
+    /// The transport's direct writer, once the greeting is out.
+    direct: Option<Arc<dyn DirectWrite>>,
+    /// The transport is writing what it took from the queue: nothing may
+    /// be written directly until it is done, or it would overtake.
+    busy: bool,
+    /// A direct write left bytes in the writer: the transport must write
+    /// them out (wakes the outbox even with no frames queued).
+    flush: bool,
 }
 
 #[derive(Debug)]
@@ -277,31 +343,107 @@ impl Connection {
     /// Like [`Connection::try_send`], for a message with delivery sequence
     /// number `seq` (so that a resume replay can skip it).
     pub fn try_send_seq(&self, seq: u64, frame: Bytes) -> Result<(), SendError> {
+        self.offer(seq, frame).map(|_| ())
+    }
+
+    /// Delivers one frame: see [`Connection::offer_many`].
+    pub(crate) fn offer(&self, seq: u64, frame: Bytes) -> Result<bool, SendError> {
+        match self.offer_many(&[(seq, &frame)], true) {
+            Offered {
+                took: 1, written, ..
+            } => Ok(written),
+            Offered { full: true, .. } => Err(SendError::Full),
+            _ => Err(SendError::Closed),
+        }
+    }
+
+    /// Delivers frames, in order. With `direct`, when the transport has a
+    /// direct writer and is not writing itself, they are written to the
+    /// socket at once, after whatever is queued (at most 8 frames in all:
+    /// the transport's task finds the queue empty), else queued.
+    pub(crate) fn offer_many(&self, items: &[(u64, &Bytes)], direct: bool) -> Offered {
         let was_empty;
+        let mut taken = 0;
         {
             let mut q = self.shared.lock();
             if q.closed.is_some() {
-                return Err(SendError::Closed);
+                return Offered::default();
             }
-            let limits = self.shared.limits;
-            if q.frames.len() + q.reserved_frames >= limits.max_frames
-                || q.bytes + q.reserved_bytes + frame.len() > limits.max_bytes
+            let queued = q.frames.len();
+            if direct
+                && queued + items.len() <= crate::registry::BATCH
+                && !q.busy
+                && !q.flush
+                && q.reserved_frames == 0
+                && q.skip.is_none()
+                && let Some(writer) = &q.direct
             {
-                q.closed = Some(DisconnectReason::SlowConsumer);
-                q.frames.clear();
-                q.bytes = 0;
-                drop(q);
-                self.wake_all();
-                return Err(SendError::Full);
+                let mut frames = [&[][..]; crate::registry::BATCH];
+                let all = q
+                    .frames
+                    .iter()
+                    .map(|f| &f.data[..])
+                    .chain(items.iter().map(|(_, frame)| &frame[..]));
+                for (slot, frame) in frames.iter_mut().zip(all) {
+                    *slot = frame;
+                }
+                let done = match writer.try_write(&frames[..queued + items.len()]) {
+                    Direct::Written => true,
+                    Direct::Buffered => {
+                        q.flush = true;
+                        true
+                    }
+                    Direct::Busy => false,
+                };
+                if done {
+                    q.frames.clear();
+                    q.bytes = 0;
+                    let flush = q.flush;
+                    drop(q);
+                    if flush {
+                        self.shared.data.notify_one();
+                    }
+                    return Offered {
+                        took: items.len(),
+                        written: true,
+                        full: false,
+                    };
+                }
             }
-            was_empty = q.frames.is_empty();
-            q.bytes += frame.len();
-            q.frames.push_back(Frame { seq, data: frame });
+            was_empty = q.frames.is_empty() && !q.flush;
+            let limits = self.shared.limits;
+            for (seq, frame) in items {
+                if q.frames.len() + q.reserved_frames >= limits.max_frames
+                    || q.bytes + q.reserved_bytes + frame.len() > limits.max_bytes
+                {
+                    q.closed = Some(DisconnectReason::SlowConsumer);
+                    q.frames.clear();
+                    q.bytes = 0;
+                    q.direct = None;
+                    drop(q);
+                    self.wake_all();
+                    return Offered {
+                        took: taken,
+                        written: false,
+                        full: true,
+                    };
+                }
+                q.bytes += frame.len();
+                q.frames.push_back(Frame {
+                    seq: *seq,
+                    data: (*frame).clone(),
+                });
+                taken += 1;
+            }
         }
         if was_empty {
             self.shared.data.notify_one();
         }
-        Ok(())
+        Offered {
+            took: taken,
+            written: false,
+            full: false,
+        }
     }
 
     /// Asks the transport to close the connection for `reason`. Frames
@@ -346,11 +488,23 @@ impl Outbox {
     /// Waits for frames and moves every queued frame into `buf`. Returns the
     /// reason once the connection is closing and nothing more is to be
     /// written. Cancel-safe: frames are only taken when it returns.
+    ///
+    /// With a direct writer ([`Outbox::set_direct`]), it may also return
+    /// with no frames, when a direct write left bytes to write out; and
+    /// until [`Outbox::written`], nothing is written directly (the
+    /// transport's writes must not be overtaken).
     pub async fn recv_many(&self, buf: &mut Vec<Frame>) -> Result<usize, DisconnectReason> {
         loop {
             {
                 let mut q = self.shared.lock();
+                if q.flush && q.frames.is_empty() {
+                    q.flush = false;
+                    q.busy = true;
+                    return Ok(0);
+                }
                 if !q.frames.is_empty() {
+                    q.flush = false;
+                    q.busy = true;
                     let n = q.frames.len();
                     let Queue { frames, skip, .. } = &mut *q;
                     match skip.take() {
@@ -383,6 +537,22 @@ impl Outbox {
             }
             self.shared.data.notified().await;
         }
+    }
+
+    /// Hands the connection the transport's direct writer: from now on a
+    /// frame that finds the queue empty and the transport idle is written
+    /// at once, by whoever delivers it. Call once the greeting is written.
+    pub fn set_direct(&self, direct: Arc<dyn DirectWrite>) {
+        let mut q = self.shared.lock();
+        if q.closed.is_none() {
+            q.direct = Some(direct);
+        }
+    }
+
+    /// The transport has written what [`Outbox::recv_many`] gave it:
+    /// direct writes may go on.
+    pub fn written(&self) {
+        self.shared.lock().busy = false;
     }
 
     /// The queue's bounds.
@@ -434,6 +604,8 @@ impl Outbox {
         let reason = *q.closed.get_or_insert(reason);
         q.frames.clear();
         q.bytes = 0;
+        // The writer holds the socket: let it go with the transport.
+        q.direct = None;
         reason
     }
 }

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::broker::{Broker, Deliver, Delivery, Envelope, LocalBroker, Published};
-use crate::connection::{self, Connection, DisconnectReason, Outbox, QueueLimits, SendError};
+use crate::connection::{self, Connection, DisconnectReason, Outbox, QueueLimits};
 use crate::dedup::{Claim, Dedup};
 use crate::error::{Error, Result};
 use crate::frame::{ClientFrame, ErrorCode, ErrorFrame, pong_json};
@@ -21,7 +21,7 @@ use crate::history::{History, HistoryConfig, HistoryRecord, MemoryHistory, Repla
 use crate::identity::Identity;
 use crate::lifecycle::{EventKind, LifecycleEvent, LifecycleSink, NoLifecycleSink};
 use crate::message::{MessageType, RESERVED_TYPES};
-use crate::registry::Registry;
+use crate::registry::{Job, Registry};
 use crate::session::{
     ClusterStats, GroupPresence, MemorySessionTracker, SessionTracker, UserPresence,
 };
@@ -255,7 +255,7 @@ impl Deliver for Inner {
         // Worked out before the lock, like the plan: under it, only what
         // must follow the sequence order.
         let users = envelope.target.user_recipients();
-        let (seq, turns) = {
+        let (job, turns) = {
             let mut last = self.sequencer.lock().unwrap_or_else(|e| e.into_inner());
             // A broker's cluster-wide number when there is one, else this node's.
             let seq = envelope.seq.unwrap_or(*last + 1);
@@ -267,24 +267,30 @@ impl Deliver for Inner {
                 users: &users,
                 frame: &envelope.frame,
             });
-            (seq, self.registry.take_turns(&plan))
+            let job = Job::new(plan, seq, envelope.frame.clone());
+            let turns = self.registry.enqueue(&job);
+            (job, turns)
         };
-        let mut delivered = 0usize;
-        self.registry.fan_out(&plan, turns, |c| {
-            match c.try_send_seq(seq, envelope.frame.clone()) {
-                Ok(()) => delivered += 1,
-                Err(SendError::Full) => {
-                    // The session logs the cut (with the client's address)
-                    // once it ends; this is the detail of why.
-                    tracing::debug!(
-                        connection = c.wire_id(),
-                        user = c.user_id(),
-                        "outbound queue full: disconnecting slow consumer"
-                    );
+        // This thread may also serve other messages waiting in the shards
+        // it visits (`Registry::fan_out`): `items` can be theirs.
+        self.registry.fan_out(turns, |c, items, direct| {
+            let offered = c.offer_many(items, direct);
+            if offered.written {
+                for (seq, _) in items {
+                    self.clock.written(*seq);
                 }
-                Err(_) => {}
+            } else if offered.full {
+                // The session logs the cut (with the client's address)
+                // once it ends; this is the detail of why.
+                tracing::debug!(
+                    connection = c.wire_id(),
+                    user = c.user_id(),
+                    "outbound queue full: disconnecting slow consumer"
+                );
             }
+            offered.took
         });
+        let delivered = job.delivered();
         self.counters
             .deliveries
             .fetch_add(delivered as u64, Ordering::Relaxed);

@@ -90,7 +90,9 @@ pub use api::Route;
 pub use auth::{AuthError, AuthPurpose, AuthRequest, Authenticator, StaticAuthenticator};
 pub use broker::{Broker, Deliver, Delivery, Envelope, LocalBroker, Published};
 pub use config::Config;
-pub use connection::{Connection, DisconnectReason, Outbox, QueueLimits, SendError};
+pub use connection::{
+    Connection, Direct, DirectWrite, DisconnectReason, Outbox, QueueLimits, SendError,
+};
 pub use error::{Error, Result};
 pub use frame::{ClientFrame, ErrorFrame, FrameError};
 pub use handler::{HandlerError, MessageHandler};

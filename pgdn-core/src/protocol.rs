@@ -213,7 +213,12 @@ impl Session {
         // every idle connection's future (memory per idle connection).
         let greeting = Box::pin(greet(&mut transport, &service, &conn, &outbox, replay));
         let reason = match greeting.await {
-            Ok(()) => serve(&mut transport, &service, &conn, &outbox).await,
+            Ok(()) => {
+                if let Some(direct) = transport.direct() {
+                    outbox.set_direct(direct);
+                }
+                serve(&mut transport, &service, &conn, &outbox).await
+            }
             Err(reason) => reason,
         };
         let reason = outbox.mark_closed(reason);
@@ -360,6 +365,7 @@ async fn serve<T: Transport>(
                 if let Err(reason) = write_queued(t, service, outbox, &mut batch).await {
                     return reason;
                 }
+                outbox.written();
                 if oldest != 0 {
                     service.hub().delivery_clock().written(oldest);
                 }

@@ -15,30 +15,39 @@
 //! user-targeted message for one shard's worth of queueing at most, not
 //! for its whole fan-out (centrifuge's hub shards the same way).
 //!
-//! # Turns
+//! # Turns, and serving each other's
 //!
 //! Per-connection order must be the order the hub's sequencer chose (a
 //! client that resumes relies on it), yet several publishers fan out at
-//! once. So each shard hands out *turns*: the sequencer, under its own
-//! lock, takes a turn in every shard a message will visit
-//! ([`Registry::take_turns`], a few atomic increments), and the message
-//! is queued in a shard only when that shard has served every earlier
-//! turn ([`Registry::fan_out`]). Shards are visited in ascending order.
-//! Two messages can thus fan out in different shards at the same time
-//! (a pipeline), but never overtake each other within a shard, hence
-//! within a connection. A waiting publisher waits only for an earlier
-//! message that is being queued right now by another thread: turns are
-//! taken and served in one synchronous call, never across an `.await`, so
-//! the earliest outstanding turn always makes progress.
+//! once. So each shard has an *inbox*: the sequencer, under its own lock,
+//! appends the message (a [`Job`]) to the inbox of every shard it visits
+//! ([`Registry::enqueue`]; a short lock per shard, never held while
+//! writing). The fan-out then visits those shards in ascending order
+//! ([`Registry::fan_out`]): in each it takes the shard's lock and serves
+//! *every* job waiting in the inbox, its own and any earlier or later
+//! ones, in inbox order. A job already taken by another thread was served
+//! under the same lock, so once the lock is taken it is done.
+//!
+//! No publisher ever waits for another's turn: whoever reaches a shard
+//! first does the work there. A user-targeted message that arrives while
+//! a broadcast is on its way serves the broadcast's share of its own
+//! shard (a few hundred writes) and then itself, instead of waiting for
+//! the broadcast to reach that shard. Two messages never overtake each
+//! other within a shard, hence within a connection. Consecutive
+//! broadcasts waiting in one inbox are written to each connection
+//! together ([`BATCH`] at most), one write for several frames, which is
+//! what keeps back-to-back broadcasts cheap.
 //!
 //! Group counts are kept in one small map (group -> connections) updated
 //! on connect and disconnect, so that `/metrics` and the stats never walk
 //! every user or group.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
 
 use crate::connection::Connection;
 use crate::target::Target;
@@ -47,6 +56,13 @@ use crate::target::Target;
 /// 20,000-connection node near 300 (a few dozen microseconds of
 /// queueing) while costing a few kilobytes in all.
 pub(crate) const SHARDS: usize = 64;
+
+/// The most consecutive broadcasts written to a connection together.
+pub(crate) const BATCH: usize = 8;
+
+/// One frame for a connection: the message's sequence number and its
+/// serialized frame.
+pub(crate) type Item<'a> = (u64, &'a Bytes);
 
 /// One shard's connections.
 #[derive(Debug, Default)]
@@ -58,27 +74,26 @@ struct ShardState {
     users: HashMap<Arc<str>, Vec<Connection>>,
     /// Each group's connections in this shard.
     groups: HashMap<Arc<str>, Vec<Connection>>,
-    /// Turns served so far: the next message to queue here holds turn
-    /// `served`.
-    served: u64,
 }
 
-/// A shard: its state, the turns handed out, and where waiters park.
+/// The messages sequenced for a shard and not served there yet.
+#[derive(Debug, Default)]
+struct Inbox {
+    /// The turn the next job will hold.
+    next: u64,
+    /// Waiting jobs with their turns, in sequence order.
+    jobs: VecDeque<(u64, Arc<Job>)>,
+}
+
+/// A shard: its connections and its inbox.
 #[derive(Debug, Default)]
 struct Shard {
+    /// Held while a job is served here (writes included), and for
+    /// connects and disconnects.
     state: Mutex<ShardState>,
-    /// Turns handed out ([`Registry::take_turns`], under the sequencer's
-    /// lock): an atomic, not under `state`, so that the sequencer never
-    /// waits for a shard that is busy fanning out.
-    issued: AtomicU64,
-    /// Wakes publishers waiting for their turn.
-    turn: Condvar,
-    /// Publishers parked on `turn` right now (changed under `state`): a
-    /// turn that ends with none skips the wake-up, a system call.
-    waiting: AtomicUsize,
-    /// How often a publisher parked here waiting for its turn (tests).
-    #[cfg(test)]
-    parked: AtomicUsize,
+    /// Held only to append or take jobs: the sequencer never waits for a
+    /// shard that is busy writing.
+    inbox: Mutex<Inbox>,
 }
 
 impl Shard {
@@ -88,29 +103,41 @@ impl Shard {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Locks the shard once every turn before `turn` has been served.
-    fn wait_turn(&self, turn: u64) -> MutexGuard<'_, ShardState> {
-        let mut state = self.lock();
-        while state.served != turn {
-            #[cfg(test)]
-            self.parked.fetch_add(1, Ordering::Relaxed);
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-            state = self.turn.wait(state).unwrap_or_else(|e| e.into_inner());
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
-        }
-        state
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A message on its way through the shards.
+#[derive(Debug)]
+pub(crate) struct Job {
+    plan: Plan,
+    seq: u64,
+    frame: Bytes,
+    /// Connections that took it so far, over every shard.
+    delivered: AtomicUsize,
+}
+
+impl Job {
+    /// Message `seq`, serialized as `frame`, for the connections `plan`
+    /// names.
+    pub(crate) fn new(plan: Plan, seq: u64, frame: Bytes) -> Arc<Job> {
+        Arc::new(Job {
+            plan,
+            seq,
+            frame,
+            delivered: AtomicUsize::new(0),
+        })
     }
 
-    /// Marks `state`'s current turn served and wakes the waiters.
-    fn end_turn(&self, mut state: MutexGuard<'_, ShardState>) {
-        state.served += 1;
-        // Read under the lock: a publisher that is about to wait has
-        // counted itself before it released the lock in `wait`.
-        let waiting = self.waiting.load(Ordering::Relaxed) > 0;
-        drop(state);
-        if waiting {
-            self.turn.notify_all();
-        }
+    /// Connections that took it. Complete once [`Registry::fan_out`] has
+    /// returned.
+    pub(crate) fn delivered(&self) -> usize {
+        self.delivered.load(Ordering::Acquire)
+    }
+
+    fn plain_broadcast(&self) -> bool {
+        matches!(&self.plan, Plan::Broadcast(Exclude::Few(v)) if v.is_empty())
     }
 }
 
@@ -179,6 +206,19 @@ impl Exclude {
 /// order.
 #[derive(Debug)]
 pub(crate) struct Turns(Vec<(usize, u64)>);
+
+/// The shards `plan` visits, ascending.
+fn shards_of(plan: &Plan) -> Vec<usize> {
+    match plan {
+        Plan::User(s, _) => vec![*s],
+        Plan::Users(v) => {
+            let mut shards: Vec<usize> = v.iter().map(|(s, _)| *s).collect();
+            shards.dedup();
+            shards
+        }
+        Plan::Group(_) | Plan::Broadcast(_) => (0..SHARDS).collect(),
+    }
+}
 
 impl Registry {
     fn shard_of(&self, user_id: &str) -> usize {
@@ -318,79 +358,56 @@ impl Registry {
         }
     }
 
-    /// Takes a turn in every shard `plan` visits. The hub's sequencer
-    /// calls this under its lock, so turns follow the sequence order in
-    /// every shard. The turns must then be served with
+    /// Puts `job` in the inbox of every shard it visits. The hub's
+    /// sequencer calls this under its lock, so jobs wait in sequence order
+    /// in every inbox. They must then be served with
     /// [`Registry::fan_out`], without an `.await` in between.
-    pub(crate) fn take_turns(&self, plan: &Plan) -> Turns {
-        let take = |i: usize| (i, self.shards[i].issued.fetch_add(1, Ordering::Relaxed));
-        Turns(match plan {
-            Plan::User(s, _) => vec![take(*s)],
-            Plan::Users(v) => {
-                let mut turns: Vec<(usize, u64)> = Vec::new();
-                for (s, _) in v {
-                    if turns.last().is_none_or(|(last, _)| last != s) {
-                        turns.push(take(*s));
-                    }
-                }
-                turns
-            }
-            Plan::Group(_) | Plan::Broadcast(_) => (0..SHARDS).map(take).collect(),
-        })
+    pub(crate) fn enqueue(&self, job: &Arc<Job>) -> Turns {
+        Turns(
+            shards_of(&job.plan)
+                .into_iter()
+                .map(|s| {
+                    let mut inbox = self.shards[s].inbox();
+                    let turn = inbox.next;
+                    inbox.next += 1;
+                    inbox.jobs.push_back((turn, job.clone()));
+                    (s, turn)
+                })
+                .collect(),
+        )
     }
 
-    /// Serves `turns`: in each shard, once its earlier turns are served,
-    /// calls `f` for each connection `plan` names there.
-    pub(crate) fn fan_out(&self, plan: &Plan, turns: Turns, mut f: impl FnMut(&Connection)) {
-        // Turns not served (a panic in `f`) are served empty on the way
-        // out, or every later message would wait for them forever.
-        struct Pending<'a> {
-            registry: &'a Registry,
-            turns: Vec<(usize, u64)>,
-            /// The first turn not served yet.
-            next: usize,
-        }
-        impl Drop for Pending<'_> {
-            fn drop(&mut self) {
-                for &(s, turn) in &self.turns[self.next..] {
-                    let shard = &self.registry.shards[s];
-                    shard.end_turn(shard.wait_turn(turn));
-                }
-            }
-        }
-        let mut pending = Pending {
-            registry: self,
-            turns: turns.0,
-            next: 0,
-        };
-        let mut users = match plan {
-            Plan::Users(v) => v.as_slice(),
-            _ => &[],
-        };
-        while let Some(&(s, turn)) = pending.turns.get(pending.next) {
+    /// Serves `turns`: in each shard, under its lock, serves every job
+    /// waiting there, in order, unless another thread already served the
+    /// one of `turns`. `f` is given a connection and the frames for it
+    /// (several consecutive broadcasts at once) and returns how many it
+    /// took, a prefix; its third argument says whether the frames may be
+    /// written at once (user-targeted) or should be queued (broadcasts and
+    /// groups). When it returns, the job of `turns` has been served
+    /// in every shard it visits.
+    ///
+    /// A panic in `f` loses the jobs being served in that shard (for that
+    /// shard only); no later job waits for them.
+    pub(crate) fn fan_out(
+        &self,
+        turns: Turns,
+        mut f: impl FnMut(&Connection, &[Item<'_>], bool) -> usize,
+    ) {
+        let mut batch: Vec<Arc<Job>> = Vec::new();
+        for (s, turn) in turns.0 {
             let shard = &self.shards[s];
-            let state = shard.wait_turn(turn);
-            match plan {
-                Plan::User(_, u) => state.users.get(u).into_iter().flatten().for_each(&mut f),
-                Plan::Users(_) => {
-                    let here = users.iter().take_while(|(us, _)| *us == s).count();
-                    for (_, u) in &users[..here] {
-                        state.users.get(u).into_iter().flatten().for_each(&mut f);
-                    }
-                    users = &users[here..];
+            let state = shard.lock();
+            {
+                let mut inbox = shard.inbox();
+                if inbox.jobs.front().is_none_or(|(t, _)| *t > turn) {
+                    // Served by another thread, under this same lock.
+                    continue;
                 }
-                Plan::Group(g) => state.groups.get(g).into_iter().flatten().for_each(&mut f),
-                Plan::Broadcast(Exclude::Few(v)) if v.is_empty() => {
-                    state.conns.iter().for_each(&mut f)
-                }
-                Plan::Broadcast(exclude) => state
-                    .conns
-                    .iter()
-                    .filter(|c| !exclude.contains(c.user_id()))
-                    .for_each(&mut f),
+                batch.extend(inbox.jobs.drain(..).map(|(_, job)| job));
             }
-            pending.next += 1;
-            shard.end_turn(state);
+            serve(s, &state, &batch, &mut f);
+            drop(state);
+            batch.clear();
         }
     }
 
@@ -474,6 +491,73 @@ impl Registry {
     }
 }
 
+/// Serves `jobs`, in order, in shard `s`: runs of consecutive plain
+/// broadcasts together, every other job on its own.
+fn serve(
+    s: usize,
+    state: &ShardState,
+    jobs: &[Arc<Job>],
+    f: &mut impl FnMut(&Connection, &[Item<'_>], bool) -> usize,
+) {
+    let mut i = 0;
+    while i < jobs.len() {
+        let run = jobs[i..]
+            .iter()
+            .take(BATCH)
+            .take_while(|j| j.plain_broadcast())
+            .count();
+        if run >= 2 {
+            let run = &jobs[i..i + run];
+            let items: Vec<Item<'_>> = run.iter().map(|j| (j.seq, &j.frame)).collect();
+            let mut took = [0usize; BATCH];
+            for c in &state.conns {
+                let n = f(c, &items, false);
+                for t in &mut took[..n] {
+                    *t += 1;
+                }
+            }
+            for (job, n) in run.iter().zip(took) {
+                job.delivered.fetch_add(n, Ordering::Release);
+            }
+            i += run.len();
+            continue;
+        }
+        let job = &jobs[i];
+        let item = [(job.seq, &job.frame)];
+        let mut n = 0usize;
+        // A few connections: written at once where they can be. Many: queued,
+        // for their tasks to write (batching what queues meanwhile).
+        let direct = matches!(job.plan, Plan::User(..) | Plan::Users(_));
+        let mut each = |c: &Connection| n += f(c, &item, direct);
+        match &job.plan {
+            Plan::User(_, u) => state.users.get(u).into_iter().flatten().for_each(&mut each),
+            Plan::Users(v) => {
+                let lo = v.partition_point(|(x, _)| *x < s);
+                let hi = v.partition_point(|(x, _)| *x <= s);
+                for (_, u) in &v[lo..hi] {
+                    state.users.get(u).into_iter().flatten().for_each(&mut each);
+                }
+            }
+            Plan::Group(g) => state
+                .groups
+                .get(g)
+                .into_iter()
+                .flatten()
+                .for_each(&mut each),
+            Plan::Broadcast(Exclude::Few(v)) if v.is_empty() => {
+                state.conns.iter().for_each(&mut each)
+            }
+            Plan::Broadcast(exclude) => state
+                .conns
+                .iter()
+                .filter(|c| !exclude.contains(c.user_id()))
+                .for_each(&mut each),
+        }
+        job.delivered.fetch_add(n, Ordering::Release);
+        i += 1;
+    }
+}
+
 /// Takes connection `id` out of each of `groups` in one shard, dropping
 /// emptied entries.
 fn remove_from_groups(map: &mut HashMap<Arc<str>, Vec<Connection>>, groups: &[Arc<str>], id: u64) {
@@ -506,11 +590,15 @@ mod tests {
     }
 
     fn deliver(r: &Registry, target: &Target) -> Vec<u64> {
-        let plan = r.plan(target);
-        let turns = r.take_turns(&plan);
+        let job = Job::new(r.plan(target), 1, Bytes::from_static(b"m"));
+        let turns = r.enqueue(&job);
         let mut got = Vec::new();
-        r.fan_out(&plan, turns, |c| got.push(c.id()));
+        r.fan_out(turns, |c, items, _| {
+            got.push(c.id());
+            items.len()
+        });
         got.sort();
+        assert_eq!(job.delivered(), got.len());
         got
     }
 
@@ -567,48 +655,126 @@ mod tests {
         assert!(deliver(&r, &Target::broadcast(Vec::<&str>::new())).is_empty());
     }
 
-    /// Turns taken in one order are served in that order in every shard,
-    /// whichever thread gets there first.
-    #[test]
-    fn turns_keep_the_taking_order() {
-        let r = Arc::new(Registry::default());
-        let c = conn(1, "u1", &[]);
-        r.insert(c.clone());
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let plan = Arc::new(r.plan(&Target::broadcast(Vec::<&str>::new())));
-        let first = r.take_turns(&plan);
-        let second = r.take_turns(&plan);
-        // The second message's fan-out starts first and must wait.
-        let late = {
-            let (r, plan, order) = (r.clone(), plan.clone(), order.clone());
-            std::thread::spawn(move || {
-                r.fan_out(&plan, second, |_| order.lock().unwrap().push(2));
-            })
-        };
-        // Wait until the second is parked (at the first shard): it cannot
-        // pass while the first message's turn there is not served.
-        while r.shards[0].parked.load(Ordering::Relaxed) == 0 {
-            std::thread::yield_now();
-        }
-        assert!(order.lock().unwrap().is_empty());
-        r.fan_out(&plan, first, |_| order.lock().unwrap().push(1));
-        late.join().unwrap();
-        assert_eq!(*order.lock().unwrap(), vec![1, 2]);
+    fn broadcast(r: &Registry, seq: u64) -> (Arc<Job>, Turns) {
+        let job = Job::new(
+            r.plan(&Target::broadcast(Vec::<&str>::new())),
+            seq,
+            Bytes::from(seq.to_string()),
+        );
+        let turns = r.enqueue(&job);
+        (job, turns)
     }
 
-    /// A panic while fanning out serves the remaining turns, so later
-    /// messages are not stuck behind it.
+    /// Jobs enqueued in one order reach every connection in that order,
+    /// whichever publisher fans out first: the later one serves the
+    /// earlier one's share, and consecutive broadcasts go out together.
     #[test]
-    fn a_panic_does_not_block_later_turns() {
+    fn a_later_publisher_serves_earlier_jobs_first() {
+        let r = Registry::default();
+        for i in 0..100 {
+            r.insert(conn(i, &format!("u{i}"), &[]));
+        }
+        let (first, first_turns) = broadcast(&r, 1);
+        let (second, second_turns) = broadcast(&r, 2);
+        let (user, user_turns) = {
+            let job = Job::new(r.plan(&Target::user("u7")), 3, Bytes::from_static(b"3"));
+            let turns = r.enqueue(&job);
+            (job, turns)
+        };
+        let seen: std::cell::RefCell<HashMap<u64, Vec<u64>>> = Default::default();
+        let batches = std::cell::Cell::new(0);
+        let record = |c: &Connection, items: &[Item<'_>], _: bool| {
+            if items.len() > 1 {
+                batches.set(batches.get() + 1);
+            }
+            seen.borrow_mut()
+                .entry(c.id())
+                .or_default()
+                .extend(items.iter().map(|(s, _)| *s));
+            items.len()
+        };
+        // The user-targeted message fans out first: in its shard it
+        // serves both broadcasts (together), then itself.
+        r.fan_out(user_turns, record);
+        assert_eq!(seen.borrow()[&7], vec![1, 2, 3]);
+        assert_eq!(user.delivered(), 1);
+        // The second broadcast serves the rest of both; the first finds
+        // nothing left to do.
+        r.fan_out(second_turns, record);
+        r.fan_out(first_turns, record);
+        let seen = seen.into_inner();
+        assert_eq!(seen.len(), 100);
+        for (id, got) in &seen {
+            let want: &[u64] = if *id == 7 { &[1, 2, 3] } else { &[1, 2] };
+            assert_eq!(got, want, "connection {id}");
+        }
+        assert_eq!(first.delivered(), 100);
+        assert_eq!(second.delivered(), 100);
+        assert!(
+            batches.get() >= 99,
+            "broadcasts waiting together are written together"
+        );
+    }
+
+    /// Many threads fanning out at once keep one order per connection.
+    #[test]
+    fn concurrent_fan_outs_keep_the_sequence_order() {
+        let r = Arc::new(Registry::default());
+        for i in 0..300 {
+            r.insert(conn(i, &format!("u{}", i % 50), &[]));
+        }
+        let seen: Arc<Mutex<HashMap<u64, Vec<u64>>>> = Default::default();
+        let sequencer = Arc::new(Mutex::new(0u64));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (r, seen, sequencer) = (r.clone(), seen.clone(), sequencer.clone());
+                std::thread::spawn(move || {
+                    for k in 0..200 {
+                        let target = if (k + t) % 3 == 0 {
+                            Target::user(format!("u{}", k % 50))
+                        } else {
+                            Target::broadcast(Vec::<&str>::new())
+                        };
+                        let plan = r.plan(&target);
+                        let turns = {
+                            let mut seq = sequencer.lock().unwrap();
+                            *seq += 1;
+                            r.enqueue(&Job::new(plan, *seq, Bytes::new()))
+                        };
+                        r.fan_out(turns, |c, items, _| {
+                            let mut seen = seen.lock().unwrap();
+                            let got = seen.entry(c.id()).or_default();
+                            got.extend(items.iter().map(|(s, _)| *s));
+                            items.len()
+                        });
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 300);
+        for got in seen.values() {
+            assert!(
+                got.windows(2).all(|w| w[0] < w[1]),
+                "in sequence order: {got:?}"
+            );
+        }
+    }
+
+    /// A panic while fanning out does not hold up later messages.
+    #[test]
+    fn a_panic_does_not_block_later_jobs() {
         let r = Arc::new(Registry::default());
         for i in 0..200 {
             r.insert(conn(i, &format!("u{i}"), &[]));
         }
-        let plan = r.plan(&Target::broadcast(Vec::<&str>::new()));
-        let turns = r.take_turns(&plan);
+        let (_, turns) = broadcast(&r, 1);
         let r2 = r.clone();
         let panicked = std::thread::spawn(move || {
-            r2.fan_out(&plan, turns, |_| panic!("boom"));
+            r2.fan_out(turns, |_, _, _| panic!("boom"));
         })
         .join();
         assert!(panicked.is_err());

@@ -182,6 +182,19 @@ pub trait Transport: Send {
         false
     }
 
+    /// A writer the hub may use to write a frame straight to the socket,
+    /// from the thread that delivers it, when the connection has nothing
+    /// queued and the transport is not writing (see
+    /// [`DirectWrite`](crate::connection::DirectWrite)). Default `None`:
+    /// every frame goes through [`Transport::send`]. A transport that
+    /// returns one must make its own writes (frames, keepalives, closes)
+    /// go through the same writer, whole frames at a time, and
+    /// [`Transport::send`] must write out what a direct write left
+    /// buffered, even when given no frames.
+    fn direct(&self) -> Option<std::sync::Arc<dyn crate::connection::DirectWrite>> {
+        None
+    }
+
     /// Which kind of transport this is, for the connection metrics.
     /// Default [`TransportKind::WebSocket`], the bidirectional transport
     /// [`Service::serve`](crate::Service::serve) is for; the SSE transport

@@ -66,6 +66,11 @@ pub(crate) struct FrameCounter<IO> {
 }
 
 impl<IO> FrameCounter<IO> {
+    /// The connection under the counter.
+    pub(crate) fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
     /// Wraps `io`, allowing `rate` frames per second in bursts of `burst`,
     /// reading the socket `chunk` bytes at a time.
     pub(crate) fn new(io: IO, rate: f64, burst: f64, chunk: usize) -> Self {

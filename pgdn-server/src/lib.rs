@@ -59,6 +59,7 @@ pub mod server;
 #[cfg(feature = "webhooks")]
 pub mod webhooks;
 
+mod direct;
 mod frames;
 mod listener;
 mod socket;

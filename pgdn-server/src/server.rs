@@ -215,8 +215,9 @@ impl Pgdn {
             c.read_buffer_size,
             self.service.tasks(),
             move |socket| async move {
+                let direct = socket.get_ref().get_ref().direct();
                 service
-                    .serve(admission, WsTransport::counting(socket))
+                    .serve(admission, WsTransport::counting(socket).with_direct(direct))
                     .await;
             },
         )

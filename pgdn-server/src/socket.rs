@@ -5,7 +5,9 @@
 
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use pgdn_core::{Frame, Inbound, Transport, TransportError};
+use std::sync::Arc;
+
+use pgdn_core::{DirectWrite, Frame, Inbound, Transport, TransportError};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -22,6 +24,8 @@ pub struct WsTransport<S> {
     /// The socket under `ws` counts every frame toward the rate limit
     /// (`FrameCounter`), so the session must not count again.
     counts_frames: bool,
+    /// The socket under `ws`, for the hub's direct writes.
+    direct: Option<Arc<dyn DirectWrite>>,
 }
 
 impl<S> WsTransport<S> {
@@ -32,6 +36,7 @@ impl<S> WsTransport<S> {
             ws,
             pong_pending: false,
             counts_frames: false,
+            direct: None,
         }
     }
 
@@ -42,6 +47,14 @@ impl<S> WsTransport<S> {
             counts_frames: true,
             ..WsTransport::new(ws)
         }
+    }
+
+    /// Lets the hub write frames straight to `direct`, the socket under
+    /// `ws`, which takes tungstenite's writes whole
+    /// ([`SharedIo`](crate::direct::SharedIo)).
+    pub(crate) fn with_direct(mut self, direct: Arc<dyn DirectWrite>) -> Self {
+        self.direct = Some(direct);
+        self
     }
 }
 
@@ -110,6 +123,10 @@ where
 
     fn counts_frames(&self) -> bool {
         self.counts_frames
+    }
+
+    fn direct(&self) -> Option<Arc<dyn DirectWrite>> {
+        self.direct.clone()
     }
 
     async fn close(&mut self, code: u16, reason: &str) {

@@ -27,8 +27,11 @@ use warp::{Filter, Rejection, Reply};
 /// async layers (this task, the session), each of which would otherwise
 /// keep a slot of its size in its state: a box keeps memory per idle
 /// connection about 1.2 KB lower.
-pub(crate) type Socket =
-    Box<WebSocketStream<crate::frames::FrameCounter<TokioIo<hyper::upgrade::Upgraded>>>>;
+pub(crate) type Socket = Box<WebSocketStream<crate::frames::FrameCounter<SocketIo>>>;
+
+/// The upgraded connection, shared with the hub for direct writes
+/// ([`SharedIo`](crate::direct::SharedIo)).
+pub(crate) type SocketIo = crate::direct::SharedIo<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// A valid WebSocket upgrade request, with what the session needs of it.
 pub(crate) struct UpgradeRequest {
@@ -137,7 +140,7 @@ impl UpgradeRequest {
                     Ok(upgraded) => {
                         let (rate, burst) = rate_limit;
                         let io = crate::frames::FrameCounter::new(
-                            TokioIo::new(upgraded),
+                            crate::direct::SharedIo::new(TokioIo::new(upgraded)),
                             rate,
                             burst,
                             read_chunk,
