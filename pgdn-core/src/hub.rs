@@ -227,8 +227,8 @@ struct Inner {
     /// Where lifecycle events go ([`HubBuilder::lifecycle_sink`]).
     lifecycle: Arc<dyn LifecycleSink>,
     /// The sequencer: the last delivery sequence number. Held while a
-    /// message is numbered, recorded in the history and takes its turns in
-    /// the registry's shards ([`Registry::take_turns`]), so that every
+    /// message is numbered, recorded in the history and put in the inboxes
+    /// of the registry's shards ([`Registry::enqueue`]), so that every
     /// queue sees messages in sequence order (the order resume relies on);
     /// released before the fan-out. Never held across an `.await`.
     sequencer: Mutex<u64>,
@@ -244,10 +244,10 @@ struct Inner {
 
 impl Deliver for Inner {
     /// The one delivery path, for every broker: the sequencer numbers the
-    /// message, records it and takes its turns in the registry's shards
+    /// message, records it and puts it in the registry's shards' inboxes
     /// under its lock; the fan-out then runs outside it, shard by shard,
-    /// in parallel with other messages' but never ahead of them
-    /// ([`Registry::fan_out`]).
+    /// in parallel with other messages' but never ahead of them, serving
+    /// whatever waits in each shard ([`Registry::fan_out`]).
     fn deliver(&self, envelope: &Envelope) -> usize {
         self.counters.received[target_kind(&envelope.target)].fetch_add(1, Ordering::Relaxed);
         let taken = Instant::now();
