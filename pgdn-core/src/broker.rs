@@ -80,7 +80,7 @@ impl Envelope {
     /// target is valid and the frame is a notification pgdn could have
     /// built, UTF-8 JSON with this envelope's id, a publishable type, an
     /// object payload and a timestamp. Whatever else is on a channel must
-    /// be dropped (and counted, [`Hub::drop_invalid`](crate::Hub::drop_invalid)),
+    /// be dropped (and counted, [`Deliver::drop_invalid`]),
     /// never sent to a client: bytes that are not UTF-8 would make every
     /// WebSocket that gets them fail.
     pub fn check(&self) -> Result<(), Error> {

@@ -4,7 +4,7 @@
 //!
 //! # Shards
 //!
-//! Connections live in [`SHARDS`] shards, chosen by a hash of the user id,
+//! Connections live in 64 shards, chosen by a hash of the user id,
 //! so all of one user's tabs are in one shard: a user-targeted message
 //! touches one shard, a group or a broadcast every shard. Each shard is a
 //! `std::sync::Mutex` over its maps (user -> connections, group ->
@@ -20,10 +20,10 @@
 //! Per-connection order must be the order the hub's sequencer chose (a
 //! client that resumes relies on it), yet several publishers fan out at
 //! once. So each shard has an *inbox*: the sequencer, under its own lock,
-//! appends the message (a [`Job`]) to the inbox of every shard it visits
-//! ([`Registry::enqueue`]; a short lock per shard, never held while
+//! appends the message (a job) to the inbox of every shard it visits
+//! (`Registry::enqueue`; a short lock per shard, never held while
 //! writing). The fan-out then visits those shards in ascending order
-//! ([`Registry::fan_out`]): in each it takes the shard's lock and serves
+//! (`Registry::fan_out`): in each it takes the shard's lock and serves
 //! *every* job waiting in the inbox, its own and any earlier or later
 //! ones, in inbox order. A job already taken by another thread was served
 //! under the same lock, so once the lock is taken it is done.
@@ -35,7 +35,7 @@
 //! the broadcast to reach that shard. Two messages never overtake each
 //! other within a shard, hence within a connection. Consecutive
 //! broadcasts waiting in one inbox are written to each connection
-//! together ([`BATCH`] at most), one write for several frames, which is
+//! together (8 at most), one write for several frames, which is
 //! what keeps back-to-back broadcasts cheap.
 //!
 //! Group counts are kept in one small map (group -> connections) updated

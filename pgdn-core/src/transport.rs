@@ -51,7 +51,7 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    /// Every kind, in the order of [`TransportKind::index`].
+    /// Every kind, in the order of its metrics index.
     pub const ALL: [TransportKind; 2] = [TransportKind::WebSocket, TransportKind::Sse];
 
     /// The metric label: `websocket` or `sse`.

@@ -5,7 +5,7 @@
 //! `/sse` (Server-Sent Events) for subscribers, `/api/v1/*` for
 //! publishers, `/healthz`, `/readyz`, `/metrics`, the browser client at
 //! `/pgdn.js` and a demo page at `/`. The protocol itself lives in
-//! pgdn-core ([`Service`](pgdn_core::Service)); this crate only translates
+//! pgdn-core ([`pgdn_core::Service`]); this crate only translates
 //! between warp (and tungstenite) and it.
 //!
 //! ```no_run
