@@ -12,21 +12,22 @@ use std::process::Command;
 /// The names of every crate `package` pulls in as a normal dependency.
 fn dependencies(package: &str, extra: &[&str]) -> BTreeSet<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "tree",
-            "-p",
-            package,
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--offline",
-        ])
-        .args(extra)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo tree runs");
+    let tree = |offline: bool| {
+        Command::new(&cargo)
+            .args(["tree", "-p", package, "-e", "normal", "--prefix", "none"])
+            .args(offline.then_some("--offline"))
+            .args(extra)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("cargo tree runs")
+    };
+    // Offline first (fast, no network); a fresh machine may not have
+    // downloaded the crates of a feature no build used yet (native-tls):
+    // then cargo fetches them.
+    let mut out = tree(true);
+    if !out.status.success() {
+        out = tree(false);
+    }
     assert!(
         out.status.success(),
         "cargo tree failed: {}",
