@@ -17,14 +17,15 @@
 //!
 //! A transport that can write without waiting (the WebSocket adapter over
 //! a socket) hands the connection a [`DirectWrite`] once the greeting is
-//! out. From then on, a frame that finds the queue empty and the
-//! transport's writer idle is written to the socket by whoever delivers
-//! it (the hub's fan-out), at once: no queue, no task woken. A broadcast
-//! to 10,000 connections then costs 10,000 non-blocking writes rather than
-//! 10,000 task wake-ups that everything else on the runtime would queue
-//! behind. Whatever cannot be written at once (a full socket buffer, a
-//! partial write) falls back to the queue and the transport's task, which
-//! keeps the write timeout and the slow-consumer bound.
+//! out. From then on, a user-targeted message whose connection's task is
+//! not writing is written to the socket by whoever delivers it (the hub's
+//! fan-out), together with what is queued before it: no task woken, no
+//! wait for that task to be scheduled behind the ones a broadcast woke.
+//! Broadcasts and groups still go through the queue: their tasks write
+//! several queued frames per call, which costs far less than one write per
+//! frame (BENCHMARKS.md). Whatever cannot be written at once (a full socket
+//! buffer, a partial write) falls back to the queue and the transport's
+//! task, which keeps the write timeout and the slow-consumer bound.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -148,7 +149,7 @@ pub enum SendError {
     Closed,
 }
 
-/// What [`DirectWrite::try_write`] did with a frame.
+/// What [`DirectWrite::try_write`] did with the frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Direct {
