@@ -194,7 +194,16 @@ impl Session {
     /// Runs the connection over `transport` to its end (see the module
     /// docs for the order of things), closes it with the matching code and
     /// unregisters it. Returns why it ended.
-    pub async fn run<T: Transport>(self, mut transport: T) -> DisconnectReason {
+    pub async fn run<T: Transport>(self, transport: T) -> DisconnectReason {
+        let greeted = Box::pin(self.greet(transport)).await;
+        greeted.run().await
+    }
+
+    /// The first part of [`Session::run`]: writes the connection frame
+    /// (and a resuming client's replay), then hands the connection its
+    /// transport's direct writer. What is left runs in [`Greeted::run`],
+    /// possibly on another runtime ([`Service::serve`]).
+    pub(crate) async fn greet<T: Transport>(self, mut transport: T) -> Greeted<T> {
         let Session {
             service,
             conn,
@@ -203,7 +212,6 @@ impl Session {
             mut slots,
         } = self;
         slots.open_as(transport.kind());
-        let config = service.config();
         tracing::debug!(
             connection = conn.wire_id(),
             user = conn.user_id(),
@@ -212,13 +220,50 @@ impl Session {
         // Boxed: it runs once, and its state would otherwise stay part of
         // every idle connection's future (memory per idle connection).
         let greeting = Box::pin(greet(&mut transport, &service, &conn, &outbox, replay));
-        let reason = match greeting.await {
-            Ok(()) => {
-                if let Some(direct) = transport.direct() {
-                    outbox.set_direct(direct);
-                }
-                serve(&mut transport, &service, &conn, &outbox).await
-            }
+        let greeted = greeting.await;
+        if greeted.is_ok()
+            && let Some(direct) = transport.direct()
+        {
+            outbox.set_direct(direct);
+        }
+        Greeted {
+            service,
+            conn,
+            outbox,
+            slots,
+            transport,
+            greeted,
+        }
+    }
+}
+
+/// A session whose greeting is done (or failed): what is left of
+/// [`Session::run`].
+pub(crate) struct Greeted<T> {
+    service: Service,
+    conn: Connection,
+    outbox: Outbox,
+    slots: crate::limits::Slots,
+    transport: T,
+    /// Why the greeting failed, if it did.
+    greeted: Result<(), DisconnectReason>,
+}
+
+impl<T: Transport> Greeted<T> {
+    /// Serves the connection to its end, closes it with the matching code
+    /// and unregisters it. Returns why it ended.
+    pub(crate) async fn run(self) -> DisconnectReason {
+        let Greeted {
+            service,
+            conn,
+            outbox,
+            slots,
+            mut transport,
+            greeted,
+        } = self;
+        let config = service.config();
+        let reason = match greeted {
+            Ok(()) => serve(&mut transport, &service, &conn, &outbox).await,
             Err(reason) => reason,
         };
         let reason = outbox.mark_closed(reason);

@@ -75,6 +75,9 @@ pub(crate) struct Inner {
     pub(crate) tasks: TaskTracker,
     /// Cancelled when the service starts shutting down.
     pub(crate) shutdown: CancellationToken,
+    /// Where connections' main loops run once greeted
+    /// ([`ServiceBuilder::session_runtime`]); `None`: where they started.
+    pub(crate) session_runtime: Option<tokio::runtime::Handle>,
     /// The demo page with this service's endpoint paths, made once.
     pub(crate) demo_page: bytes::Bytes,
 }
@@ -125,6 +128,7 @@ pub struct ServiceBuilder {
     publish_keys: Vec<String>,
     /// More metrics for `/metrics` ([`ServiceBuilder::collector`]).
     collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
+    session_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for ServiceBuilder {
@@ -212,6 +216,37 @@ impl ServiceBuilder {
         self
     }
 
+    /// Runs each WebSocket connection's main loop, once its connection
+    /// frame is written, on `runtime` (e.g. a multi-thread runtime of its
+    /// own) rather than on the runtime that accepted it. Accepting,
+    /// upgrading, greeting and answering HTTP then stay on the other
+    /// runtime, whose threads the operating system schedules next to the
+    /// connections': a broadcast that wakes thousands of connections does
+    /// not queue a publish request or a new connection's greeting behind
+    /// them. `runtime` must have time and I/O enabled and outlive the
+    /// service's shutdown. Default: the connection stays where it started.
+    ///
+    /// ```
+    /// # use pgdn_core::{Identity, Service, StaticAuthenticator};
+    /// let sessions = tokio::runtime::Builder::new_multi_thread()
+    ///     .worker_threads(2)
+    ///     .thread_name("pgdn-session")
+    ///     .enable_all()
+    ///     .build()
+    ///     .unwrap();
+    /// let service = Service::builder()
+    ///     .authenticator(StaticAuthenticator::new().with_token("t1", Identity::new("u1", ["staff"])))
+    ///     .publish_key("a publish key of some length")
+    ///     .session_runtime(sessions.handle().clone())
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(service);
+    /// ```
+    pub fn session_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.session_runtime = Some(runtime);
+        self
+    }
+
     /// Builds the service, checking the configuration.
     pub fn build(self) -> Result<Service> {
         self.config.validate()?;
@@ -261,6 +296,7 @@ impl ServiceBuilder {
                 limiter,
                 tasks: TaskTracker::new(),
                 shutdown,
+                session_runtime: self.session_runtime,
             }),
         })
     }
@@ -488,8 +524,11 @@ impl Service {
     /// WebSocket right after its upgrade): when its authentication failed,
     /// closes with 1008 and the reason of docs/protocol.md section 1; otherwise
     /// runs the session to its end. Returns why the connection ended
-    /// (`None` when it was refused).
-    pub async fn serve<T: Transport>(
+    /// (`None` when it was refused). With a
+    /// [session runtime](ServiceBuilder::session_runtime), the connection
+    /// frame is written here and the rest is spawned there (tracked by
+    /// [`Service::tasks`]); this then returns `None` at once.
+    pub async fn serve<T: Transport + 'static>(
         &self,
         admission: Admission,
         mut transport: T,
@@ -499,13 +538,30 @@ impl Service {
         // the two states, and opening's state is freed once it is done.
         let open = Box::pin(self.open(admission));
         match open.await {
-            Ok(session) => Some(Box::pin(session.run(transport)).await),
+            Ok(session) => match self.elsewhere() {
+                Some(runtime) => {
+                    // Greeted here, then run there; this task ends.
+                    let greeted = Box::pin(session.greet(transport)).await;
+                    self.inner.tasks.spawn_on(greeted.run(), runtime);
+                    None
+                }
+                None => Some(Box::pin(session.run(transport)).await),
+            },
             Err(e) => {
                 let close = transport.close(1008, e.close_reason());
                 let close = tokio::time::timeout(self.inner.config.close_timeout, close);
                 let _ = Box::pin(close).await;
                 None
             }
+        }
+    }
+
+    /// The session runtime, unless this task already runs on it.
+    fn elsewhere(&self) -> Option<&tokio::runtime::Handle> {
+        let runtime = self.inner.session_runtime.as_ref()?;
+        match tokio::runtime::Handle::try_current() {
+            Ok(here) if here.id() == runtime.id() => None,
+            _ => Some(runtime),
         }
     }
 

@@ -215,6 +215,12 @@ struct Args {
     /// buffer that exists only while reading; idle connections hold none).
     #[arg(long, env = "PGDN_READ_BUFFER", default_value_t = 4 * 1024)]
     read_buffer: usize,
+    /// Threads that run WebSocket connections once greeted, apart from
+    /// the threads that accept connections and answer HTTP (so that a
+    /// broadcast waking every connection does not delay a publish or a new
+    /// connection). Default: one per CPU; 0 runs everything on one pool.
+    #[arg(long, env = "PGDN_SESSION_THREADS", value_name = "N")]
+    session_threads: Option<usize>,
     /// How often each connection gets a WebSocket Ping (e.g. `25s`).
     #[arg(long, env = "PGDN_PING_INTERVAL", default_value = "25s", value_parser = humantime::parse_duration)]
     ping_interval: Duration,
@@ -787,8 +793,7 @@ fn tls_config(args: &Args) -> Result<Option<Tls>, pgdn_server::Error> {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     // Flags > environment > `--config` file > defaults.
     let cli: Cli = config_file::parse_or_exit();
     let args = cli.args;
@@ -796,6 +801,10 @@ async fn main() {
         eprintln!("pgdn-server: {e}");
         std::process::exit(1);
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(format!("cannot start the runtime: {e}")));
     let result = match cli.command {
         Some(Task::Cleanup {
             redis_url,
@@ -803,21 +812,57 @@ async fn main() {
             prefix,
             layout,
         }) => match secret_or_file(redis_url, redis_url_file.as_deref(), "--redis-url-file") {
-            Ok(Some(url)) => cleanup(&url, &prefix, &layout).await,
+            Ok(Some(url)) => runtime.block_on(cleanup(&url, &prefix, &layout)),
             Ok(None) => Err(pgdn_server::Error::Config(
                 "--redis-url (PGDN_REDIS_URL) is required".into(),
             )),
             Err(e) => Err(e),
         },
-        None => run(args).await,
+        None => {
+            // Built before serving and dropped after it, outside any
+            // runtime (a runtime cannot be dropped from within one).
+            let sessions = session_runtime(args.session_threads);
+            let handle = sessions.as_ref().map(|rt| rt.handle().clone());
+            let result = runtime.block_on(run(args, handle));
+            drop(sessions);
+            result
+        }
     };
+    drop(runtime);
     if let Err(e) = result {
-        eprintln!("pgdn-server: {e}");
-        std::process::exit(1);
+        fail(e);
     }
 }
 
-async fn run(args: Args) -> Result<(), pgdn_server::Error> {
+fn fail(e: impl std::fmt::Display) -> ! {
+    eprintln!("pgdn-server: {e}");
+    std::process::exit(1);
+}
+
+/// The runtime connections run on once greeted (`--session-threads`):
+/// one thread per CPU by default, none for 0.
+fn session_runtime(threads: Option<usize>) -> Option<tokio::runtime::Runtime> {
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+    });
+    if threads == 0 {
+        return None;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("pgdn-session")
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(format!("cannot start the session runtime: {e}")));
+    Some(runtime)
+}
+
+async fn run(
+    args: Args,
+    sessions: Option<tokio::runtime::Handle>,
+) -> Result<(), pgdn_server::Error> {
     let credentials = credentials(&args)?;
     let tls = tls_config(&args)?;
     let webhooks = webhooks(&args)?;
@@ -891,6 +936,10 @@ async fn run(args: Args) -> Result<(), pgdn_server::Error> {
     #[cfg(feature = "webhooks")]
     let builder = match &webhooks {
         Some(sink) => builder.collector(sink.metrics()),
+        None => builder,
+    };
+    let builder = match sessions {
+        Some(handle) => builder.session_runtime(handle),
         None => builder,
     };
     let pgdn = builder

@@ -94,6 +94,15 @@ impl PgdnBuilder {
         self
     }
 
+    /// Runs WebSocket connections' main loops on `runtime` once their
+    /// connection frame is written, apart from accepting, upgrading and
+    /// HTTP; see [`ServiceBuilder::session_runtime`]. The `pgdn-server`
+    /// binary does this by default (`--session-threads`).
+    pub fn session_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.inner = self.inner.session_runtime(runtime);
+        self
+    }
+
     /// Builds the server, checking the configuration.
     pub fn build(self) -> Result<Pgdn> {
         Ok(Pgdn {

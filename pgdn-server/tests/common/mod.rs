@@ -92,8 +92,15 @@ impl<A: Adapter> TestServer<A> {
         Self::start_with(Config::default()).await
     }
 
+    /// On warp, connections run on [`session_runtime`] once greeted, as in
+    /// the `pgdn-server` binary; on axum, where they started (the
+    /// library's default). Either way the same tests pass.
     pub async fn start_with(config: Config) -> Self {
-        Self::start_pgdn(build(config)).await
+        let pgdn = match A::BACKEND {
+            Backend::Warp => builder(config).session_runtime(session_runtime()),
+            Backend::Axum => builder(config),
+        };
+        Self::start_pgdn(pgdn.build().expect("valid config")).await
     }
 
     /// Serves `pgdn`'s service: with `pgdn` itself on warp, with the axum
@@ -275,12 +282,32 @@ impl<A: Adapter> TestServer<A> {
 
 /// A pgdn with the test secret and key.
 pub fn build(config: Config) -> Pgdn {
+    builder(config).build().expect("valid config")
+}
+
+/// A builder with the test secret and key.
+pub fn builder(config: Config) -> pgdn_server::PgdnBuilder {
     Pgdn::builder()
         .config(config)
         .jwt_secret(SECRET)
         .publish_key(KEY)
-        .build()
-        .expect("valid config")
+}
+
+/// A session runtime shared by the test binary's servers (threads named
+/// `pgdn-session`), as `pgdn-server` makes by default.
+pub fn session_runtime() -> tokio::runtime::Handle {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("pgdn-session")
+                .enable_all()
+                .build()
+                .expect("a session runtime")
+        })
+        .handle()
+        .clone()
 }
 
 /// What `Pgdn::serve` does, for routes mounted under `prefix`.

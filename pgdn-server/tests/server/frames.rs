@@ -167,6 +167,8 @@ async fn a_client_over_its_rate_limit_is_closed_with_1008() {
         c.expect_close().await,
         (1008, "rate limit exceeded".to_string())
     );
+    // The close goes out before the connection is unregistered and counted.
+    s.wait_connections(0).await;
     assert_eq!(s.stats().await["disconnects"]["rate_limited"], 1);
     s.stop().await;
 }
@@ -234,4 +236,39 @@ async fn every_route_works_mounted_under_a_path_prefix() {
     }
     drop(body);
     s.stop().await;
+}
+
+/// On warp the harness gives the server a session runtime (as the
+/// `pgdn-server` binary does): a connection's frames are handled on its
+/// threads once the connection frame is out, and everything else (greeting,
+/// delivery, replies, shutdown) works the same. On axum nothing moves.
+#[tokio::test]
+async fn connections_run_on_the_session_runtime_when_there_is_one() {
+    let s = TestServer::start().await;
+    s.service
+        .hub()
+        .register_handler(
+            "where",
+            |_who: Identity, _frame: Map<String, Value>| async {
+                let thread = std::thread::current().name().unwrap_or("").to_string();
+                Ok(Some(json!({"type":"here","thread": thread})))
+            },
+        )
+        .unwrap();
+    let mut c = s.connect("u1", &[]).await;
+    c.send(r#"{"type":"where"}"#).await;
+    let here = c.next().await;
+    assert_eq!(here["type"], "here");
+    let thread = here["thread"].as_str().unwrap();
+    match s.backend() {
+        Backend::Warp => assert_eq!(thread, "pgdn-session", "the handler ran on {thread:?}"),
+        Backend::Axum => assert_ne!(thread, "pgdn-session"),
+    }
+    // Delivery and the end of the connection at shutdown are unchanged.
+    s.publish(json!({"target":{"user":"u1"},"type":"info","payload":{"n":1}}))
+        .await;
+    assert_eq!(c.next().await["payload"]["n"], 1);
+    let stop = tokio::spawn(s.stop());
+    assert_eq!(expect_close(&mut c.ws).await.0, 1001);
+    stop.await.unwrap();
 }
