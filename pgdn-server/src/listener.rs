@@ -646,6 +646,13 @@ pub(crate) async fn serve<F>(
         match accepted {
             Ok((stream, peer)) => {
                 errors.accepted();
+                // pgdn writes whole frames and batches what is queued:
+                // Nagle's algorithm would only hold a notification back
+                // until the peer acknowledges the previous one, up to its
+                // delayed-ACK timeout (40 ms on Linux) under load.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
                 connections.spawn(serve_connection(
                     Box::new(routes.clone()),
                     stream,
