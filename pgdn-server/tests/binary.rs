@@ -28,8 +28,14 @@ impl Drop for Server {
 /// Starts the binary in dev mode on a free port; reads stdout up to the
 /// banner's closing rule (a blocking read on a pipe: an event, not a sleep).
 fn start_dev() -> Server {
+    start_dev_with(&[])
+}
+
+/// [`start_dev`] with more flags.
+fn start_dev_with(args: &[&str]) -> Server {
     let mut child = clean_command()
         .args(["--addr", "127.0.0.1:0"])
+        .args(args)
         .spawn()
         .expect("binary starts");
     let stdout = child.stdout.take().unwrap();
@@ -686,4 +692,69 @@ fn an_invalid_log_filter_is_refused_at_start() {
     let (ok, err) = exit_of(cmd);
     assert!(!ok, "{err}");
     assert!(err.contains("--log"), "{err}");
+}
+
+/// The nice value of each thread of `pid` named `name` (Linux: the 19th
+/// field of `/proc/<pid>/task/<tid>/stat`), and of the others.
+#[cfg(target_os = "linux")]
+fn nice_values(pid: u32, name: &str) -> (Vec<i32>, Vec<i32>) {
+    let (mut named, mut others) = (Vec::new(), Vec::new());
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // The fields after the command name, from the 3rd (the state).
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let nice: i32 = fields[19 - 3].parse().unwrap();
+        if comm.trim_end() == name {
+            named.push(nice);
+        } else {
+            others.push(nice);
+        }
+    }
+    (named, others)
+}
+
+/// `--session-threads` starts that many `pgdn-session` threads at
+/// `--session-nice`, the rest of the server at the usual priority; with
+/// `--session-threads 0` there are none and connections still work.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn session_threads_run_at_their_nice_value_and_can_be_turned_off() {
+    let server = start_dev_with(&["--session-threads", "3", "--session-nice", "7"]);
+    let pid = server.child.id();
+    // Each thread lowers its own priority as it starts: wait until all have.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let (sessions, others) = nice_values(pid, "pgdn-session");
+        if sessions == [7, 7, 7] {
+            assert!(others.iter().all(|n| *n == 0), "{others:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session threads' nice values: {sessions:?}"
+        );
+        std::thread::yield_now();
+    }
+    drop(server);
+
+    let server = start_dev_with(&["--session-threads", "0"]);
+    let token = after(
+        &server.lines,
+        "Demo token (user \"demo-user\", group \"demo\", valid 24 h):",
+    )
+    .to_string();
+    let (ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
+            .await
+            .expect("the demo token connects");
+    let mut client = Client::after_upgrade(ws).await;
+    client.roundtrip("inline").await;
+    let (sessions, _) = nice_values(server.child.id(), "pgdn-session");
+    assert!(sessions.is_empty(), "{sessions:?}");
 }
