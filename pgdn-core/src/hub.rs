@@ -252,7 +252,6 @@ impl Deliver for Inner {
         self.counters.received[target_kind(&envelope.target)].fetch_add(1, Ordering::Relaxed);
         let taken = Instant::now();
         let plan = self.registry.plan(&envelope.target);
-        let long = self.registry.is_long(&plan);
         // Worked out before the lock, like the plan: under it, only what
         // must follow the sequence order.
         let users = envelope.target.user_recipients();
@@ -274,33 +273,23 @@ impl Deliver for Inner {
         };
         // This thread may also serve other messages waiting in the shards
         // it visits (`Registry::fan_out`): `items` can be theirs.
-        let fan_out = || {
-            self.registry.fan_out(turns, |c, items, direct| {
-                let offered = c.offer_many(items, direct);
-                if offered.written {
-                    for (seq, _) in items {
-                        self.clock.written(*seq);
-                    }
-                } else if offered.full {
-                    // The session logs the cut (with the client's address)
-                    // once it ends; this is the detail of why.
-                    tracing::debug!(
-                        connection = c.wire_id(),
-                        user = c.user_id(),
-                        "outbound queue full: disconnecting slow consumer"
-                    );
+        self.registry.fan_out(turns, |c, items, direct| {
+            let offered = c.offer_many(items, direct);
+            if offered.written {
+                for (seq, _) in items {
+                    self.clock.written(*seq);
                 }
-                offered.took
-            })
-        };
-        if long && on_a_worker_thread() {
-            // Thousands of connections: milliseconds of work. The worker's
-            // other tasks (publish requests, new connections) move to
-            // another thread meanwhile instead of waiting behind it.
-            tokio::task::block_in_place(fan_out);
-        } else {
-            fan_out();
-        }
+            } else if offered.full {
+                // The session logs the cut (with the client's address)
+                // once it ends; this is the detail of why.
+                tracing::debug!(
+                    connection = c.wire_id(),
+                    user = c.user_id(),
+                    "outbound queue full: disconnecting slow consumer"
+                );
+            }
+            offered.took
+        });
         let delivered = job.delivered();
         self.counters
             .deliveries
@@ -322,14 +311,6 @@ impl Deliver for Inner {
             );
         }
     }
-}
-
-/// Whether this thread is a worker of a multi-thread tokio runtime, where
-/// `block_in_place` may hand its other tasks to another thread. (On a
-/// current-thread runtime it would panic; elsewhere it has nothing to hand.)
-fn on_a_worker_thread() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// A claimed publisher-chosen id: released when dropped unless the publish
@@ -1027,63 +1008,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.delivered, Some(3), "a repeated user is reached once");
-    }
-
-    /// A broadcast or group message to thousands of connections is fanned
-    /// out inside `block_in_place` on a multi-thread runtime's worker, and
-    /// inline on a current-thread runtime (where `block_in_place` would
-    /// panic): every connection gets it once, either way.
-    #[test]
-    fn a_long_fan_out_delivers_on_any_runtime() {
-        async fn check(hub: Hub, outboxes: &[Outbox], n: u64) {
-            let r = hub
-                .broadcast(MessageType::info(), json!({"n": n}), &[] as &[&str])
-                .await
-                .unwrap();
-            assert_eq!(r.delivered, Some(outboxes.len()));
-            let r = hub
-                .notify_group("all", MessageType::info(), json!({"n": n + 1}))
-                .await
-                .unwrap();
-            assert_eq!(r.delivered, Some(outboxes.len()));
-            for o in outboxes {
-                let got = recv(o).await;
-                assert_eq!(got.len(), 2);
-                assert_eq!(got[0]["payload"]["n"], n);
-                assert_eq!(got[1]["payload"]["n"], n + 1);
-            }
-        }
-        let hub = Hub::new();
-        let current = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let outboxes: Vec<Outbox> = current.block_on(async {
-            let mut outboxes = Vec::new();
-            for i in 0..crate::registry::LONG_FAN_OUT + 10 {
-                let (_c, o) = hub
-                    .connect(Identity::new(format!("u{i}"), ["all"]))
-                    .await
-                    .unwrap();
-                outboxes.push(o);
-            }
-            outboxes
-        });
-        assert!(
-            hub.inner
-                .registry
-                .is_long(&hub.inner.registry.plan(&Target::Group("all".into())))
-        );
-        current.block_on(check(hub.clone(), &outboxes, 1));
-        let multi = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let outboxes = std::sync::Arc::new(outboxes);
-        multi
-            .block_on(multi.spawn(async move { check(hub, &outboxes, 3).await }))
-            .unwrap();
     }
 
     #[tokio::test]

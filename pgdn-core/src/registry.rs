@@ -202,10 +202,6 @@ impl Exclude {
     }
 }
 
-/// Connections from which a fan-out counts as long ([`Registry::is_long`]):
-/// about a millisecond of queueing and waking.
-pub(crate) const LONG_FAN_OUT: usize = 2048;
-
 /// The turns a message took, one per shard it visits, in ascending shard
 /// order.
 #[derive(Debug)]
@@ -344,16 +340,6 @@ impl Registry {
 
     /// Works out which shards a message to `target` visits. Users are
     /// de-duplicated.
-    /// Whether fanning `plan` out may take long (milliseconds): it may
-    /// reach at least [`LONG_FAN_OUT`] connections.
-    pub(crate) fn is_long(&self, plan: &Plan) -> bool {
-        match plan {
-            Plan::User(..) | Plan::Users(_) => false,
-            Plan::Group(g) => self.groups_map().get(g).copied().unwrap_or(0) >= LONG_FAN_OUT,
-            Plan::Broadcast(_) => self.connection_count() >= LONG_FAN_OUT,
-        }
-    }
-
     pub(crate) fn plan(&self, target: &Target) -> Plan {
         match target {
             Target::User(u) => Plan::User(self.shard_of(u), u.clone()),
