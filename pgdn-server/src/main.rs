@@ -223,7 +223,9 @@ struct Args {
     session_threads: Option<usize>,
     /// The session threads' nice value (0 to 19, Linux): how much the
     /// operating system favours accepting, HTTP and greeting over writing
-    /// broadcasts when the CPU is short. 0 treats them alike.
+    /// broadcasts when the CPU is short. 0 treats them alike: use it on a
+    /// box shared with CPU-heavy processes, which would otherwise slow the
+    /// connections' writes.
     #[arg(long, env = "PGDN_SESSION_NICE", default_value_t = 10,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     session_nice: i32,
