@@ -806,8 +806,7 @@ fn main() {
     let cli: Cli = config_file::parse_or_exit();
     let args = cli.args;
     if let Err(e) = init_logs(&args.log, args.log_format) {
-        eprintln!("pgdn-server: {e}");
-        std::process::exit(1);
+        fail(e);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -857,6 +856,7 @@ fn lower_priority(nice: i32) {
     }
 }
 
+/// Says why on stderr and exits with status 1.
 fn fail(e: impl std::fmt::Display) -> ! {
     eprintln!("pgdn-server: {e}");
     std::process::exit(1);
