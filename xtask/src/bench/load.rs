@@ -217,6 +217,7 @@ pub(crate) fn run(
     }
     let started = Instant::now();
     let load_before = procs::load_average();
+    let mut steals = Vec::new();
     let mut report = Report {
         broadcast: Vec::new(),
         publish: Vec::new(),
@@ -237,6 +238,7 @@ pub(crate) fn run(
                     round + 1,
                     opts.rounds
                 );
+                let steal = procs::Steal::start();
                 report.broadcast.push(broadcast::run_round(
                     round,
                     n,
@@ -246,6 +248,7 @@ pub(crate) fn run(
                     runtime,
                     ticks_per_sec,
                 ));
+                steals.push(steal.percent());
             }
         }
         if load.has(Part::Single) || load.has(Part::Batch) {
@@ -256,6 +259,7 @@ pub(crate) fn run(
                 round + 1,
                 opts.rounds
             );
+            let steal = procs::Steal::start();
             report.publish.push(publish::run_round(
                 round,
                 opts,
@@ -264,6 +268,7 @@ pub(crate) fn run(
                 runtime,
                 ticks_per_sec,
             ));
+            steals.push(steal.percent());
         }
         if load.has(Part::Connections) {
             eprintln!(
@@ -272,17 +277,21 @@ pub(crate) fn run(
                 round + 1,
                 opts.rounds
             );
+            let steal = procs::Steal::start();
             report
                 .connect
                 .push(connect::run_round(round, opts, load, bin_dir, runtime));
+            steals.push(steal.percent());
         }
     }
     print_header(machine, revision);
     println!(
         "The run took {:.0} s; load average (1, 5, 15 min) {load_before} when it started, {} when it \
-         ended. pgdn-server: {}. Parts: {}; medians of {} round(s).\n",
+         ended; the hypervisor took {} of the CPU time (steal) during each server's run, in \
+         order. pgdn-server: {}. Parts: {}; medians of {} round(s).\n",
         started.elapsed().as_secs_f64(),
         procs::load_average(),
+        procs::describe_steal(&steals),
         opts.pgdn_bin
             .as_ref()
             .map_or("the release build of this workspace".into(), |b| b
@@ -459,6 +468,14 @@ fn print_publishers(
     row(
         "server CPU (% of a core)",
         &|t| t.phase.server_ticks as f64 * 100.0 / ticks_per_sec as f64 / t.phase.secs,
+        &|x| format!("{x:.0}"),
+        None,
+    );
+    // The load generator shares the box: server and bench together at
+    // about 100 % per core means the machine, not the server, set the pace.
+    row(
+        "bench CPU (% of a core)",
+        &|t| t.phase.bench_ticks as f64 * 100.0 / ticks_per_sec as f64 / t.phase.secs,
         &|x| format!("{x:.0}"),
         None,
     );
@@ -715,6 +732,14 @@ fn print_publish(rounds: &[publish::Round], load: &LoadOptions, ticks_per_sec: u
         println!(
             "| server CPU per message (µs) | {} | |",
             cell(m(&|r| r.server_us(ticks_per_sec)), &two)
+        );
+        let busy = |ticks: u64, r: &publish::Rate| {
+            ticks as f64 * 100.0 / ticks_per_sec as f64 / r.secs.max(1e-9)
+        };
+        println!(
+            "| server / bench CPU (% of a core) | {} / {} | |",
+            cell(m(&|r| busy(r.server_ticks, r)), &|x| format!("{x:.0}")),
+            cell(m(&|r| busy(r.bench_ticks, r)), &|x| format!("{x:.0}"))
         );
         println!("\nEvery sample, in round order:\n");
         samples(

@@ -178,6 +178,52 @@ pub(crate) fn load_average() -> String {
     )
 }
 
+/// The machine's CPU time so far, every CPU together (the `cpu` line of
+/// `/proc/stat`), in clock ticks: (all of it, the part the hypervisor took
+/// for other guests: steal).
+fn machine_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user and nice).
+    let all = fields.iter().take(8).sum();
+    Some((all, *fields.get(7)?))
+}
+
+/// CPU time the hypervisor took from this virtual machine since
+/// [`Steal::start`]: on a shared host it explains a slow round better
+/// than anything the bench or the server did.
+pub(crate) struct Steal(Option<(u64, u64)>);
+
+impl Steal {
+    pub(crate) fn start() -> Steal {
+        Steal(machine_cpu_ticks())
+    }
+
+    /// Steal as a percentage of all CPU time since the start, if known.
+    pub(crate) fn percent(&self) -> Option<f64> {
+        let ((all0, steal0), (all1, steal1)) = (self.0?, machine_cpu_ticks()?);
+        let all = all1.checked_sub(all0)?;
+        (all > 0).then(|| steal1.saturating_sub(steal0) as f64 * 100.0 / all as f64)
+    }
+}
+
+/// Steal percentages, one per server run, for a report: "0.4 %, 12.0 %"
+/// ("unknown" where /proc/stat could not be read).
+pub(crate) fn describe_steal(steal: &[Option<f64>]) -> String {
+    steal
+        .iter()
+        .map(|s| s.map_or("unknown".into(), |p| format!("{p:.1} %")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The output of `rustc -V`, or "rustc (unknown)".
 pub(crate) fn rustc_version() -> String {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
