@@ -139,11 +139,81 @@ pub trait Deliver: Send + Sync + 'static {
     /// counted.
     fn deliver(&self, envelope: &Envelope) -> usize;
 
+    /// Begins the same delivery and returns the rest of its fan-out, to be
+    /// run in steps ([`FanOut::step`]) with other work in between, as
+    /// [`Delivery::deliver_async`] does. By default the whole delivery
+    /// happens here and nothing is left.
+    fn deliver_stepwise(self: Arc<Self>, envelope: &Envelope) -> FanOut {
+        FanOut::done(self.deliver(envelope))
+    }
+
     /// Drops a message that came from the broker's channel but is not one
     /// pgdn could have sent ([`Envelope::check`] failed, or it could not
     /// be read): nothing is delivered, and it is counted and logged
     /// ([`Stats::messages_dropped_invalid`](crate::Stats::messages_dropped_invalid)).
     fn drop_invalid(&self, why: &dyn std::fmt::Display);
+}
+
+/// A delivery under way ([`Deliver::deliver_stepwise`]): what is left of
+/// its fan-out. Dropping it before it is done finishes it at once, so a
+/// message that was numbered and recorded always reaches every
+/// connection it names.
+pub struct FanOut {
+    /// What is left to do, if anything.
+    steps: Option<Steps>,
+    /// The count of a delivery done at once.
+    delivered: usize,
+}
+
+type Steps = Box<dyn FnMut() -> Option<usize> + Send>;
+
+impl FanOut {
+    /// A delivery already done: it reached `delivered` connections.
+    pub fn done(delivered: usize) -> FanOut {
+        FanOut {
+            steps: None,
+            delivered,
+        }
+    }
+
+    /// A delivery whose every call to `step` does part of the fan-out and
+    /// returns how many connections took the message once it is done.
+    pub fn steps(step: impl FnMut() -> Option<usize> + Send + 'static) -> FanOut {
+        FanOut {
+            steps: Some(Box::new(step)),
+            delivered: 0,
+        }
+    }
+
+    /// Does the next part: how many connections took the message once the
+    /// whole fan-out is done, `None` while some is left.
+    pub fn step(&mut self) -> Option<usize> {
+        let Some(step) = self.steps.as_mut() else {
+            return Some(self.delivered);
+        };
+        let done = step();
+        if let Some(n) = done {
+            self.steps = None;
+            self.delivered = n;
+        }
+        done
+    }
+}
+
+impl Drop for FanOut {
+    fn drop(&mut self) {
+        while self.steps.is_some() {
+            self.step();
+        }
+    }
+}
+
+impl std::fmt::Debug for FanOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FanOut")
+            .field("done", &self.steps.is_none())
+            .finish()
+    }
 }
 
 /// A broker's handle to its node: where it hands every message it
@@ -170,6 +240,22 @@ impl Delivery {
     /// connections took it, or `None` when the hub is gone.
     pub fn deliver(&self, envelope: &Envelope) -> Option<usize> {
         Some(self.0.upgrade()?.deliver(envelope))
+    }
+
+    /// Delivers `envelope` like [`Delivery::deliver`], yielding to the
+    /// runtime between the steps of a long fan-out
+    /// ([`Deliver::deliver_stepwise`]), so that a broadcast to every
+    /// connection does not hold up other tasks on its thread (a new
+    /// connection's upgrade, the next publish request) for all of it.
+    /// Cancel-safe: dropped midway, the rest of the fan-out runs at once.
+    pub async fn deliver_async(&self, envelope: &Envelope) -> Option<usize> {
+        let mut fan_out = self.0.upgrade()?.deliver_stepwise(envelope);
+        loop {
+            if let Some(delivered) = fan_out.step() {
+                return Some(delivered);
+            }
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Drops an invalid message ([`Deliver::drop_invalid`]); false when
@@ -271,10 +357,13 @@ impl Broker for LocalBroker {
     }
 
     async fn publish(&self, envelope: &Envelope) -> Result<Published, Error> {
-        let delivered = self
+        let node = self
             .node
             .get()
-            .and_then(|node| node.deliver(envelope))
+            .ok_or_else(|| Error::Broker("the local broker has no hub".into()))?;
+        let delivered = node
+            .deliver_async(envelope)
+            .await
             .ok_or_else(|| Error::Broker("the local broker has no hub".into()))?;
         Ok(Published::Delivered(delivered))
     }

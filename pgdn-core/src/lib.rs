@@ -88,7 +88,7 @@ pub mod transport;
 
 pub use api::Route;
 pub use auth::{AuthError, AuthPurpose, AuthRequest, Authenticator, StaticAuthenticator};
-pub use broker::{Broker, Deliver, Delivery, Envelope, LocalBroker, Published};
+pub use broker::{Broker, Deliver, Delivery, Envelope, FanOut, LocalBroker, Published};
 pub use config::Config;
 pub use connection::{
     Connection, Direct, DirectWrite, DisconnectReason, Outbox, QueueLimits, SendError,

@@ -207,6 +207,24 @@ impl Exclude {
 #[derive(Debug)]
 pub(crate) struct Turns(Vec<(usize, u64)>);
 
+impl Turns {
+    /// How many shards the message visits.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it visits none (any more).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The turns in shards `from..`, taken out of these (which keep the
+    /// earlier ones): the part of a fan-out left for later.
+    pub(crate) fn split_off(&mut self, from: usize) -> Turns {
+        Turns(self.0.split_off(from.min(self.0.len())))
+    }
+}
+
 /// The shards `plan` visits, ascending.
 fn shards_of(plan: &Plan) -> Vec<usize> {
     match plan {

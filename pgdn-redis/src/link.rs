@@ -367,7 +367,7 @@ async fn subscription(
                         match crate::broker::parse_message(&payload) {
                             Ok(envelope) => {
                                 tracing::trace!(seq = envelope.seq, id = %envelope.id, "from redis");
-                                node.deliver(&envelope)?;
+                                node.deliver_async(&envelope).await?;
                             }
                             Err(e) => {
                                 node.drop_invalid(&e);

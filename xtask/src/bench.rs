@@ -143,6 +143,13 @@ WebSocket subscribers (pgdn) and with Server-Sent Events subscribers
   --quick             a short run: fewer messages and repetitions
   --check             exit with failure when pgdn misses a target
   --no-build          do not run cargo build first
+  --no-pin            let the servers and the bench share every CPU. By
+                      default (with 2 CPUs or more, on Linux) each server
+                      under test, pgdn or the baseline, runs on the first
+                      CPU the bench may use and the bench on the others, as
+                      issue 11 measured: the load generator then does not
+                      compete with the server for its core. Also applies
+                      to --load; not to --publisher, --cluster, --scale
   --pgdn-bin PATH     the pgdn-server binary to measure (default: the
                       release build of this workspace, built first)
 
@@ -315,6 +322,8 @@ struct Options {
     transport: Transport,
     check: bool,
     no_build: bool,
+    /// Whether `--no-pin` was given (see [`procs::Pinning`]).
+    no_pin: bool,
     pgdn_bin: Option<PathBuf>,
     baseline_coalesce: usize,
     baseline_read_buffer: usize,
@@ -446,6 +455,7 @@ impl Options {
             transport: Transport::Both,
             check: false,
             no_build: false,
+            no_pin: false,
             pgdn_bin: None,
             baseline_coalesce: 1,
             baseline_read_buffer: 4096,
@@ -545,6 +555,7 @@ impl Options {
                 }
                 "--check" => o.check = true,
                 "--no-build" => o.no_build = true,
+                "--no-pin" => o.no_pin = true,
                 "--n" => {
                     o.ns = value("--n")?
                         .split(',')
@@ -788,7 +799,16 @@ fn run(opts: &Options, bin_dir: &Path) -> Result<bool, String> {
         ));
     }
     let ticks_per_sec = procs::clock_ticks_per_sec();
-    let machine = procs::machine_description();
+    let mut machine = procs::machine_description();
+    // Before the bench starts a thread of its own: they inherit it.
+    if matches!(opts.mode, Mode::Compare | Mode::Load) {
+        let pinned = if opts.no_pin {
+            "not pinned (--no-pin)".into()
+        } else {
+            procs::Pinning::apply()
+        };
+        machine = format!("{machine}; {pinned}");
+    }
     eprintln!("xtask bench: {machine}; {}", procs::rustc_version());
     let revision = procs::git_revision();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -16,10 +16,106 @@ pub(crate) struct ServerProcess {
     stdin: Option<ChildStdin>,
 }
 
+/// The CPUs of the servers under test and of the bench (`--no-pin` turns
+/// this off): each server on one CPU, the bench on the others, so that
+/// the load generator does not take CPU time from the server it measures
+/// (issue 11's own figures were taken that way). Set once, before the
+/// bench starts any thread of its own.
+#[cfg(target_os = "linux")]
+pub(crate) struct Pinning {
+    server: rustix::thread::CpuSet,
+    bench: rustix::thread::CpuSet,
+}
+
+#[cfg(target_os = "linux")]
+static PINNING: std::sync::OnceLock<Pinning> = std::sync::OnceLock::new();
+
+#[cfg(target_os = "linux")]
+impl Pinning {
+    /// Puts every thread of the bench on the CPUs it may use but the
+    /// first, and keeps the first for the servers it starts from now on.
+    /// Says where each runs, or why nothing is pinned (fewer than 2 CPUs).
+    pub(crate) fn apply() -> String {
+        use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
+        let allowed = match sched_getaffinity(None) {
+            Ok(set) => set,
+            Err(e) => return format!("not pinned (sched_getaffinity: {e})"),
+        };
+        let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
+            .filter(|&c| allowed.is_set(c))
+            .collect();
+        let Some((&first, rest)) = cpus.split_first().filter(|(_, rest)| !rest.is_empty()) else {
+            return "not pinned (one CPU)".into();
+        };
+        let mut server = CpuSet::new();
+        server.set(first);
+        let mut bench = CpuSet::new();
+        for &c in rest {
+            bench.set(c);
+        }
+        // Every thread the bench has so far; later ones inherit the mask
+        // of the thread that starts them.
+        let tasks = std::fs::read_dir("/proc/self/task").map_err(|e| e.to_string());
+        let threads = tasks.map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        });
+        let threads = match threads {
+            Ok(t) => t,
+            Err(e) => return format!("not pinned (/proc/self/task: {e})"),
+        };
+        for tid in threads {
+            let pid = rustix::process::Pid::from_raw(tid);
+            if let Err(e) = sched_setaffinity(pid, &bench) {
+                return format!("not pinned (sched_setaffinity: {e})");
+            }
+        }
+        let _ = PINNING.set(Pinning { server, bench });
+        let list = |cpus: &[usize]| {
+            cpus.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        format!(
+            "each server under test pinned to CPU {first}, the bench to CPU {}",
+            list(rest)
+        )
+    }
+
+    /// Runs `spawn` with the calling thread on the servers' CPU, so that
+    /// the process it starts inherits that CPU, then puts the thread back.
+    fn spawning<T>(spawn: impl FnOnce() -> T) -> T {
+        let Some(p) = PINNING.get() else {
+            return spawn();
+        };
+        let _ = rustix::thread::sched_setaffinity(None, &p.server);
+        let out = spawn();
+        let _ = rustix::thread::sched_setaffinity(None, &p.bench);
+        out
+    }
+}
+
+/// Without Linux's affinity calls, nothing is pinned.
+#[cfg(not(target_os = "linux"))]
+pub(crate) struct Pinning;
+
+#[cfg(not(target_os = "linux"))]
+impl Pinning {
+    pub(crate) fn apply() -> String {
+        "not pinned (Linux only)".into()
+    }
+
+    fn spawning<T>(spawn: impl FnOnce() -> T) -> T {
+        spawn()
+    }
+}
+
 impl ServerProcess {
     /// Starts `cmd` with piped stdin/stdout and waits (at most `timeout`)
     /// for a stdout line starting with `prefix`; returns the process and
-    /// that line. The rest of stdout is drained in the background.
+    /// that line. The rest of stdout is drained in the background. With
+    /// [`Pinning`] applied, the process runs on the servers' CPU.
     pub(crate) fn start(
         name: &'static str,
         mut cmd: Command,
@@ -29,8 +125,7 @@ impl ServerProcess {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        let mut child = cmd
-            .spawn()
+        let mut child = Pinning::spawning(|| cmd.spawn())
             .map_err(|e| format!("could not start {name} ({cmd:?}): {e}"))?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout is piped");
