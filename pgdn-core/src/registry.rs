@@ -28,6 +28,11 @@
 //! ones, in inbox order. A job already taken by another thread was served
 //! under the same lock, so once the lock is taken it is done.
 //!
+//! The hub serves a broadcast's or a group's turns a few shards at a time
+//! and lets its thread run other tasks in between
+//! (`Delivery::deliver_async`); a shard it has not reached yet may be
+//! served, its job included, by a later message that gets there first.
+//!
 //! No publisher ever waits for another's turn: whoever reaches a shard
 //! first does the work there. A user-targeted message that arrives while
 //! a broadcast is on its way serves the broadcast's share of its own
