@@ -202,6 +202,11 @@ impl FanOut {
 
 impl Drop for FanOut {
     fn drop(&mut self) {
+        // Not while a step is panicking: a second panic would abort. What
+        // is left waits in the shards' inboxes for the next message there.
+        if std::thread::panicking() {
+            return;
+        }
         while self.steps.is_some() {
             self.step();
         }

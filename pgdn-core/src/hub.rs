@@ -323,9 +323,9 @@ impl Inner {
         }
     }
 
-    /// Serves `turns` of `job`'s fan-out. This thread may also serve other
-    /// messages waiting in the shards it visits (`Registry::fan_out`):
-    /// `items` can be theirs.
+    /// Serves `turns`, some or all of a message's fan-out. This thread may
+    /// also serve other messages waiting in the shards it visits
+    /// (`Registry::fan_out`): `items` can be theirs.
     fn serve(&self, turns: Turns) {
         self.registry.fan_out(turns, |c, items, direct| {
             let offered = c.offer_many(items, direct);
