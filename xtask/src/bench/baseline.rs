@@ -12,7 +12,9 @@
 //!   `POST /publish` takes pgdn's publish body, builds a frame of the same
 //!   shape as pgdn's (`id`, `type`, `payload`, `timestamp`, `user_id`),
 //!   serializes it once into a `Message::Text` whose bytes every socket
-//!   shares, and hands it to the shards.
+//!   shares, and hands it to the shards. `POST /publish/batch` takes an
+//!   array of such bodies and does the same for each, one after another
+//!   (`cargo xtask bench --load`, part 5).
 //! - One registry shard per core, each a task that owns its sinks. By
 //!   default (`--coalesce 1`) it takes one publish at a time and writes
 //!   that one frame to every socket (`feed` + `flush`: one write per socket
@@ -312,8 +314,10 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     resp
 }
 
-/// `POST /publish` with pgdn's publish body; `broadcast` and `user`
-/// targets.
+/// `POST /publish` with pgdn's publish body, `broadcast` and `user`
+/// targets; `POST /publish/batch` (any path ending in `/batch`) with a JSON
+/// array of them, published one after another as pgdn's batch endpoint
+/// does (user-targeted: one write per message to a different socket).
 async fn publish(
     req: Request<Incoming>,
     state: Arc<State>,
@@ -324,18 +328,40 @@ async fn publish(
             format!(r#"{{"error":"{m}"}}"#),
         ))
     };
+    let batch = req.uri().path().ends_with("/batch");
     let Ok(body) = req.into_body().collect().await else {
         return bad("unreadable body");
     };
     let Ok(body) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
         return bad("not JSON");
     };
+    if !batch {
+        return match publish_one(&body, &state) {
+            Ok(answer) => Ok(reply(StatusCode::OK, answer)),
+            Err(m) => bad(m),
+        };
+    }
+    let Some(items) = body.as_array() else {
+        return bad("a batch is an array");
+    };
+    let mut answers = Vec::with_capacity(items.len());
+    for item in items {
+        match publish_one(item, &state) {
+            Ok(answer) => answers.push(answer),
+            Err(m) => return bad(m),
+        }
+    }
+    Ok(reply(StatusCode::OK, format!("[{}]", answers.join(","))))
+}
+
+/// Publishes one message of pgdn's publish body and returns its answer.
+fn publish_one(body: &Value, state: &State) -> Result<String, &'static str> {
     let Some(kind) = body["type"].as_str() else {
-        return bad("no type");
+        return Err("no type");
     };
     let user = body["target"]["user"].as_str();
     if user.is_none() && body["target"].get("broadcast").is_none() {
-        return bad("only user and broadcast targets");
+        return Err("only user and broadcast targets");
     }
     // A uuid-shaped id, as long as pgdn's.
     let n = state.next_message.fetch_add(1, Ordering::Relaxed);
@@ -361,8 +387,5 @@ async fn publish(
             state.connections.load(Ordering::Relaxed).to_string()
         }
     };
-    Ok(reply(
-        StatusCode::OK,
-        format!(r#"{{"id":"{id}","delivered":{delivered}}}"#),
-    ))
+    Ok(format!(r#"{{"id":"{id}","delivered":{delivered}}}"#))
 }

@@ -669,8 +669,15 @@ fn print_publish(rounds: &[publish::Round], load: &LoadOptions, ticks_per_sec: u
                 r.batch
             }
         };
+        let get_bare = |r: &publish::Round| {
+            if part == Part::Single {
+                r.bare_single
+            } else {
+                r.bare_batch
+            }
+        };
         let v: Vec<publish::Rate> = rounds.iter().filter_map(get).collect();
-        let m = |f: &dyn Fn(&publish::Rate) -> f64| med(v.iter().map(f));
+        let bare: Vec<publish::Rate> = rounds.iter().filter_map(get_bare).collect();
         let single = part == Part::Single;
         if single {
             println!(
@@ -691,60 +698,105 @@ fn print_publish(rounds: &[publish::Round], load: &LoadOptions, ticks_per_sec: u
                 thousands(load.targets as f64)
             );
         }
-        println!("| | measured | target |\n|---|---:|---|");
-        let rate = m(&publish::Rate::per_sec);
-        if single {
-            let p99 = m(&|r| ms(r.call_p99_ns));
+        println!(
+            "The bare baseline gets the same requests in the same round, after pgdn, with as many \
+             subscribers: it writes each message to its socket (one write per message) and does \
+             nothing else, so its figure is about the most this machine's core can do at that \
+             moment.\n"
+        );
+        println!("| | pgdn | bare baseline | pgdn / baseline | target |\n|---|---:|---:|---:|---|");
+        // A row: pgdn's median, the baseline's, their ratio and a verdict
+        // on pgdn's figure.
+        let mut row = |label: &str,
+                       f: &dyn Fn(&publish::Rate) -> f64,
+                       fmt: &dyn Fn(f64) -> String,
+                       target: Option<(bool, &str, f64)>| {
+            let (x, y) = (med(v.iter().map(f)), med(bare.iter().map(f)));
+            let ratio = match (x, y) {
+                (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+                _ => None,
+            };
+            let verdict = target.map_or(String::new(), |(at_least, text, t)| {
+                verdict(x, at_least, text, t, &mut all_met)
+            });
             println!(
-                "| **publishes/s** | {} | {} |",
-                cell(rate, &thousands),
-                verdict(rate, true, "30,000", TARGET_SINGLE, &mut all_met)
+                "| {label} | {} | {} | {} | {verdict} |",
+                cell(x, fmt),
+                cell(y, fmt),
+                cell(ratio, &two)
             );
-            println!(
-                "| **publish request p99 (ms)** | {} | {} |",
-                cell(p99, &two),
-                verdict(p99, false, "20 ms", TARGET_SINGLE_P99_MS, &mut all_met)
+        };
+        if single {
+            row(
+                "**publishes/s**",
+                &publish::Rate::per_sec,
+                &thousands,
+                Some((true, "30,000", TARGET_SINGLE)),
+            );
+            row(
+                "**publish request p99 (ms)**",
+                &|r| ms(r.call_p99_ns),
+                &two,
+                Some((false, "20 ms", TARGET_SINGLE_P99_MS)),
             );
         } else {
-            println!(
-                "| **messages/s** | {} | {} |",
-                cell(rate, &thousands),
-                verdict(rate, true, "300,000", TARGET_BATCH, &mut all_met)
+            row(
+                "**messages/s**",
+                &publish::Rate::per_sec,
+                &thousands,
+                Some((true, "300,000", TARGET_BATCH)),
             );
-            println!(
-                "| batch requests/s | {} | |",
-                cell(m(&|r| r.requests as f64 / r.secs), &thousands)
+            row(
+                "batch requests/s",
+                &|r| r.requests as f64 / r.secs,
+                &thousands,
+                None,
             );
-            println!(
-                "| batch request p99 (ms) | {} | |",
-                cell(m(&|r| ms(r.call_p99_ns)), &two)
-            );
+            row("batch request p99 (ms)", &|r| ms(r.call_p99_ns), &two, None);
         }
-        println!(
-            "| request p50 (ms) | {} | |",
-            cell(m(&|r| ms(r.call_p50_ns)), &two)
+        row("request p50 (ms)", &|r| ms(r.call_p50_ns), &two, None);
+        row(
+            "publish-to-receive p50 (ms)",
+            &|r| ms(r.recv_p50_ns),
+            &two,
+            None,
         );
-        println!(
-            "| publish-to-receive p50 / p99 (ms) | {} / {} | |",
-            cell(m(&|r| ms(r.recv_p50_ns)), &two),
-            cell(m(&|r| ms(r.recv_p99_ns)), &two)
+        row(
+            "publish-to-receive p99 (ms)",
+            &|r| ms(r.recv_p99_ns),
+            &two,
+            None,
         );
-        println!(
-            "| server CPU per message (µs) | {} | |",
-            cell(m(&|r| r.server_us(ticks_per_sec)), &two)
+        row(
+            "server CPU per message (µs)",
+            &|r| r.server_us(ticks_per_sec),
+            &two,
+            None,
         );
         let busy = |ticks: u64, r: &publish::Rate| {
             ticks as f64 * 100.0 / ticks_per_sec as f64 / r.secs.max(1e-9)
         };
-        println!(
-            "| server / bench CPU (% of a core) | {} / {} | |",
-            cell(m(&|r| busy(r.server_ticks, r)), &|x| format!("{x:.0}")),
-            cell(m(&|r| busy(r.bench_ticks, r)), &|x| format!("{x:.0}"))
+        row(
+            "server CPU (% of a core)",
+            &|r| busy(r.server_ticks, r),
+            &|x| format!("{x:.0}"),
+            None,
+        );
+        row(
+            "bench CPU (% of a core)",
+            &|r| busy(r.bench_ticks, r),
+            &|x| format!("{x:.0}"),
+            None,
         );
         println!("\nEvery sample, in round order:\n");
+        let what = if single { "publishes/s" } else { "messages/s" };
         samples(
-            if single { "publishes/s" } else { "messages/s" },
+            &format!("{what}, pgdn"),
             v.iter().map(|r| thousands(r.per_sec())).collect(),
+        );
+        samples(
+            &format!("{what}, bare baseline"),
+            bare.iter().map(|r| thousands(r.per_sec())).collect(),
         );
         problems(
             rounds

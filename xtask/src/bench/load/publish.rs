@@ -1,26 +1,36 @@
 //! `--load` parts 4 and 5, on a pgdn-server of their own with
 //! `--load-targets` idle WebSocket subscribers (default 2,000; users
-//! `u0`.., each with its own JWT) as the targets:
+//! `u0`.., each with its own JWT) as the targets, then the same on the
+//! bare baseline (`baseline.rs`) with as many subscribers:
 //!
 //! 4. **single**: user-targeted single publishes (`POST /api/v1/publish`,
 //!    one message each) from `--load-conns` keep-alive HTTP connections
 //!    (default 64), closed loop: each connection sends its next publish as
 //!    soon as the last one was answered, for `--load-secs` seconds, each to
 //!    a user drawn at random. Publishes/s is the publishes over the time
-//!    from the start to the last answer; the call time is each request's,
-//!    as its connection sees it (the queueing of a closed loop included).
+//!    from the start to the last answer or, if later, the last receipt
+//!    (the baseline answers before it writes); the call time is each
+//!    request's, as its connection sees it (the queueing of a closed loop
+//!    included).
 //! 5. **batch**: the batch endpoint (`POST /api/v1/publish/batch`,
 //!    docs/protocol.md section 5) with [`BATCH`] user-targeted messages per
 //!    request, each to a different user, from [`BATCH_CONNS`] connections,
 //!    closed loop, for `--load-secs` seconds. Messages/s is every message
 //!    of every answered batch over the same span.
 //!
-//! Both check every answer (`delivered: 1` for each message: every target
-//! is connected once) and that the subscribers received each message
-//! exactly once; publish-to-receive latency is the receipt time minus the
-//! send time in the payload. The server's CPU time is taken from the start
-//! to the last receipt. The bench writes its requests with its own small
-//! HTTP client (`http.rs`) to leave the cores to the server.
+//! Both check that the subscribers received each message exactly once,
+//! and pgdn's answers (`delivered: 1` for each message: every target is
+//! connected once; the baseline does not count). Publish-to-receive
+//! latency is the receipt time minus the send time in the payload. The
+//! server's CPU time is taken from the start to the last receipt. The
+//! bench writes its requests with its own small HTTP client (`http.rs`) to
+//! leave the cores to the server.
+//!
+//! The baseline's figure is the ceiling of this machine for the same
+//! requests at that moment: one write per message to a different socket,
+//! with no history, no queue bound and no slow-consumer handling. On one
+//! core, the writes alone (loopback TCP: the receiving side's kernel work
+//! runs in the sender's `write`) take most of it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,7 +39,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::super::client::{self, Histogram, Recorder};
-use super::super::{Clocks, Credentials, Options, ms, pgdn_bin, start_pgdn};
+use super::super::{
+    Clocks, Credentials, Options, Server, Subscribers, launch, ms, pgdn_bin, start_pgdn,
+};
 use super::http::{self, HttpConn, PUBLISH, PUBLISH_BATCH, Rng};
 use super::{LoadOptions, Part};
 
@@ -45,7 +57,7 @@ pub(crate) struct Rate {
     pub(crate) messages: u64,
     /// Requests made.
     pub(crate) requests: u64,
-    /// From the start to the last answer.
+    /// From the start to the last answer or, if later, the last receipt.
     pub(crate) secs: f64,
     /// Request time p50, nanoseconds.
     pub(crate) call_p50_ns: u64,
@@ -74,21 +86,29 @@ impl Rate {
     }
 }
 
-/// What parts 4 and 5 measured in one round.
+/// What parts 4 and 5 measured in one round, on pgdn and on the bare
+/// baseline.
 #[derive(Debug, Clone)]
 pub(crate) struct Round {
     /// Which round of `--rounds` (from 0).
     pub(crate) round: usize,
-    /// Part 4.
+    /// Part 4 on pgdn.
     pub(crate) single: Option<Rate>,
-    /// Part 5.
+    /// Part 5 on pgdn.
     pub(crate) batch: Option<Rate>,
+    /// Part 4 on the bare baseline (`baseline.rs`).
+    pub(crate) bare_single: Option<Rate>,
+    /// Part 5 on the bare baseline.
+    pub(crate) bare_batch: Option<Rate>,
     /// What went wrong, if anything.
     pub(crate) errors: Vec<String>,
 }
 
 /// Starts a pgdn-server, connects the targets, measures the parts of 4
-/// and 5 that `load.parts` names, and stops the server.
+/// and 5 that `load.parts` names, and stops the server; then the same on
+/// the bare baseline, so that each round has the ceiling of this machine
+/// at that moment beside pgdn's figure: the baseline writes each message
+/// to its socket with nothing else to do.
 pub(crate) fn run_round(
     round: usize,
     opts: &Options,
@@ -101,6 +121,8 @@ pub(crate) fn run_round(
         round,
         single: None,
         batch: None,
+        bare_single: None,
+        bare_batch: None,
         errors: Vec::new(),
     };
     let creds = Credentials::new();
@@ -117,14 +139,49 @@ pub(crate) fn run_round(
                 key: &creds.key,
                 pid: process.pid(),
                 ticks_per_sec,
+                answers: true,
             };
-            let result = runtime.block_on(measure(&mut out, &target, &creds, opts, load));
-            if let Err(e) = result {
-                out.errors.push(e);
+            let result = creds.ws_urls(&addr, 0..load.targets).and_then(|urls| {
+                runtime.block_on(measure(&target, urls, true, opts, load, &mut out.errors))
+            });
+            match result {
+                Ok((single, batch)) => (out.single, out.batch) = (single, batch),
+                Err(e) => out.errors.push(e),
             }
             eprintln!("xtask bench: {}", process.stop(Duration::from_secs(20)));
         }
         Err(e) => out.errors.push(e),
+    }
+    match launch(Server::Baseline, load.targets, bin_dir, opts) {
+        Ok((process, endpoints)) => {
+            let addr = endpoints
+                .publish_url
+                .strip_prefix("http://")
+                .and_then(|a| a.strip_suffix("/publish"))
+                .unwrap_or_default()
+                .to_string();
+            let target = Target {
+                addr: &addr,
+                key: "",
+                pid: process.pid(),
+                ticks_per_sec,
+                // The baseline does not count who took a user-targeted
+                // message; the subscribers' counts are checked instead.
+                answers: false,
+            };
+            let result = match endpoints.subscribers {
+                Subscribers::Ws { urls, hello } => {
+                    runtime.block_on(measure(&target, urls, hello, opts, load, &mut out.errors))
+                }
+                Subscribers::Sse { .. } => Err("the baseline serves WebSocket only".into()),
+            };
+            match result {
+                Ok((single, batch)) => (out.bare_single, out.bare_batch) = (single, batch),
+                Err(e) => out.errors.push(format!("baseline: {e}")),
+            }
+            eprintln!("xtask bench: {}", process.stop(Duration::from_secs(20)));
+        }
+        Err(e) => out.errors.push(format!("baseline: {e}")),
     }
     for e in &out.errors {
         eprintln!("  problem: {e}");
@@ -134,30 +191,40 @@ pub(crate) fn run_round(
 
 /// The server of one round.
 struct Target<'a> {
+    /// Its HTTP `host:port`.
     addr: &'a str,
+    /// The publish key.
     key: &'a str,
     pid: u32,
     ticks_per_sec: u64,
+    /// Whether its answers say how many connections took each message
+    /// (pgdn: `"delivered":1`), which is then checked.
+    answers: bool,
 }
 
+/// Connects the subscribers at `urls` (each counted once connected, or
+/// once its `connection` frame arrived with `hello`), then measures parts
+/// 4 and 5 as `load.parts` says; the subscribers' problems go to
+/// `errors`.
 async fn measure(
-    out: &mut Round,
     target: &Target<'_>,
-    creds: &Credentials,
+    urls: Vec<String>,
+    hello: bool,
     opts: &Options,
     load: &LoadOptions,
-) -> Result<(), String> {
+    errors: &mut Vec<String>,
+) -> Result<(Option<Rate>, Option<Rate>), String> {
     let rec = Recorder::new();
-    let urls = creds
-        .ws_urls(target.addr, 0..load.targets)?
-        .into_iter()
-        .map(|u| (u, 0))
-        .collect();
     let mut subscribers = JoinSet::new();
     let started = Instant::now();
-    client::connect_all(urls, true, &rec, &mut subscribers)
-        .await
-        .map_err(|e| format!("connecting the subscribers: {e}"))?;
+    client::connect_all(
+        urls.into_iter().map(|u| (u, 0)).collect(),
+        hello,
+        &rec,
+        &mut subscribers,
+    )
+    .await
+    .map_err(|e| format!("connecting the subscribers: {e}"))?;
     eprintln!(
         "  {} target subscribers connected in {:.2} s",
         load.targets,
@@ -165,29 +232,36 @@ async fn measure(
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let pad: Arc<str> = "x".repeat(opts.padding).into();
+    let who = if target.answers { "pgdn" } else { "baseline" };
     let result = async {
+        let mut single = None;
+        let mut batch = None;
         if load.parts.contains(&Part::Single) {
             let r = closed_loop(target, &rec, &pad, 1, load, load.conns, 1).await?;
-            report("single publishes", &r, target.ticks_per_sec);
-            out.single = Some(r);
+            report(
+                &format!("{who}, single publishes"),
+                &r,
+                target.ticks_per_sec,
+            );
+            single = Some(r);
         }
         if load.parts.contains(&Part::Batch) {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let r = closed_loop(target, &rec, &pad, 2, load, BATCH_CONNS, BATCH).await?;
             report(
-                &format!("batches of {BATCH}, messages"),
+                &format!("{who}, batches of {BATCH}, messages"),
                 &r,
                 target.ticks_per_sec,
             );
-            out.batch = Some(r);
+            batch = Some(r);
         }
-        Ok::<(), String>(())
+        Ok::<_, String>((single, batch))
     }
     .await;
     let (closed, failed) = rec.ended();
     if closed + failed > 0 {
-        out.errors.push(format!(
-            "{closed} subscriber connections closed by the server, {failed} failed"
+        errors.push(format!(
+            "{who}: {closed} subscriber connections closed by the server, {failed} failed"
         ));
     }
     subscribers.shutdown().await;
@@ -248,6 +322,7 @@ async fn closed_loop(
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(load.secs);
     let mut tasks = JoinSet::new();
+    let answers = target.answers;
     for (j, mut conn) in pool.into_iter().enumerate() {
         let (calls, pad) = (calls.clone(), pad.clone());
         tasks.spawn(async move {
@@ -284,11 +359,12 @@ async fn closed_loop(
                 }
                 let t = Instant::now();
                 let answer = conn.post(path, &body).await?;
-                let ok = if batch == 1 {
-                    http::number_after(answer, b"\"delivered\":") == Some(1)
-                } else {
-                    http::count_values(answer, b"\"delivered\":", 1) == batch
-                };
+                let ok = !answers
+                    || if batch == 1 {
+                        http::number_after(answer, b"\"delivered\":") == Some(1)
+                    } else {
+                        http::count_values(answer, b"\"delivered\":", 1) == batch
+                    };
                 last = Instant::now();
                 calls.record((last - t).as_nanos() as u64);
                 requests += 1;
@@ -333,7 +409,9 @@ async fn closed_loop(
     Ok(Rate {
         messages,
         requests,
-        secs,
+        // A server that answers before it writes (the baseline queues
+        // without a bound) is done when the last message arrived.
+        secs: secs.max(p.secs),
         call_p50_ns: calls.quantile(0.5),
         call_p99_ns: calls.quantile(0.99),
         recv_p50_ns: p.p50_ns,
