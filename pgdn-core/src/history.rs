@@ -14,7 +14,8 @@
 //! they belong to. A client whose window lost messages that way gets
 //! `history_gap` on resume.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -169,11 +170,13 @@ enum Removal {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// id -> sequence number, for every recent message.
-    ids: HashMap<MessageId, u64>,
+    /// id -> sequence number, for every recent message. Both maps hash
+    /// with foldhash: each message costs several lookups here, under the
+    /// lock every publish takes.
+    ids: foldhash::HashMap<MessageId, u64>,
     /// (recorded at, id, seq) in order, to expire `ids`.
     id_order: VecDeque<(Instant, MessageId, u64)>,
-    users: HashMap<Arc<str>, UserLog>,
+    users: foldhash::HashMap<Arc<str>, UserLog>,
     /// Every window entry ever added and not yet expired or evicted, oldest
     /// first: (user, record number). An entry already dropped from its
     /// full window stays here until its turn, and counts until then.
@@ -205,15 +208,7 @@ impl Inner {
 
     /// One window lets go of a frame; returns its sequence number.
     fn release(&mut self, record: u64) -> u64 {
-        let Some(stored) = self.slot(record).and_then(|i| self.frames.get_mut(i)) else {
-            return 0;
-        };
-        stored.refs -= 1;
-        if stored.refs == 0 {
-            self.bytes -= stored.frame.len();
-            stored.frame = Bytes::new();
-        }
-        stored.seq
+        release(&mut self.frames, self.first_record, &mut self.bytes, record)
     }
 
     /// Drops the oldest entry; false when there is none.
@@ -222,19 +217,19 @@ impl Inner {
             return false;
         };
         self.bytes -= ENTRY_COST;
-        let in_window = self
-            .users
-            .get(&user)
-            .is_some_and(|log| log.entries.front() == Some(&record));
-        if in_window {
-            let seq = self.release(record);
-            let log = self.users.get_mut(&user).expect("checked above");
-            log.entries.pop_front();
+        // One lookup: the entry is still in its window only if it is the
+        // oldest one there.
+        if let Entry::Occupied(mut log) = self.users.entry(user)
+            && log.get().entries.front() == Some(&record)
+        {
+            let seq = release(&mut self.frames, self.first_record, &mut self.bytes, record);
+            let window = log.get_mut();
+            window.entries.pop_front();
             if why == Removal::Bound {
-                log.evicted_upto = log.evicted_upto.max(seq);
+                window.evicted_upto = window.evicted_upto.max(seq);
             }
-            if log.entries.is_empty() {
-                self.users.remove(&user);
+            if window.entries.is_empty() {
+                let (user, _) = log.remove_entry();
                 self.bytes -= USER_COST + user.len();
                 if why == Removal::Bound {
                     self.gone_upto = self.gone_upto.max(seq);
@@ -248,6 +243,25 @@ impl Inner {
         }
         true
     }
+}
+
+/// A window lets go of record `record` of `frames` (which starts at
+/// record `first`): the frame's bytes go when no window holds it. Returns
+/// its sequence number (0 if it is gone). A function of the fields it
+/// needs, so that a caller may hold an entry of the users' map meanwhile.
+fn release(frames: &mut VecDeque<Stored>, first: u64, bytes: &mut usize, record: u64) -> u64 {
+    let slot = record
+        .checked_sub(first)
+        .and_then(|i| usize::try_from(i).ok());
+    let Some(stored) = slot.and_then(|i| frames.get_mut(i)) else {
+        return 0;
+    };
+    stored.refs -= 1;
+    if stored.refs == 0 {
+        *bytes -= stored.frame.len();
+        stored.frame = Bytes::new();
+    }
+    stored.seq
 }
 
 /// The single-node history: windows in memory.
@@ -291,8 +305,11 @@ impl MemoryHistory {
                 break;
             }
             let (_, id, seq) = inner.id_order.pop_front().expect("front exists");
-            if inner.ids.get(&id) == Some(&seq) {
-                inner.ids.remove(&id);
+            // Unless a later message reused the id.
+            if let Entry::Occupied(e) = inner.ids.entry(id)
+                && *e.get() == seq
+            {
+                e.remove();
             }
         }
         while let Some((_, record)) = inner.entries.front() {

@@ -75,10 +75,11 @@ struct ShardState {
     /// Every connection in this shard, densely, for broadcasts (one
     /// pointer per connection to walk, rather than a map's buckets).
     conns: Vec<Connection>,
-    /// Each user's connections in this shard.
-    users: HashMap<Arc<str>, Vec<Connection>>,
+    /// Each user's connections in this shard (foldhash: a user-targeted
+    /// message looks its user up here, under the shard's lock).
+    users: foldhash::HashMap<Arc<str>, Vec<Connection>>,
     /// Each group's connections in this shard.
-    groups: HashMap<Arc<str>, Vec<Connection>>,
+    groups: foldhash::HashMap<Arc<str>, Vec<Connection>>,
 }
 
 /// The messages sequenced for a shard and not served there yet.
@@ -150,7 +151,9 @@ impl Job {
 #[derive(Debug)]
 pub struct Registry {
     shards: Box<[Shard]>,
-    hasher: std::collections::hash_map::RandomState,
+    /// Picks a user's shard; randomly seeded, so that nobody can choose
+    /// user ids that all land in one shard.
+    hasher: foldhash::fast::RandomState,
     connections: AtomicUsize,
     users: AtomicUsize,
     /// Connections per group, over every shard.
@@ -583,7 +586,11 @@ fn serve(
 
 /// Takes connection `id` out of each of `groups` in one shard, dropping
 /// emptied entries.
-fn remove_from_groups(map: &mut HashMap<Arc<str>, Vec<Connection>>, groups: &[Arc<str>], id: u64) {
+fn remove_from_groups(
+    map: &mut foldhash::HashMap<Arc<str>, Vec<Connection>>,
+    groups: &[Arc<str>],
+    id: u64,
+) {
     for g in groups {
         if let Some(members) = map.get_mut(g) {
             if let Some(at) = members.iter().position(|c| c.id() == id) {

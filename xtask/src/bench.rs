@@ -226,7 +226,7 @@ of redis-server. Uses --n, --rounds (also for redis-cost and shards),
                       and batch (default 10; --quick 3)
   --load-rate R       user-latency: user-targeted publishes/s (default 1000)
   --load-connects C   connect-latency: connections per phase, 100/s
-                      (default 300; --quick 100)
+                      (default 1000; --quick 100)
   --load-conns K      single: keep-alive HTTP connections; connections:
                       connecting tasks (default 64)
   --load-targets T    single, batch: connected subscribers targeted

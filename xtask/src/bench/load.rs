@@ -127,7 +127,7 @@ impl LoadOptions {
             parts: Part::ALL.to_vec(),
             secs: if quick { 3.0 } else { 10.0 },
             rate: 1000,
-            connects: if quick { 100 } else { 300 },
+            connects: if quick { 100 } else { 1000 },
             conns: 64,
             targets: 2000,
             connections: if quick { 5000 } else { 15_000 },
