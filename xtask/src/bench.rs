@@ -138,8 +138,10 @@ WebSocket subscribers (pgdn) and with Server-Sent Events subscribers
                       socket per message, as the issue specifies)
   --baseline-read-buffer B  the baseline's tungstenite read buffer
                       (default 4096)
-  --baseline-nodelay  set TCP_NODELAY on the baseline's sockets (pgdn does
-                      not set it; default off)
+  --baseline-nodelay  set TCP_NODELAY on the baseline's sockets, as pgdn
+                      does on every connection (default off: Nagle's
+                      algorithm then merges a socket's writes while an
+                      ACK is outstanding)
   --quick             a short run: fewer messages and repetitions
   --check             exit with failure when pgdn misses a target
   --no-build          do not run cargo build first
