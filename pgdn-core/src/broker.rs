@@ -147,6 +147,18 @@ pub trait Deliver: Send + Sync + 'static {
         FanOut::done(self.deliver(envelope))
     }
 
+    /// Delivers `envelopes`, in order, as one: each is numbered and
+    /// recorded as by [`deliver`](Deliver::deliver), then their fan-outs
+    /// run together, so that a connection several of them reach takes
+    /// them in one write. Meant for short fan-outs (user-targeted
+    /// messages: [`LocalBroker`]'s batches); a broadcast here would hold
+    /// the thread for all of its fan-out. Returns how many connections
+    /// took each. By default, one [`deliver`](Deliver::deliver) after
+    /// another.
+    fn deliver_many(&self, envelopes: &[Envelope]) -> Vec<usize> {
+        envelopes.iter().map(|e| self.deliver(e)).collect()
+    }
+
     /// Drops a message that came from the broker's channel but is not one
     /// pgdn could have sent ([`Envelope::check`] failed, or it could not
     /// be read): nothing is delivered, and it is counted and logged
@@ -263,6 +275,12 @@ impl Delivery {
         }
     }
 
+    /// Delivers `envelopes` together ([`Deliver::deliver_many`]): how many
+    /// connections took each, or `None` when the hub is gone.
+    pub fn deliver_many(&self, envelopes: &[Envelope]) -> Option<Vec<usize>> {
+        Some(self.0.upgrade()?.deliver_many(envelopes))
+    }
+
     /// Drops an invalid message ([`Deliver::drop_invalid`]); false when
     /// the hub is gone.
     pub fn drop_invalid(&self, why: &dyn std::fmt::Display) -> bool {
@@ -318,6 +336,19 @@ pub trait Broker: Send + Sync + 'static {
     /// Sends `envelope` to every node, this one included.
     async fn publish(&self, envelope: &Envelope) -> Result<Published, Error>;
 
+    /// Sends `envelopes`, in order, to every node: what
+    /// [`Hub::publish_batch`](crate::Hub::publish_batch) calls for the
+    /// items without a publisher-chosen id. Returns what became of each;
+    /// on an error, those before it may have been sent. Default: one
+    /// [`publish`](Broker::publish) after another.
+    async fn publish_many(&self, envelopes: &[Envelope]) -> Result<Vec<Published>, Error> {
+        let mut out = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            out.push(self.publish(envelope).await?);
+        }
+        Ok(out)
+    }
+
     /// Refuses a request this broker cannot carry (e.g. a `users` target
     /// longer than one bounded Redis call allows) with
     /// [`Error::InvalidPublish`] (400 at the API). The hub asks before it
@@ -336,6 +367,11 @@ pub trait Broker: Send + Sync + 'static {
     fn readiness(&self) -> Result<(), String> {
         Ok(())
     }
+}
+
+/// [`LocalBroker`]'s error when no hub started it, or its hub is gone.
+fn no_hub() -> Error {
+    Error::Broker("the local broker has no hub".into())
 }
 
 /// The single-node broker: there are no other nodes, so publishing is
@@ -366,8 +402,36 @@ impl Broker for LocalBroker {
             Some(node) => node.deliver_async(envelope).await,
             None => None,
         }
-        .ok_or_else(|| Error::Broker("the local broker has no hub".into()))?;
+        .ok_or_else(no_hub)?;
         Ok(Published::Delivered(delivered))
+    }
+
+    /// Each run of consecutive user-targeted envelopes is delivered as one
+    /// ([`Deliver::deliver_many`]): numbered and recorded in order, then
+    /// written together, so that a user who gets several messages of a
+    /// batch gets them in one write rather than one write each.
+    /// Broadcasts and groups go one at a time, in steps, as
+    /// [`publish`](Broker::publish) sends them.
+    async fn publish_many(&self, envelopes: &[Envelope]) -> Result<Vec<Published>, Error> {
+        let node = self.node.get().ok_or_else(no_hub)?;
+        let mut out = Vec::with_capacity(envelopes.len());
+        let mut rest = envelopes;
+        while let Some(first) = rest.first() {
+            let users = rest
+                .iter()
+                .take_while(|e| matches!(e.target, Target::User(_) | Target::Users(_)))
+                .count();
+            if users == 0 {
+                out.push(self.publish(first).await?);
+                rest = &rest[1..];
+                continue;
+            }
+            let (run, after) = rest.split_at(users);
+            let delivered = node.deliver_many(run).ok_or_else(no_hub)?;
+            out.extend(delivered.into_iter().map(Published::Delivered));
+            rest = after;
+        }
+        Ok(out)
     }
 }
 

@@ -274,6 +274,18 @@ impl Deliver for Inner {
         })
     }
 
+    /// Every envelope is sequenced first, then their turns are served in
+    /// order: serving a shard serves every job waiting there
+    /// (`Registry::fan_out`), so the messages of the batch for one
+    /// connection reach it together, in one write when they fit.
+    fn deliver_many(&self, envelopes: &[Envelope]) -> Vec<usize> {
+        let (jobs, turns): (Vec<_>, Vec<_>) = envelopes.iter().map(|e| self.sequence(e)).unzip();
+        for turns in turns {
+            self.serve(turns);
+        }
+        jobs.iter().map(|job| self.finish(job)).collect()
+    }
+
     /// Logged the 1st, 2nd, 4th, 8th... time, so that a flood does not
     /// flood the log.
     fn drop_invalid(&self, why: &dyn std::fmt::Display) {
@@ -679,36 +691,50 @@ impl Hub {
         }
         let notify_undelivered = req.notify_undelivered.then(|| req.kind.clone());
         let envelope = Envelope::from_request(req, self.inner.config.node_id.clone());
-        let id = envelope.id.clone();
         // An error drops `claim`, which releases the id: a retry may publish.
         let published = self.inner.broker.publish(&envelope).await?;
+        let receipt = self.settle(&envelope, published, notify_undelivered.as_ref());
+        // A duplicate the broker caught leaves the claim to be released.
+        if published != Published::Duplicate {
+            claim.complete(receipt.delivered);
+        }
+        Ok(receipt)
+    }
+
+    /// What the broker did with `envelope`, counted and answered: the
+    /// receipt, and the `notification_undelivered` event when the
+    /// publisher asked for it (`notify` is then the message type) and
+    /// nobody took the message.
+    fn settle(
+        &self,
+        envelope: &Envelope,
+        published: Published,
+        notify: Option<&MessageType>,
+    ) -> PublishReceipt {
+        let counters = &self.inner.counters;
         let delivered = match published {
             Published::Duplicate => {
-                self.inner
-                    .counters
-                    .duplicates
-                    .fetch_add(1, Ordering::Relaxed);
-                return Ok(PublishReceipt {
-                    id,
+                counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                return PublishReceipt {
+                    id: envelope.id.clone(),
                     delivered: None,
-                });
+                };
             }
             Published::Delivered(n) => Some(n),
             Published::Sent | Published::Unrouted => None,
         };
-        self.inner
-            .counters
-            .published
-            .fetch_add(1, Ordering::Relaxed);
-        claim.complete(delivered);
-        if let Some(kind) = notify_undelivered {
+        counters.published.fetch_add(1, Ordering::Relaxed);
+        if let Some(kind) = notify {
             // Reached nobody: no node holds a target (the broker knows), or
             // this node, the only one, queued it to no connection.
             if published == Published::Unrouted || delivered == Some(0) {
-                self.emit_undelivered(&envelope, kind.as_str());
+                self.emit_undelivered(envelope, kind.as_str());
             }
         }
-        Ok(PublishReceipt { id, delivered })
+        PublishReceipt {
+            id: envelope.id.clone(),
+            delivered,
+        }
     }
 
     fn emit_undelivered(&self, envelope: &Envelope, kind: &str) {
@@ -731,8 +757,13 @@ impl Hub {
         self.inner.lifecycle.emit(event);
     }
 
-    /// Publishes several requests, after validating all of them: if any is
-    /// malformed, none is published.
+    /// Publishes several requests, in order, after validating all of them:
+    /// if any is malformed, none is published. Items with a
+    /// publisher-chosen id go through [`Hub::publish`] one at a time (its
+    /// de-duplication); each run of items without one goes to the broker
+    /// together ([`Broker::publish_many`]), which on a single node writes
+    /// a user's messages of the batch to each connection at once. On an
+    /// error, the items before it may have been published.
     pub async fn publish_batch(&self, reqs: Vec<PublishRequest>) -> Result<Vec<PublishReceipt>> {
         for (i, r) in reqs.iter().enumerate() {
             r.target
@@ -741,10 +772,41 @@ impl Hub {
                 .map_err(|e| Error::InvalidPublish(format!("item {i}: {e}")))?;
         }
         let mut out = Vec::with_capacity(reqs.len());
+        // The run being gathered: envelopes, and the type of each whose
+        // publisher asked to hear of it going undelivered.
+        let mut run: Vec<Envelope> = Vec::new();
+        let mut notify: Vec<Option<MessageType>> = Vec::new();
         for r in reqs {
-            out.push(self.publish(r).await?);
+            if r.id.is_some() {
+                self.publish_run(&mut run, &mut notify, &mut out).await?;
+                out.push(self.publish(r).await?);
+                continue;
+            }
+            notify.push(r.notify_undelivered.then(|| r.kind.clone()));
+            run.push(Envelope::from_request(r, self.inner.config.node_id.clone()));
         }
+        self.publish_run(&mut run, &mut notify, &mut out).await?;
         Ok(out)
+    }
+
+    /// Publishes the envelopes of `run` together and empties it, adding
+    /// their receipts to `out`.
+    async fn publish_run(
+        &self,
+        run: &mut Vec<Envelope>,
+        notify: &mut Vec<Option<MessageType>>,
+        out: &mut Vec<PublishReceipt>,
+    ) -> Result<()> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let published = self.inner.broker.publish_many(run).await?;
+        for ((envelope, published), notify) in run.iter().zip(published).zip(notify.iter()) {
+            out.push(self.settle(envelope, published, notify.as_ref()));
+        }
+        run.clear();
+        notify.clear();
+        Ok(())
     }
 
     /// What a client of `user_id` that reconnects with `since` missed
@@ -1052,6 +1114,107 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.delivered, Some(3), "a repeated user is reached once");
+    }
+
+    /// A publish request to `target` with payload `{"n": n}`.
+    fn numbered(target: Target, n: u64) -> PublishRequest {
+        PublishRequest::new(target, MessageType::info())
+            .with_payload(json!({ "n": n }))
+            .unwrap()
+    }
+
+    /// The `n` of each frame in `frames`.
+    fn numbers(frames: &[Value]) -> Vec<u64> {
+        frames
+            .iter()
+            .map(|f| f["payload"]["n"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_keeps_its_order_for_every_connection() {
+        let hub = Hub::new();
+        let (_a1, a1) = hub.connect(Identity::new("a", ["g"])).await.unwrap();
+        let (_a2, a2) = hub
+            .connect(Identity::new("a", Vec::<&str>::new()))
+            .await
+            .unwrap();
+        let (_b, b) = hub.connect(Identity::new("b", ["g"])).await.unwrap();
+        let (_c, c) = hub
+            .connect(Identity::new("c", Vec::<&str>::new()))
+            .await
+            .unwrap();
+        let receipts = hub
+            .publish_batch(vec![
+                numbered(Target::user("a"), 1),
+                numbered(Target::user("b"), 2),
+                numbered(Target::user("a"), 3),
+                numbered(Target::Broadcast(Default::default()), 4),
+                numbered(Target::user("a"), 5).with_id(MessageId::new("five").unwrap()),
+                numbered(Target::users(["c", "a"]), 6),
+                numbered(Target::group("g"), 7),
+                numbered(Target::user("a"), 8),
+                numbered(Target::user("nobody"), 9),
+            ])
+            .await
+            .unwrap();
+        let delivered: Vec<_> = receipts.iter().map(|r| r.delivered).collect();
+        assert_eq!(
+            delivered,
+            [2, 1, 2, 4, 2, 3, 2, 2, 0].map(Some),
+            "{receipts:?}"
+        );
+        assert_eq!(receipts[4].id.as_str(), "five");
+        assert_eq!(numbers(&recv(&a1).await), [1, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(numbers(&recv(&a2).await), [1, 3, 4, 5, 6, 8]);
+        assert_eq!(numbers(&recv(&b).await), [2, 4, 7]);
+        assert_eq!(numbers(&recv(&c).await), [4, 6]);
+        let stats = hub.stats();
+        assert_eq!(stats.messages_published, 9);
+        assert_eq!(stats.messages_delivered, 18);
+    }
+
+    /// A direct writer that records the `n` of the frames of each write.
+    #[derive(Default)]
+    struct Writes(std::sync::Mutex<Vec<Vec<u64>>>);
+
+    impl connection::DirectWrite for Writes {
+        fn try_write(&self, frames: &[&[u8]]) -> connection::Direct {
+            let frames: Vec<Value> = frames
+                .iter()
+                .map(|f| serde_json::from_slice(f).unwrap())
+                .collect();
+            self.0.lock().unwrap().push(numbers(&frames));
+            connection::Direct::Written
+        }
+    }
+
+    #[tokio::test]
+    async fn a_users_messages_in_a_batch_go_out_in_one_write() {
+        let hub = Hub::new();
+        let mut writes = Vec::new();
+        let mut conns = Vec::new();
+        for user in ["a", "a", "b"] {
+            let (conn, outbox) = hub
+                .connect(Identity::new(user, Vec::<&str>::new()))
+                .await
+                .unwrap();
+            let w = Arc::new(Writes::default());
+            outbox.set_direct(w.clone());
+            writes.push(w);
+            conns.push((conn, outbox));
+        }
+        let batch = (1..=5)
+            .map(|n| numbered(Target::user(if n == 2 { "b" } else { "a" }), n))
+            .collect();
+        let receipts = hub.publish_batch(batch).await.unwrap();
+        assert!(receipts.iter().all(|r| r.delivered.is_some_and(|d| d > 0)));
+        let written = |i: usize| writes[i].0.lock().unwrap().clone();
+        // One write per connection, where one publish at a time made one
+        // per message.
+        assert_eq!(written(0), [vec![1, 3, 4, 5]]);
+        assert_eq!(written(1), [vec![1, 3, 4, 5]]);
+        assert_eq!(written(2), [vec![2]]);
     }
 
     /// `n` connections of users `u0`.. (spread over every shard).

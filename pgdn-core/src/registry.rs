@@ -548,6 +548,15 @@ fn serve(
             i += run.len();
             continue;
         }
+        let users = jobs[i..]
+            .iter()
+            .take_while(|j| matches!(j.plan, Plan::User(..) | Plan::Users(_)))
+            .count();
+        if users >= 2 {
+            serve_users(s, state, &jobs[i..i + users], f);
+            i += users;
+            continue;
+        }
         let job = &jobs[i];
         let item = [(job.seq, &job.frame)];
         let mut n = 0usize;
@@ -581,6 +590,60 @@ fn serve(
         }
         job.delivered.fetch_add(n, Ordering::Release);
         i += 1;
+    }
+}
+
+/// Serves consecutive user-targeted jobs (several messages of a batch
+/// publish that met in this shard) per connection rather than per job:
+/// each connection is offered its frames of them all at once, in order,
+/// so that they go out in one write (up to [`BATCH`] frames per offer).
+fn serve_users<'a>(
+    s: usize,
+    state: &'a ShardState,
+    run: &'a [Arc<Job>],
+    f: &mut impl FnMut(&Connection, &[Item<'_>], bool) -> usize,
+) {
+    // Each connection the run reaches, with its frames in job order.
+    let mut reached: Vec<(&'a Connection, Vec<(usize, Item<'a>)>)> = Vec::new();
+    let mut at: foldhash::HashMap<u64, usize> = Default::default();
+    for (k, job) in run.iter().enumerate() {
+        let mut add = |c: &'a Connection| {
+            let i = *at.entry(c.id()).or_insert_with(|| {
+                reached.push((c, Vec::new()));
+                reached.len() - 1
+            });
+            reached[i].1.push((k, (job.seq, &job.frame)));
+        };
+        match &job.plan {
+            Plan::User(_, u) => state.users.get(u).into_iter().flatten().for_each(&mut add),
+            Plan::Users(v) => {
+                let lo = v.partition_point(|(x, _)| *x < s);
+                let hi = v.partition_point(|(x, _)| *x <= s);
+                for (_, u) in &v[lo..hi] {
+                    state.users.get(u).into_iter().flatten().for_each(&mut add);
+                }
+            }
+            _ => unreachable!("serve_users is given user-targeted jobs only"),
+        }
+    }
+    let mut took = vec![0usize; run.len()];
+    let mut items: Vec<Item<'_>> = Vec::with_capacity(BATCH);
+    for (c, frames) in &reached {
+        for chunk in frames.chunks(BATCH) {
+            items.clear();
+            items.extend(chunk.iter().map(|(_, item)| *item));
+            let n = f(c, &items, true);
+            for (k, _) in &chunk[..n] {
+                took[*k] += 1;
+            }
+            if n < chunk.len() {
+                // Closed, or cut as a slow consumer: it takes no more.
+                break;
+            }
+        }
+    }
+    for (job, n) in run.iter().zip(took) {
+        job.delivered.fetch_add(n, Ordering::Release);
     }
 }
 
