@@ -233,6 +233,8 @@ of redis-server. Uses --n, --rounds (also for redis-cost and shards),
                       connecting tasks (default 64)
   --load-targets T    single, batch: connected subscribers targeted
                       (default 2000)
+  --load-batch-users U  batch: the users a batch's 100 messages go to,
+                      in turn (default 100: every message to another)
   --load-connections C  connections: connections in all, in sets of at
                       most 3,000 (default 15000; --quick 5000)
 

@@ -118,6 +118,9 @@ pub(crate) struct LoadOptions {
     pub(crate) targets: usize,
     /// Connections opened in part 6 (`--load-connections`).
     pub(crate) connections: usize,
+    /// Users each batch of part 5 goes to, in turn
+    /// (`--load-batch-users`, at most [`publish::BATCH`]).
+    pub(crate) batch_users: usize,
 }
 
 impl LoadOptions {
@@ -131,6 +134,7 @@ impl LoadOptions {
             conns: 64,
             targets: 2000,
             connections: if quick { 5000 } else { 15_000 },
+            batch_users: publish::BATCH,
         }
     }
 
@@ -184,6 +188,15 @@ impl LoadOptions {
                 }
             }
             "--load-connections" => self.connections = number(value(arg)?)?,
+            "--load-batch-users" => {
+                self.batch_users = number(value(arg)?)?;
+                if self.batch_users > publish::BATCH {
+                    return Err(format!(
+                        "--load-batch-users: at most {} (a batch's size)",
+                        publish::BATCH
+                    ));
+                }
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -690,9 +703,10 @@ fn print_publish(rounds: &[publish::Round], load: &LoadOptions, ticks_per_sec: u
         } else {
             println!(
                 "### {title}\n\n`POST /api/v1/publish/batch` with {} user-targeted messages each (to \
-                 different users), from {} keep-alive connections, closed loop, for {} s, among {} \
-                 connected subscribers.\n",
+                 {} different users in turn), from {} keep-alive connections, closed loop, for {} s, \
+                 among {} connected subscribers.\n",
                 publish::BATCH,
+                load.batch_users,
                 publish::BATCH_CONNS,
                 load.secs,
                 thousands(load.targets as f64)

@@ -14,7 +14,8 @@
 //!    included).
 //! 5. **batch**: the batch endpoint (`POST /api/v1/publish/batch`,
 //!    docs/protocol.md section 5) with [`BATCH`] user-targeted messages per
-//!    request, each to a different user, from [`BATCH_CONNS`] connections,
+//!    request, each to a different user (`--load-batch-users` U: to U
+//!    users in turn), from [`BATCH_CONNS`] connections,
 //!    closed loop, for `--load-secs` seconds. Messages/s is every message
 //!    of every answered batch over the same span.
 //!
@@ -323,6 +324,7 @@ async fn closed_loop(
     let end = start + Duration::from_secs_f64(load.secs);
     let mut tasks = JoinSet::new();
     let answers = target.answers;
+    let spread = load.batch_users as u64;
     for (j, mut conn) in pool.into_iter().enumerate() {
         let (calls, pad) = (calls.clone(), pad.clone());
         tasks.spawn(async move {
@@ -347,7 +349,7 @@ async fn closed_loop(
                         if i > 0 {
                             body.push(b',');
                         }
-                        let user = (first + i) % users;
+                        let user = (first + i % spread) % users;
                         http::write_body(
                             &mut body,
                             format_args!(r#"{{"user":"u{user}"}}"#),
