@@ -199,7 +199,7 @@ struct Inner {
 impl Inner {
     /// Where record `record` is in `frames`.
     fn slot(&self, record: u64) -> Option<usize> {
-        usize::try_from(record.checked_sub(self.first_record)?).ok()
+        slot(self.first_record, record)
     }
 
     fn frame(&self, record: u64) -> Option<&Stored> {
@@ -245,15 +245,17 @@ impl Inner {
     }
 }
 
+/// Where record `record` is in frames that start at record `first`.
+fn slot(first: u64, record: u64) -> Option<usize> {
+    usize::try_from(record.checked_sub(first)?).ok()
+}
+
 /// A window lets go of record `record` of `frames` (which starts at
 /// record `first`): the frame's bytes go when no window holds it. Returns
 /// its sequence number (0 if it is gone). A function of the fields it
 /// needs, so that a caller may hold an entry of the users' map meanwhile.
 fn release(frames: &mut VecDeque<Stored>, first: u64, bytes: &mut usize, record: u64) -> u64 {
-    let slot = record
-        .checked_sub(first)
-        .and_then(|i| usize::try_from(i).ok());
-    let Some(stored) = slot.and_then(|i| frames.get_mut(i)) else {
+    let Some(stored) = slot(first, record).and_then(|i| frames.get_mut(i)) else {
         return 0;
     };
     stored.refs -= 1;

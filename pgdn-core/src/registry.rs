@@ -145,6 +145,11 @@ impl Job {
     fn plain_broadcast(&self) -> bool {
         matches!(&self.plan, Plan::Broadcast(Exclude::Few(v)) if v.is_empty())
     }
+
+    /// Whether it is user-targeted: its frames may be written at once.
+    fn to_users(&self) -> bool {
+        matches!(self.plan, Plan::User(..) | Plan::Users(_))
+    }
 }
 
 /// Who is connected to this node.
@@ -548,10 +553,7 @@ fn serve(
             i += run.len();
             continue;
         }
-        let users = jobs[i..]
-            .iter()
-            .take_while(|j| matches!(j.plan, Plan::User(..) | Plan::Users(_)))
-            .count();
+        let users = jobs[i..].iter().take_while(|j| j.to_users()).count();
         if users >= 2 {
             serve_users(s, state, &jobs[i..i + users], f);
             i += users;
@@ -562,16 +564,11 @@ fn serve(
         let mut n = 0usize;
         // A few connections: written at once where they can be. Many: queued,
         // for their tasks to write (batching what queues meanwhile).
-        let direct = matches!(job.plan, Plan::User(..) | Plan::Users(_));
+        let direct = job.to_users();
         let mut each = |c: &Connection| n += f(c, &item, direct);
         match &job.plan {
-            Plan::User(_, u) => state.users.get(u).into_iter().flatten().for_each(&mut each),
-            Plan::Users(v) => {
-                let lo = v.partition_point(|(x, _)| *x < s);
-                let hi = v.partition_point(|(x, _)| *x <= s);
-                for (_, u) in &v[lo..hi] {
-                    state.users.get(u).into_iter().flatten().for_each(&mut each);
-                }
+            Plan::User(..) | Plan::Users(_) => {
+                user_connections(s, state, &job.plan).for_each(&mut each)
             }
             Plan::Group(g) => state
                 .groups
@@ -591,6 +588,31 @@ fn serve(
         job.delivered.fetch_add(n, Ordering::Release);
         i += 1;
     }
+}
+
+/// The connections in shard `s` of the users a user-targeted plan names
+/// (none for a group or a broadcast).
+fn user_connections<'a>(
+    s: usize,
+    state: &'a ShardState,
+    plan: &'a Plan,
+) -> impl Iterator<Item = &'a Connection> + 'a {
+    let one = match plan {
+        Plan::User(_, u) => Some(u),
+        _ => None,
+    };
+    let many: &[(usize, Arc<str>)] = match plan {
+        Plan::Users(v) => {
+            let lo = v.partition_point(|(x, _)| *x < s);
+            let hi = v.partition_point(|(x, _)| *x <= s);
+            &v[lo..hi]
+        }
+        _ => &[],
+    };
+    one.into_iter()
+        .chain(many.iter().map(|(_, u)| u))
+        .filter_map(|u| state.users.get(u))
+        .flatten()
 }
 
 /// Serves consecutive user-targeted jobs (several messages of a batch
@@ -614,17 +636,7 @@ fn serve_users<'a>(
             });
             reached[i].1.push((k, (job.seq, &job.frame)));
         };
-        match &job.plan {
-            Plan::User(_, u) => state.users.get(u).into_iter().flatten().for_each(&mut add),
-            Plan::Users(v) => {
-                let lo = v.partition_point(|(x, _)| *x < s);
-                let hi = v.partition_point(|(x, _)| *x <= s);
-                for (_, u) in &v[lo..hi] {
-                    state.users.get(u).into_iter().flatten().for_each(&mut add);
-                }
-            }
-            _ => unreachable!("serve_users is given user-targeted jobs only"),
-        }
+        user_connections(s, state, &job.plan).for_each(&mut add);
     }
     let mut took = vec![0usize; run.len()];
     let mut items: Vec<Item<'_>> = Vec::with_capacity(BATCH);
